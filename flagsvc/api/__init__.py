@@ -1,0 +1,45 @@
+"""The REST API (``/api/v1``): flask-smorest blueprints, request hooks, OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apispec.ext.marshmallow import MarshmallowPlugin
+from apispec.ext.marshmallow.common import resolve_schema_cls
+from flask import Flask
+from flask_smorest import Api
+
+from ..schemas import ProblemSchema
+from . import audit, envs, flags, health, snapshot
+from .common import init_request_hooks
+
+SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "fsk_<id>_<secret>"}}
+
+
+def schema_name(schema: Any) -> str:
+    """OpenAPI component name: the class name without ``Schema``; ``...Patch`` when partial."""
+    cls = resolve_schema_cls(schema)
+    name = cls.__name__.removesuffix("Schema")
+    return f"{name}Patch" if getattr(schema, "partial", False) else name
+
+
+class FlagsvcApi(Api):
+    """flask-smorest's Api, documenting errors as problem+json."""
+
+    ERROR_SCHEMA = ProblemSchema
+
+
+def init_app(app: Flask) -> Api:
+    api = FlagsvcApi(
+        app,
+        spec_kwargs={
+            "marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name),
+            "security": [{"bearer": []}],
+            "components": {"securitySchemes": SECURITY_SCHEMES},
+        },
+    )
+    for blp in (envs.blp, flags.blp, snapshot.blp, audit.blp):
+        api.register_blueprint(blp)
+    app.register_blueprint(health.bp)
+    init_request_hooks(app)
+    return api

@@ -1,0 +1,118 @@
+"""What every API view shares: request ids, body checks, path checks, ETags, audit context."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from typing import Any
+
+from flask import Flask, Response, request
+
+from ..envs import ENV_NAME
+from ..errors import InvalidInput
+from ..extensions import stores
+from ..flags import IdempotencyRequest, WriteContext
+from ..keys import EnvKeys
+from ..schemas import FLAG_KEY
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+
+
+def init_request_hooks(app: Flask) -> None:
+    @app.before_request
+    def _assign_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        request.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        request_id = getattr(request, "request_id", None)
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        return response
+
+
+def path_error(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        f"invalid {field} in the URL: {message}",
+        errors=[{"field": field, "location": "path", "message": message}],
+    )
+
+
+def check_env(env: str, *, must_exist: bool = True) -> None:
+    if not ENV_NAME.match(env):
+        raise path_error("env", "lower-case letters, digits, '-' and '_', at most 63, starting alphanumeric")
+    if must_exist:
+        stores().envs.require(env)
+
+
+def check_key(key: str) -> None:
+    if not FLAG_KEY.match(key):
+        raise path_error("key", "lower-case [a-z0-9] then [a-z0-9._-], at most 128 characters")
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _parse_etag_header(name: str) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    match = _ETAG.match(raw.split(",")[0].strip())
+    if not match:
+        raise InvalidInput(
+            f'{name} must be a flag version ETag such as "3"',
+            errors=[{"field": name, "location": "header", "message": "not a version ETag"}],
+        )
+    return int(match.group(1))
+
+
+def if_match() -> int | None:
+    """The flag version the client expects (``If-Match``), or ``None``."""
+    if request.headers.get("If-Match", "").strip() == "*":
+        return None
+    return _parse_etag_header("If-Match")
+
+
+def if_none_match_any() -> bool:
+    return request.headers.get("If-None-Match", "").strip() == "*"
+
+
+def if_none_match_version() -> int | None:
+    """The version named by ``If-None-Match`` (snapshot polling), ``None`` if absent or unparsable."""
+    raw = request.headers.get("If-None-Match")
+    if not raw:
+        return None
+    match = _ETAG.match(raw.split(",")[0].strip())
+    return int(match.group(1)) if match else None
+
+
+def write_context(actor: str, reason: str = "", incident: str = "") -> WriteContext:
+    return WriteContext(
+        actor=actor,
+        source=request.remote_addr or "",
+        request_id=getattr(request, "request_id", ""),
+        reason=reason,
+        incident=incident,
+    )
+
+
+def idempotency(env: str, actor: str, body: Any, ttl: int) -> IdempotencyRequest | None:
+    """The request's ``Idempotency-Key``, scoped to the environment and the token's name."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput(
+            "Idempotency-Key must be 1-255 visible ASCII characters",
+            errors=[{"field": "Idempotency-Key", "location": "header", "message": "invalid"}],
+        )
+    canonical = json.dumps([request.method, request.path, body], sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return IdempotencyRequest(EnvKeys(env).idempotency(actor, digest), fingerprint, ttl)

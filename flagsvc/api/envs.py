@@ -1,0 +1,40 @@
+"""Environments: list (reader), create (admin)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from ..auth import current_token, require
+from ..extensions import stores
+from ..schemas import EnvListSchema, EnvSchema
+from ..tokens import Role
+from .common import check_env, write_context
+
+blp = Blueprint("envs", __name__, url_prefix="/api/v1/envs", description="Environments")
+
+
+@blp.route("")
+class Envs(MethodView):
+    @require(Role.READER)
+    @blp.response(200, EnvListSchema)
+    def get(self) -> dict[str, Any]:
+        """List the environments this token may use."""
+        token = current_token()
+        return {"envs": [e for e in stores().envs.list() if token.allows_env(e)]}
+
+
+@blp.route("/<env>")
+class Env(MethodView):
+    @require(Role.ADMIN)
+    @blp.response(200, EnvSchema)
+    @blp.alt_response(201, schema=EnvSchema, description="Created")
+    def put(self, env: str) -> tuple[dict[str, Any], int]:
+        """Create an environment (idempotent: 200 if it exists, 201 if created)."""
+        check_env(env, must_exist=False)
+        ctx = write_context(current_token().name)
+        created = stores().envs.create(env, actor=ctx.actor, source=ctx.source, request_id=ctx.request_id)
+        body = {"env": env, "version": stores().flags.version(env), "created": created}
+        return body, 201 if created else 200

@@ -1,0 +1,174 @@
+"""Flags: list, get, create/replace, patch, archive, kill and restore."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import current_app
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import ValidationError
+
+from ..auth import current_token, require
+from ..errors import FlagNotFound, InvalidInput, flatten_validation_messages
+from ..extensions import stores
+from ..flags import Flag, Mutation, WriteResult, definition_of
+from ..schemas import (
+    ActionSchema,
+    FlagDefinitionSchema,
+    FlagListQuerySchema,
+    FlagListSchema,
+    FlagSchema,
+)
+from ..tokens import Role
+from .common import (
+    check_env,
+    check_key,
+    etag,
+    idempotency,
+    if_match,
+    if_none_match_any,
+    write_context,
+)
+
+blp = Blueprint("flags", __name__, url_prefix="/api/v1/envs/<env>/flags", description="Flags")
+
+_FULL = FlagDefinitionSchema()
+_PARTIAL = FlagDefinitionSchema(partial=True)
+
+
+def _check(env: str, key: str | None = None) -> None:
+    check_env(env)
+    if key is not None:
+        check_key(key)
+
+
+def _respond(result: WriteResult, *, created_status: int = 200) -> tuple[Flag, int, dict[str, str]]:
+    headers = {"ETag": etag(result.flag["version"])}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return result.flag, created_status if result.created else 200, headers
+
+
+def _must_exist(env: str, key: str, current: Flag | None) -> Flag:
+    if current is None:
+        raise FlagNotFound(f"flag {key!r} does not exist in {env!r}")
+    return current
+
+
+@blp.route("")
+class Flags(MethodView):
+    @require(Role.READER)
+    @blp.arguments(FlagListQuerySchema, location="query", unknown="raise")
+    @blp.response(200, FlagListSchema)
+    def get(self, query: dict[str, Any], env: str) -> dict[str, Any]:
+        """List flags, kill switches first."""
+        _check(env)
+        return {"env": env, "flags": stores().flags.list(env, include_archived=query["include_archived"])}
+
+
+@blp.route("/<key>")
+class FlagResource(MethodView):
+    @require(Role.READER)
+    @blp.response(200, FlagSchema)
+    def get(self, env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+        """One flag, with its version as ``ETag``."""
+        _check(env, key)
+        flag = stores().flags.get(env, key)
+        return flag, 200, {"ETag": etag(flag["version"])}
+
+    @require(Role.ADMIN)
+    @blp.arguments(FlagDefinitionSchema)
+    @blp.response(200, FlagSchema)
+    @blp.alt_response(201, schema=FlagSchema, description="Created")
+    def put(self, definition: Flag, env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+        """Create or replace a flag. ``If-Match`` guards a replace, ``If-None-Match: *`` a create."""
+        _check(env, key)
+
+        def mutate(current: Flag | None) -> Mutation:
+            return Mutation("flag.update" if current else "flag.create", definition)
+
+        result = stores().flags.write(
+            env,
+            key,
+            mutate,
+            write_context(current_token().name),
+            if_match=if_match(),
+            if_none_match_any=if_none_match_any(),
+        )
+        return _respond(result, created_status=201)
+
+    @require(Role.ADMIN)
+    @blp.arguments(_PARTIAL)
+    @blp.response(200, FlagSchema)
+    def patch(self, changes: Flag, env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+        """Change some top-level fields of a flag; the result must be a valid flag."""
+        _check(env, key)
+
+        def mutate(current: Flag | None) -> Mutation:
+            merged = {**definition_of(_must_exist(env, key, current)), **changes}
+            try:
+                return Mutation("flag.update", _FULL.load(merged))
+            except ValidationError as exc:
+                errors = flatten_validation_messages(exc.messages)
+                for e in errors:
+                    e["location"] = "body"
+                raise InvalidInput("the flag would be invalid after this change", errors=errors) from None
+
+        result = stores().flags.write(
+            env, key, mutate, write_context(current_token().name), if_match=if_match()
+        )
+        return _respond(result)
+
+    @require(Role.ADMIN)
+    @blp.response(200, FlagSchema)
+    def delete(self, env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+        """Archive a flag: gone from the snapshot and the list, kept for the audit."""
+        _check(env, key)
+
+        def mutate(current: Flag | None) -> Mutation:
+            return Mutation("flag.delete", definition_of(_must_exist(env, key, current)), archived=True)
+
+        result = stores().flags.write(
+            env, key, mutate, write_context(current_token().name), if_match=if_match()
+        )
+        return _respond(result)
+
+
+def _switch(action: str, enabled: bool) -> Callable[..., Any]:
+    """A kill or restore view: set ``enabled``, with a reason, idempotent with a key."""
+
+    @require(Role.OPERATOR)
+    @blp.arguments(ActionSchema)
+    @blp.response(200, FlagSchema)
+    def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+        _check(env, key)
+        actor = current_token().name
+
+        def mutate(current: Flag | None) -> Mutation:
+            definition = definition_of(_must_exist(env, key, current))
+            if definition["enabled"] is enabled:
+                return Mutation(action, None)
+            return Mutation(action, {**definition, "enabled": enabled})
+
+        ttl = int(current_app.config["IDEMPOTENCY_TTL_SECONDS"])
+        result = stores().flags.write(
+            env,
+            key,
+            mutate,
+            write_context(actor, body["reason"], body["incident"]),
+            if_match=if_match(),
+            idempotency=idempotency(env, actor, body, ttl),
+        )
+        return _respond(result)
+
+    return view
+
+
+kill = _switch("flag.kill", False)
+kill.__doc__ = "Kill switch: disable the flag (serve its off variant to everyone). A reason is required."
+blp.route("/<key>/kill", methods=["POST"], endpoint="kill")(kill)
+restore = _switch("flag.restore", True)
+restore.__doc__ = "Re-enable a flag after a kill. A reason is required."
+blp.route("/<key>/restore", methods=["POST"], endpoint="restore")(restore)

@@ -1,0 +1,26 @@
+"""Liveness and readiness probes (no auth)."""
+
+from __future__ import annotations
+
+import redis
+from flask import Blueprint, Response, jsonify
+
+from ..extensions import stores
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process answers."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Redis answers: the service can read and write flags."""
+    try:
+        stores().redis.ping()
+    except redis.RedisError as exc:
+        return jsonify(status="unavailable", redis=f"{type(exc).__name__}: {exc}"), 503
+    return jsonify(status="ready"), 200

@@ -1,0 +1,206 @@
+"""The ``flagsvc`` admin command: serve, tokens, audit verification.
+
+Admin commands talk to Redis directly: ``--redis-url``/``FLAGSVC_REDIS_URL``, or the embedded
+Redis of ``--data-dir``/``FLAGSVC_DATA_DIR`` (joined while ``flagsvc serve`` runs, started
+for the duration of the command otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import redis
+
+from . import embedded
+from . import serve as serve_mod
+from .audit import AuditLog
+from .durations import parse_duration
+from .envs import ENV_NAME
+from .errors import AlreadyExists, TokenNotFound
+from .extensions import connect
+from .keys import EnvKeys, SystemKeys
+from .tokens import Role, TokenStore
+
+data_dir_option = click.option(
+    "--data-dir",
+    envvar="FLAGSVC_DATA_DIR",
+    default="./flagsvc-data",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the embedded Redis (used when no Redis URL is given).",
+)
+redis_url_option = click.option(
+    "--redis-url", envvar="FLAGSVC_REDIS_URL", default=None, help="Redis URL (FLAGSVC_REDIS_URL)."
+)
+
+
+def cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@contextlib.contextmanager
+def redis_for(redis_url: str | None, data_dir: Path) -> Iterator[redis.Redis]:
+    """The Redis an admin command works on."""
+    if redis_url:
+        client = connect(redis_url)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    socket = embedded.running_socket(data_dir)
+    if socket:
+        client = connect(embedded.url_for_socket(socket))
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    server = embedded.start(data_dir)
+    try:
+        yield connect(embedded.url_for_socket(server.socket_file))
+    finally:
+        server._cleanup()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """flagsvc: feature flags and kill switches for production incidents."""
+
+
+@main.command()
+@click.option("--host", envvar="FLAGSVC_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="FLAGSVC_PORT", default=8000, show_default=True, type=int)
+@click.option("--workers", envvar="FLAGSVC_WORKERS", default=None, type=int, help="gunicorn workers.")
+@data_dir_option
+@redis_url_option
+def serve(host: str, port: int, workers: int | None, data_dir: Path, redis_url: str | None) -> None:
+    """Serve the API with gunicorn; with no Redis URL, on an embedded Redis in --data-dir."""
+    sys.exit(serve_mod.run(host, port, data_dir, workers, redis_url))
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke API tokens."""
+
+
+def _env_name(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    for value in values:
+        if value != "*" and not ENV_NAME.match(value):
+            raise click.BadParameter(f"{value!r} is not an environment name")
+    return list(values)
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Unique name; it is the actor in the audit log.")
+@click.option("--role", required=True, type=click.Choice([str(r) for r in Role]))
+@click.option(
+    "--env", "envs", multiple=True, callback=_env_name, help="Allowed environment (repeat); all if none."
+)
+@click.option("--expires", default=None, help="Lifetime such as 30d, 12h.")
+@click.option("--json", "as_json", is_flag=True, help="Print the token as JSON.")
+@data_dir_option
+@redis_url_option
+def token_create(
+    name: str,
+    role: str,
+    envs: list[str],
+    expires: str | None,
+    as_json: bool,
+    data_dir: Path,
+    redis_url: str | None,
+) -> None:
+    """Create a token. Its secret is printed once and never stored."""
+    try:
+        expires_in = parse_duration(expires) if expires else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from None
+    with redis_for(redis_url, data_dir) as client:
+        try:
+            record, secret = TokenStore(client).create(
+                name=name, role=Role.parse(role), envs=envs, expires_in=expires_in, actor=cli_actor()
+            )
+        except AlreadyExists as exc:
+            raise click.ClickException(exc.detail) from None
+    if as_json:
+        click.echo(json.dumps({**record.public(), "token": secret}))
+    else:
+        click.echo(secret)
+        click.echo(
+            f"# {record.name}: role {record.role}, envs {','.join(record.envs)}, "
+            f"expires {record.expires_at or 'never'}; shown once",
+            err=True,
+        )
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+@redis_url_option
+def token_list(as_json: bool, data_dir: Path, redis_url: str | None) -> None:
+    """List tokens (never their secrets)."""
+    with redis_for(redis_url, data_dir) as client:
+        tokens = [t.public() for t in TokenStore(client).list()]
+    if as_json:
+        click.echo(json.dumps(tokens))
+        return
+    for t in tokens:
+        state = "active" if t["active"] else ("revoked" if t["revoked_at"] else "expired")
+        click.echo(
+            f"{t['id']}  {t['name']:<24} {t['role']:<8} {','.join(t['envs']):<20} {state:<8} "
+            f"expires {t['expires_at'] or 'never'}"
+        )
+
+
+@token.command("revoke")
+@click.argument("name_or_id")
+@click.option("--reason", default="", help="Why, for the audit log.")
+@data_dir_option
+@redis_url_option
+def token_revoke(name_or_id: str, reason: str, data_dir: Path, redis_url: str | None) -> None:
+    """Revoke a token by name or id; effective within a second."""
+    with redis_for(redis_url, data_dir) as client:
+        try:
+            record = TokenStore(client).revoke(name_or_id, actor=cli_actor(), reason=reason)
+        except TokenNotFound as exc:
+            raise click.ClickException(exc.detail) from None
+    click.echo(f"revoked {record.name} ({record.id})")
+
+
+@main.group()
+def audit() -> None:
+    """Audit log tools."""
+
+
+@audit.command("verify")
+@click.option("--env", default=None, help="Environment whose audit log to verify.")
+@click.option("--system", is_flag=True, help="Verify the system log (tokens, environments).")
+@data_dir_option
+@redis_url_option
+def audit_verify(env: str | None, system: bool, data_dir: Path, redis_url: str | None) -> None:
+    """Walk the hash chain; exit 1 and name the first bad entry if one was edited or removed."""
+    if bool(env) == system:
+        raise click.UsageError("give exactly one of --env E or --system")
+    if env and not ENV_NAME.match(env):
+        raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
+    ns = SystemKeys() if system else EnvKeys(env or "")
+    with redis_for(redis_url, data_dir) as client:
+        result = AuditLog(client, ns).verify()
+    label = "system log" if system else f"environment {env!r}"
+    if result.ok:
+        click.echo(f"ok: {label}: {result.entries} entries, hash chain intact")
+        return
+    click.echo(
+        f"FAILED: {label}: after {result.entries} good entries, entry {result.bad_entry}: {result.problem}",
+        err=True,
+    )
+    sys.exit(1)

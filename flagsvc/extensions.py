@@ -1,0 +1,62 @@
+"""The stores bound to an app: created once in the factory, reached through ``stores()``.
+
+One Redis connection pool per process. ``flagsvc serve`` forks gunicorn workers *before*
+they create the app (no preload), so no pool crosses a fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, current_app
+
+from .envs import EnvStore
+from .flags import FlagStore
+from .tokens import TokenStore
+
+
+@dataclass
+class Stores:
+    redis: redis.Redis
+    envs: EnvStore
+    flags: FlagStore
+    tokens: TokenStore
+
+
+def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
+    """A Redis client for ``url`` (redis://, rediss:// or unix://), decoding to ``str``."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        health_check_interval=30,
+    )
+
+
+def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Stores:
+    return Stores(
+        redis=client,
+        envs=EnvStore(client),
+        flags=FlagStore(client),
+        tokens=TokenStore(client, cache_seconds=token_cache_seconds),
+    )
+
+
+def init_app(app: Flask) -> None:
+    url = app.config.get("REDIS_URL")
+    if not url:
+        raise RuntimeError(
+            "FLAGSVC_REDIS_URL is not set: use `flagsvc serve` for the embedded Redis, "
+            "or point FLAGSVC_REDIS_URL at a Redis server"
+        )
+    client = connect(str(url), socket_timeout=float(app.config["REDIS_SOCKET_TIMEOUT"]))
+    app.extensions["flagsvc"] = make_stores(
+        client, token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"])
+    )
+
+
+def stores() -> Stores:
+    s: Stores = current_app.extensions["flagsvc"]
+    return s

@@ -1,0 +1,72 @@
+-- Commit one audited change atomically.
+--
+-- KEYS[1]  audit stream          KEYS[2]  audit head ("<seq>:<hash>")
+-- KEYS[3]  idempotency key (or a placeholder when unused)
+-- KEYS[4..] keys referenced by the operations, by index
+-- ARGV[1]  JSON plan:
+--   expect_head  head the change was computed against ("" for an empty log)
+--   new_head     head after this entry
+--   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD
+--   entry        flat list of audit field/value strings
+--   idempotency  optional {value, ttl}
+--   channel, message  optional pub/sub notification
+--
+-- Returns {"ok", stream_id} | {"conflict", head} | {"replay", stored_idempotency_value}.
+-- Nothing is written unless every check passes, and then everything is: the change, its
+-- audit entry, the new head, the idempotency record and the notification.
+local plan = cjson.decode(ARGV[1])
+
+local head = redis.call('GET', KEYS[2]) or ''
+if head ~= plan.expect_head then
+  return {'conflict', head}
+end
+
+if plan.idempotency then
+  local prior = redis.call('GET', KEYS[3])
+  if prior then
+    return {'replay', prior}
+  end
+end
+
+-- Type checks first: a script is not rolled back on a runtime error, so refuse before the
+-- first write rather than fail half-way on a key someone overwrote by hand.
+local expected_type = {SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set'}
+for _, op in ipairs(plan.ops) do
+  local want = expected_type[op[1]]
+  if not want then
+    return redis.error_reply('commit.lua: unknown op ' .. tostring(op[1]))
+  end
+  local have = redis.call('TYPE', KEYS[op[2]]).ok
+  if have ~= 'none' and have ~= want then
+    return redis.error_reply('commit.lua: ' .. KEYS[op[2]] .. ' is a ' .. have .. ', not a ' .. want)
+  end
+end
+local stream_type = redis.call('TYPE', KEYS[1]).ok
+if stream_type ~= 'none' and stream_type ~= 'stream' then
+  return redis.error_reply('commit.lua: ' .. KEYS[1] .. ' is not a stream')
+end
+
+for _, op in ipairs(plan.ops) do
+  local cmd = op[1]
+  local key = KEYS[op[2]]
+  if cmd == 'SET' then
+    redis.call('SET', key, op[3])
+  elseif cmd == 'HSET' then
+    redis.call('HSET', key, op[3], op[4])
+  elseif cmd == 'HDEL' then
+    redis.call('HDEL', key, op[3])
+  elseif cmd == 'SADD' then
+    redis.call('SADD', key, op[3])
+  end
+end
+
+local id = redis.call('XADD', KEYS[1], '*', unpack(plan.entry))
+redis.call('SET', KEYS[2], plan.new_head)
+
+if plan.idempotency then
+  redis.call('SET', KEYS[3], plan.idempotency.value, 'EX', plan.idempotency.ttl)
+end
+if plan.channel then
+  redis.call('PUBLISH', plan.channel, plan.message)
+end
+return {'ok', id}

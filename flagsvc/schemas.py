@@ -1,0 +1,264 @@
+"""marshmallow schemas: every body and query the API accepts, and what it returns.
+
+Validation lives here, at the boundary: a definition that loads is one the store can keep and
+the SDK's engine can evaluate (types match, every referenced variant exists, operators get
+values they can compare).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import marshmallow as ma
+from marshmallow import ValidationError, fields, validate
+
+FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SEMVER = re.compile(
+    r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+
+KINDS = ("kill_switch", "release", "ops", "experiment")
+TYPES = ("boolean", "string", "number", "json")
+LIST_OPERATORS = ("in", "not_in")
+STRING_OPERATORS = ("starts_with", "ends_with", "contains")
+NUMERIC_OPERATORS = ("lt", "lte", "gt", "gte")
+SEMVER_OPERATORS = ("semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte")
+OPERATORS = LIST_OPERATORS + STRING_OPERATORS + NUMERIC_OPERATORS + SEMVER_OPERATORS
+BOOLEAN_VARIANTS = {"on": True, "off": False}
+
+
+def StrictBool(**kwargs: Any) -> fields.Boolean:
+    """A boolean that accepts only JSON ``true``/``false``, not ``"yes"`` or ``1``."""
+    return fields.Boolean(truthy={True}, falsy={False}, **kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | bool) or _is_number(value)
+
+
+def value_matches_type(value: Any, flag_type: str) -> bool:
+    if flag_type == "boolean":
+        return isinstance(value, bool)
+    if flag_type == "string":
+        return isinstance(value, str)
+    if flag_type == "number":
+        return _is_number(value)
+    return value is not None  # json: any JSON value but null
+
+
+class Schema(ma.Schema):
+    """Base: unknown fields are an error, never silently dropped."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+
+class ConditionSchema(Schema):
+    attribute = fields.String(required=True, validate=validate.Length(1, 128))
+    operator = fields.String(required=True, validate=validate.OneOf(OPERATORS))
+    values = fields.List(fields.Raw(), required=True, validate=validate.Length(1, 1000))
+
+    @ma.validates_schema(skip_on_field_errors=True)
+    def _values_fit_operator(self, data: dict[str, Any], **_: Any) -> None:
+        op, values = data["operator"], data["values"]
+        if op in LIST_OPERATORS:
+            ok, want = all(_is_scalar(v) for v in values), "strings, numbers or booleans"
+        elif op in STRING_OPERATORS:
+            ok, want = all(isinstance(v, str) for v in values), "strings"
+        elif op in NUMERIC_OPERATORS:
+            ok, want = len(values) == 1 and _is_number(values[0]), "exactly one number"
+        else:
+            ok = len(values) == 1 and isinstance(values[0], str) and bool(SEMVER.match(values[0]))
+            want = "exactly one semantic version such as 1.4.0"
+        if not ok:
+            raise ValidationError(f"operator {op!r} takes {want}", "values")
+
+
+class RolloutSchema(Schema):
+    variant = fields.String(required=True)
+    weight = fields.Integer(required=True, strict=True, validate=validate.Range(0, 1_000_000))
+
+
+class RuleSchema(Schema):
+    conditions = fields.List(
+        fields.Nested(ConditionSchema), load_default=list, validate=validate.Length(max=20)
+    )
+    variant = fields.String()
+    rollout = fields.List(fields.Nested(RolloutSchema), validate=validate.Length(1, 100))
+    bucket_by = fields.String(validate=validate.Length(1, 128))
+
+    @ma.validates_schema(skip_on_field_errors=True)
+    def _variant_or_rollout(self, data: dict[str, Any], **_: Any) -> None:
+        if ("variant" in data) == ("rollout" in data):
+            raise ValidationError("a rule serves either a variant or a rollout, exactly one", "variant")
+        if "bucket_by" in data and "rollout" not in data:
+            raise ValidationError("bucket_by only applies to a rollout", "bucket_by")
+        if "rollout" in data and sum(r["weight"] for r in data["rollout"]) <= 0:
+            raise ValidationError("rollout weights must add up to more than 0", "rollout")
+
+    @ma.post_load
+    def _default_bucket_by(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        if "rollout" in data:
+            data.setdefault("bucket_by", "targeting_key")
+        return data
+
+
+class FlagDefinitionSchema(Schema):
+    """A flag as a client defines it (PUT body; PATCH with ``partial=True``)."""
+
+    kind = fields.String(required=True, validate=validate.OneOf(KINDS))
+    type = fields.String(load_default="boolean", validate=validate.OneOf(TYPES))
+    enabled = StrictBool(required=True)
+    variants = fields.Dict(
+        keys=fields.String(validate=validate.Regexp(VARIANT_NAME)),
+        values=fields.Raw(allow_none=True),
+        validate=validate.Length(1, 100),
+    )
+    default_variant = fields.String()
+    off_variant = fields.String()
+    rules = fields.List(fields.Nested(RuleSchema), load_default=list, validate=validate.Length(max=100))
+    salt = fields.String(allow_none=True, load_default=None, validate=validate.Length(1, 128))
+    description = fields.String(load_default="", validate=validate.Length(max=1024))
+    owner = fields.String(load_default="", validate=validate.Length(max=128))
+    tags = fields.List(
+        fields.String(validate=validate.Length(1, 64)), load_default=list, validate=validate.Length(max=32)
+    )
+
+    @ma.post_load
+    def _boolean_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("partial"):
+            return data
+        if data["type"] == "boolean":
+            data.setdefault("variants", dict(BOOLEAN_VARIANTS))
+            data.setdefault("default_variant", "on")
+            data.setdefault("off_variant", "off")
+        self._check_consistency(data)
+        return data
+
+    @staticmethod
+    def _check_consistency(data: dict[str, Any]) -> None:
+        errors: dict[str, Any] = {}
+        for name in ("variants", "default_variant", "off_variant"):
+            if name not in data:
+                errors[name] = [f"required for a {data['type']} flag"]
+        if errors:
+            raise ValidationError(errors)
+        variants = data["variants"]
+        bad = sorted(n for n, v in variants.items() if not value_matches_type(v, data["type"]))
+        if bad:
+            errors["variants"] = [f"values of {', '.join(bad)} are not of type {data['type']}"]
+        for name in ("default_variant", "off_variant"):
+            if data[name] not in variants:
+                errors[name] = [f"unknown variant {data[name]!r}"]
+        for i, rule in enumerate(data["rules"]):
+            if "variant" in rule and rule["variant"] not in variants:
+                errors[f"rules.{i}.variant"] = [f"unknown variant {rule['variant']!r}"]
+            for j, part in enumerate(rule.get("rollout", [])):
+                if part["variant"] not in variants:
+                    errors[f"rules.{i}.rollout.{j}.variant"] = [f"unknown variant {part['variant']!r}"]
+        if errors:
+            raise ValidationError(errors)
+
+
+class FlagSchema(FlagDefinitionSchema):
+    """A flag as the API returns it: the definition and the fields the server owns."""
+
+    key = fields.String(dump_only=True)
+    version = fields.Integer(dump_only=True)
+    created_at = fields.String(dump_only=True)
+    updated_at = fields.String(dump_only=True)
+    updated_by = fields.String(dump_only=True)
+    archived = fields.Boolean(dump_only=True)
+
+
+class FlagListSchema(Schema):
+    env = fields.String()
+    flags = fields.List(fields.Nested(FlagSchema))
+
+
+class FlagListQuerySchema(Schema):
+    include_archived = StrictBool(load_default=False)
+
+
+class ActionSchema(Schema):
+    """Body of kill and restore: why, and under which incident."""
+
+    reason = fields.String(required=True, validate=validate.Length(1, 1000))
+    incident = fields.String(load_default="", validate=validate.Length(max=128))
+
+    @ma.validates("reason")
+    def _reason_not_blank(self, value: str, **_: Any) -> None:
+        if not value.strip():
+            raise ValidationError("a reason is required and cannot be blank")
+
+
+class EnvSchema(Schema):
+    env = fields.String()
+    version = fields.Integer()
+    created = fields.Boolean()
+
+
+class EnvListSchema(Schema):
+    envs = fields.List(fields.String())
+
+
+class SnapshotSchema(Schema):
+    env = fields.String()
+    version = fields.Integer()
+    flags = fields.Dict(keys=fields.String(), values=fields.Dict())
+
+
+class AuditQuerySchema(Schema):
+    flag = fields.String(validate=validate.Regexp(FLAG_KEY))
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 1000))
+    cursor = fields.String(validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"))
+
+
+class AuditEntrySchema(Schema):
+    id = fields.String()
+    seq = fields.Integer()
+    time = fields.String()
+    actor = fields.String()
+    action = fields.String()
+    flag = fields.String(allow_none=True)
+    token = fields.String(allow_none=True)
+    before = fields.Raw(allow_none=True)
+    after = fields.Raw(allow_none=True)
+    reason = fields.String(allow_none=True)
+    incident = fields.String(allow_none=True)
+    request_id = fields.String(allow_none=True)
+    source = fields.String(allow_none=True)
+    env_version = fields.Integer(allow_none=True)
+    prev_hash = fields.String(allow_none=True)
+    hash = fields.String()
+
+
+class AuditPageSchema(Schema):
+    entries = fields.List(fields.Nested(AuditEntrySchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class ProblemFieldSchema(Schema):
+    field = fields.String()
+    location = fields.String()
+    message = fields.String()
+
+
+class ProblemSchema(Schema):
+    """RFC 9457 problem details, as every error is returned (``application/problem+json``)."""
+
+    type = fields.String()
+    title = fields.String()
+    status = fields.Integer()
+    detail = fields.String()
+    errors = fields.List(fields.Nested(ProblemFieldSchema))
+    request_id = fields.String()

@@ -1,0 +1,84 @@
+"""``flagsvc serve``: the embedded (or given) Redis, first-start bootstrap, then gunicorn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+import redis
+
+from . import embedded
+from .envs import EnvStore
+from .extensions import connect
+from .tokens import Role, TokenStore
+
+DEFAULT_ENV = "production"
+ADMIN_TOKEN_FILE = "admin-token"
+BOOTSTRAP_ACTOR = "flagsvc-bootstrap"
+
+
+def bootstrap(client: redis.Redis, data_dir: Path) -> str | None:
+    """On a first start: the ``production`` environment and an admin token.
+
+    The token's secret is written to ``<data-dir>/admin-token`` (mode 0600) and returned, so it
+    is shown once; on later starts nothing is created and ``None`` is returned.
+    """
+    envs = EnvStore(client)
+    if not envs.list():
+        envs.create(DEFAULT_ENV, actor=BOOTSTRAP_ACTOR)
+    tokens = TokenStore(client)
+    if tokens.count():
+        return None
+    _, secret = tokens.create(name="admin", role=Role.ADMIN, envs=[], actor=BOOTSTRAP_ACTOR)
+    path = data_dir / ADMIN_TOKEN_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return secret
+
+
+def run(host: str, port: int, data_dir: Path, workers: int | None, redis_url: str | None) -> int:
+    """Start Redis if needed, bootstrap, run gunicorn in the foreground; its exit code."""
+    server = None
+    if not redis_url:
+        server = embedded.start(data_dir)
+        redis_url = embedded.url_for_socket(server.socket_file)
+        click.echo(f"flagsvc: embedded Redis (append-only, fsync always) in {data_dir.resolve()}")
+    client = connect(redis_url)
+    secret = bootstrap(client, data_dir)
+    client.close()
+    if secret:
+        click.echo(f"flagsvc: first start: admin token (shown once, also in {data_dir / ADMIN_TOKEN_FILE}):")
+        click.echo(f"    {secret}")
+    click.echo(f"flagsvc: listening on http://{host}:{port}")
+    env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url)
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        "python:flagsvc.gunicorn_conf",
+        "--bind",
+        f"{host}:{port}",
+        *(["--workers", str(workers)] if workers else []),
+        "flagsvc:create_app()",
+    ]
+    proc = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        return proc.wait()
+    finally:
+        if server is not None:
+            server._cleanup()  # stop the embedded Redis now, not at interpreter exit
