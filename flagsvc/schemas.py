@@ -186,7 +186,7 @@ class FlagListSchema(Schema):
 
 
 class FlagListQuerySchema(Schema):
-    include_archived = StrictBool(load_default=False)
+    include_archived = fields.Boolean(truthy={"true", "1"}, falsy={"false", "0"}, load_default=False)
 
 
 class ActionSchema(Schema):

@@ -81,4 +81,4 @@ def run(host: str, port: int, data_dir: Path, workers: int | None, redis_url: st
         return proc.wait()
     finally:
         if server is not None:
-            server._cleanup()  # stop the embedded Redis now, not at interpreter exit
+            embedded.stop(server)

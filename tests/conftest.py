@@ -1,0 +1,117 @@
+"""Fixtures: a real Redis server, the app, a live HTTP server, tokens per role."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from werkzeug.serving import make_server
+
+from flagsvc import create_app
+from flagsvc.envs import EnvStore
+from flagsvc.tokens import Role, TokenStore
+
+from .redis_server import RedisServer
+
+ENV = "production"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the whole run: ``FLAGSVC_TEST_REDIS_URL``, or our own redis-server."""
+    external = os.environ.get("FLAGSVC_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the test Redis, emptied before and after each test."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def app(r: redis.Redis, redis_url: str) -> Any:
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True})
+    EnvStore(r).create(ENV, actor="test-setup")
+    return app
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def make_token(r: redis.Redis) -> Callable[..., str]:
+    """Create a token straight in Redis: ``make_token("operator", envs=["production"])``."""
+
+    def make(role: str, *, name: str | None = None, envs: list[str] | None = None) -> str:
+        store = TokenStore(r)
+        _, secret = store.create(
+            name=name or f"{role}-{len(store.list())}",
+            role=Role.parse(role),
+            envs=envs or [],
+            actor="test-setup",
+        )
+        return secret
+
+    return make
+
+
+@pytest.fixture
+def tokens(make_token: Callable[..., str]) -> dict[str, str]:
+    """One token per role, named after the role, on every environment."""
+    return {role: make_token(role, name=role) for role in ("sdk", "reader", "operator", "admin")}
+
+
+@pytest.fixture
+def auth(tokens: dict[str, str]) -> Callable[[str], dict[str, str]]:
+    """``auth("admin")`` -> the Authorization header of that role's token."""
+    return lambda role: {"Authorization": f"Bearer {tokens[role]}"}
+
+
+@pytest.fixture
+def live_server(app: Any) -> Iterator[str]:
+    """The app on a real HTTP server (threaded) on a free loopback port; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def dataset(client: redis.Redis) -> dict[str, Any]:
+    """Every key and its content: compare before/after to prove that nothing was written."""
+    out: dict[str, Any] = {}
+    for key in sorted(client.scan_iter(count=1000)):
+        kind = client.type(key)
+        if kind == "string":
+            out[key] = client.get(key)
+        elif kind == "hash":
+            out[key] = client.hgetall(key)
+        elif kind == "set":
+            out[key] = sorted(client.smembers(key))
+        elif kind == "stream":
+            out[key] = client.xrange(key)
+        else:
+            out[key] = (kind, client.dump(key))
+    return out
+
+
+@pytest.fixture
+def snapshot_redis(r: redis.Redis) -> Callable[[], dict[str, Any]]:
+    return lambda: dataset(r)

@@ -1,0 +1,54 @@
+"""An acknowledged change survives Redis being killed: AOF with appendfsync always."""
+
+from __future__ import annotations
+
+import signal
+
+import redis
+
+from flagsvc import create_app
+from flagsvc.audit import AuditLog
+from flagsvc.envs import EnvStore
+from flagsvc.keys import EnvKeys
+from flagsvc.tokens import Role, TokenStore
+
+from .redis_server import RedisServer
+
+BASE = "/api/v1/envs/production/flags"
+
+
+def test_acknowledged_changes_survive_sigkill(tmp_path):
+    server = RedisServer(tmp_path / "redis", durable=True).start()
+    try:
+        direct = redis.Redis.from_url(server.url, decode_responses=True)
+        EnvStore(direct).create("production", actor="test")
+        _, secret = TokenStore(direct).create(name="oncall", role=Role.ADMIN, envs=[], actor="test")
+        client = create_app({"REDIS_URL": server.url}).test_client()
+        headers = {"Authorization": f"Bearer {secret}"}
+        acknowledged: dict[str, bool] = {}
+        for i in range(20):
+            key = f"feature-{i}"
+            assert (
+                client.put(
+                    f"{BASE}/{key}", json={"kind": "kill_switch", "enabled": True}, headers=headers
+                ).status_code
+                == 201
+            )
+            if i % 2 == 0:
+                resp = client.post(f"{BASE}/{key}/kill", json={"reason": f"INC {i}"}, headers=headers)
+                assert resp.status_code == 200
+            acknowledged[key] = i % 2 != 0
+        expected_entries = direct.xlen(EnvKeys("production").audit)
+        server.kill(signal.SIGKILL)  # right after the last acknowledgement: no shutdown, no save
+
+        server.start()
+        after = redis.Redis.from_url(server.url, decode_responses=True)
+        client = create_app({"REDIS_URL": server.url}).test_client()
+        flags = {f["key"]: f["enabled"] for f in client.get(BASE, headers=headers).json["flags"]}
+        assert flags == acknowledged
+        assert after.xlen(EnvKeys("production").audit) == expected_entries == 30
+        assert int(after.get(EnvKeys("production").version)) == 30
+        result = AuditLog(after, EnvKeys("production")).verify()
+        assert result.ok and result.entries == 30
+    finally:
+        server.kill()

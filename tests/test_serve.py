@@ -1,0 +1,152 @@
+"""`flagsvc serve` as a subprocess: embedded Redis, first-start bootstrap, gunicorn over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import requests
+from click.testing import CliRunner
+
+from flagsvc import embedded
+from flagsvc.cli import main
+
+from .redis_server import free_port
+
+
+class Served:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        self._log_file = self.log.open("w")
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
+             "--workers", "2", *extra],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=environ,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(timeout=30)
+        finally:
+            self._log_file.close()
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytest.skip("unix sockets and gunicorn", allow_module_level=True)
+
+
+def test_serve_with_embedded_redis_end_to_end(tmp_path):
+    data_dir = tmp_path / "data"
+    served = Served(data_dir)
+    try:
+        token_file = data_dir / "admin-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert token.startswith("fsk_") and token in served.output(), "the first admin token is printed once"
+        headers = {"Authorization": f"Bearer {token}"}
+        base = f"{served.url}/api/v1/envs/production"
+
+        assert requests.get(f"{served.url}/api/v1/envs", headers=headers, timeout=5).json() == {
+            "envs": ["production"]
+        }
+        created = requests.put(f"{base}/flags/checkout.recs", json={"kind": "kill_switch", "enabled": True},
+                               headers=headers, timeout=5)  # fmt: skip
+        assert created.status_code == 201
+        killed = requests.post(
+            f"{base}/flags/checkout.recs/kill", json={"reason": "INC-1"}, headers=headers, timeout=5
+        )
+        assert killed.status_code == 200 and killed.json()["enabled"] is False
+        snap = requests.get(f"{base}/snapshot", headers=headers, timeout=5)
+        assert snap.json()["flags"]["checkout.recs"]["enabled"] is False
+        assert requests.get(f"{base}/snapshot", headers={**headers, "If-None-Match": snap.headers["ETag"]},
+                            timeout=5).status_code == 304  # fmt: skip
+
+        # The embedded Redis: append-only, fsync on every write, unix socket only.
+        socket_path = embedded.running_socket(data_dir)
+        assert socket_path
+        direct = redis.Redis(unix_socket_path=socket_path, decode_responses=True)
+        assert direct.config_get("appendonly")["appendonly"] == "yes"
+        assert direct.config_get("appendfsync")["appendfsync"] == "always"
+        assert direct.config_get("port")["port"] == "0"
+
+        # Several gunicorn workers share that Redis.
+        gunicorn_master = psutil.Process(served.proc.pid).children()[0]
+        assert len(gunicorn_master.children()) == 2
+
+        # Admin commands reach the running server through --data-dir.
+        runner = CliRunner()
+        result = runner.invoke(main, ["token", "create", "--name", "ci-reader", "--role", "reader",
+                                      "--env", "production", "--data-dir", str(data_dir)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        reader = result.output.strip().splitlines()[0]
+        listed = requests.get(f"{base}/flags", headers={"Authorization": f"Bearer {reader}"}, timeout=5)
+        assert listed.status_code == 200
+        verify = runner.invoke(main, ["audit", "verify", "--env", "production", "--data-dir", str(data_dir)])
+        assert verify.exit_code == 0, verify.output
+        assert served.stop() == 0
+    finally:
+        served.stop()
+
+    # The embedded Redis went down with the service; a second start keeps the data and the token.
+    assert embedded.running_socket(data_dir) is None
+    again = Served(data_dir)
+    try:
+        assert "first start" not in again.output()
+        flag = requests.get(f"{again.url}/api/v1/envs/production/flags/checkout.recs",
+                            headers={"Authorization": f"Bearer {token}"}, timeout=5)  # fmt: skip
+        assert flag.status_code == 200 and flag.json()["enabled"] is False
+    finally:
+        again.stop()
+
+
+def test_serve_with_external_redis(tmp_path, redis_url, r):
+    served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": redis_url})
+    try:
+        assert not (tmp_path / "data" / "flagsvc.rdb.settings").exists(), (
+            "no embedded Redis when a URL is given"
+        )
+        token = (tmp_path / "data" / "admin-token").read_text().strip()
+        assert r.sismember("flagsvc:{_system}:envs", "production")
+        resp = requests.get(
+            f"{served.url}/api/v1/envs", headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )
+        assert resp.json() == {"envs": ["production"]}
+    finally:
+        served.stop()
+
+
+def test_cli_help():
+    runner = CliRunner()
+    for args in (["--help"], ["serve", "--help"], ["token", "create", "--help"], ["token", "list", "--help"],
+                 ["token", "revoke", "--help"], ["audit", "verify", "--help"]):  # fmt: skip
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0 and "Usage:" in result.output
