@@ -70,7 +70,8 @@ class RedisServer:
                 break
             except (redis.ConnectionError, redis.BusyLoadingError):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start; see {self.data_dir / 'redis.log'}")
+                    log = self.data_dir / "redis.log"
+                    raise RuntimeError(f"redis-server did not start; see {log}") from None
                 time.sleep(0.05)
         client.close()
         return self

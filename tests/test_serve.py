@@ -31,8 +31,8 @@ class Served:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
-             "--workers", "2", *extra],
+            [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir),
+             "--port", str(self.port), "--workers", "2", *extra],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=environ,
