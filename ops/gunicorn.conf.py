@@ -1,0 +1,7 @@
+"""gunicorn config for production: ``gunicorn -c ops/gunicorn.conf.py wsgi:app``.
+
+The settings are flagsvc's own (``flagsvc/gunicorn_conf.py``, the ones ``flagsvc serve`` uses);
+override any of them below or with ``FLAGSVC_BIND``, ``FLAGSVC_WORKERS``, ``FLAGSVC_THREADS``.
+"""
+
+from flagsvc.gunicorn_conf import *  # noqa: F403
