@@ -1,0 +1,394 @@
+"""The evaluation engine: one flag definition + a context -> value, variant and reason.
+
+Pure Python, no dependencies; the server imports it for server-side evaluation. Semantics are
+pinned by the language-neutral vectors in ``client/spec/evaluation-cases.json``.
+
+Rules, in order:
+
+1. No flag -> the caller's default, reason ``ERROR`` (``FLAG_NOT_FOUND``). A malformed flag ->
+   the caller's default, ``ERROR`` (``PARSE_ERROR``).
+2. ``enabled: false`` -> ``off_variant``, reason ``DISABLED``.
+3. No rules -> ``default_variant``, reason ``STATIC``.
+4. The first rule whose conditions all match serves its ``variant`` (``TARGETING_MATCH``) or a
+   rollout bucket (``SPLIT``). No rule matches -> ``default_variant``, ``DEFAULT``.
+
+A condition on an attribute the context does not have (or has as ``null``) does not match -
+whatever the operator, ``not_in`` included - so an anonymous user falls through to the default
+instead of an error. An attribute of the wrong type for its operator (a string for ``gt``, a
+number for ``starts_with``, a list for ``in``, not a semantic version for ``semver_*``) is an
+error: the caller's default with ``ERROR`` (``INVALID_CONTEXT``). A rollout needs its
+``bucket_by`` attribute (default ``targeting_key``): missing -> ``ERROR``
+(``TARGETING_KEY_MISSING``).
+
+Rollout bucketing, reproducible with any standard library::
+
+    h      = first 4 bytes of SHA-256(UTF-8 of salt + "/" + value), as a big-endian uint32
+    bucket = h mod (sum of weights)
+    serve the first variant whose cumulative weight exceeds bucket
+
+``salt`` is the flag's ``salt`` or, if unset, its key; ``value`` is the attribute as a string
+(an integer in decimal; other types are ``INVALID_CONTEXT``). Ramping a variant's weight up
+while the total stays fixed (e.g. 100) only adds users to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import _semver
+
+__all__ = [
+    "CompiledFlag",
+    "ErrorCode",
+    "EvaluationDetails",
+    "Reason",
+    "bucket",
+    "compile_flag",
+    "evaluate",
+    "value_matches_type",
+]
+
+
+class Reason:
+    """OpenFeature resolution reasons."""
+
+    STATIC = "STATIC"
+    DEFAULT = "DEFAULT"
+    TARGETING_MATCH = "TARGETING_MATCH"
+    SPLIT = "SPLIT"
+    DISABLED = "DISABLED"
+    ERROR = "ERROR"
+
+
+class ErrorCode:
+    """OpenFeature error codes."""
+
+    FLAG_NOT_FOUND = "FLAG_NOT_FOUND"
+    PARSE_ERROR = "PARSE_ERROR"
+    TYPE_MISMATCH = "TYPE_MISMATCH"
+    TARGETING_KEY_MISSING = "TARGETING_KEY_MISSING"
+    INVALID_CONTEXT = "INVALID_CONTEXT"
+    GENERAL = "GENERAL"
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationDetails:
+    """The outcome of one evaluation. ``variant`` is ``None`` when the default was served."""
+
+    key: str
+    value: Any
+    variant: str | None
+    reason: str
+    error_code: str | None = None
+    error_message: str | None = None
+    flag_version: int | None = None
+
+
+class _ContextError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _ParseError(Exception):
+    pass
+
+
+_MISSING = object()
+_TYPES = ("boolean", "string", "number", "json")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def value_matches_type(value: Any, flag_type: str) -> bool:
+    """Whether ``value`` is a valid value of a ``flag_type`` flag."""
+    if flag_type == "boolean":
+        return isinstance(value, bool)
+    if flag_type == "string":
+        return isinstance(value, str)
+    if flag_type == "number":
+        return _is_number(value)
+    return value is not None
+
+
+def _tag(value: Any) -> tuple[str, Any]:
+    """Equality key that keeps ``True`` apart from ``1`` but ``1`` equal to ``1.0``."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, int | float):
+        return ("n", value)
+    return ("s", value)
+
+
+def bucket(salt: str, value: str, total: int) -> int:
+    """The rollout bucket in ``[0, total)`` of ``value`` under ``salt``."""
+    digest = hashlib.sha256(f"{salt}/{value}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % total
+
+
+# -- conditions ---------------------------------------------------------------------------------
+
+Matcher = Callable[[Any], bool]
+
+
+def _string_attr(op: str, attribute: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a string for {op}")
+    return value
+
+
+def _number_attr(op: str, attribute: str, value: Any) -> float:
+    if not _is_number(value):
+        raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a number for {op}")
+    return value  # type: ignore[no-any-return]
+
+
+def _compile_condition(raw: Any) -> tuple[str, Matcher]:
+    if not isinstance(raw, Mapping):
+        raise _ParseError("condition is not an object")
+    attribute, op, values = raw.get("attribute"), raw.get("operator"), raw.get("values")
+    if not isinstance(attribute, str) or not attribute:
+        raise _ParseError("condition attribute must be a non-empty string")
+    if not isinstance(values, list) or not values:
+        raise _ParseError(f"condition on {attribute!r}: values must be a non-empty list")
+
+    if op in ("in", "not_in"):
+        if not all(isinstance(v, str | bool) or _is_number(v) for v in values):
+            raise _ParseError(f"{op} takes strings, numbers or booleans")
+        members = frozenset(_tag(v) for v in values)
+        negate = op == "not_in"
+
+        def match_in(value: Any) -> bool:
+            if not (isinstance(value, str | bool) or _is_number(value)):
+                raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
+            return (_tag(value) in members) != negate
+
+        return attribute, match_in
+
+    if op in ("starts_with", "ends_with", "contains"):
+        if not all(isinstance(v, str) for v in values):
+            raise _ParseError(f"{op} takes strings")
+        needles = tuple(values)
+        if op == "starts_with":
+            return attribute, lambda v: _string_attr(op, attribute, v).startswith(needles)
+        if op == "ends_with":
+            return attribute, lambda v: _string_attr(op, attribute, v).endswith(needles)
+        return attribute, lambda v: any(n in _string_attr(op, attribute, v) for n in needles)
+
+    if op in ("lt", "lte", "gt", "gte"):
+        if len(values) != 1 or not _is_number(values[0]):
+            raise _ParseError(f"{op} takes exactly one number")
+        bound = values[0]
+        compare = {
+            "lt": lambda a: a < bound,
+            "lte": lambda a: a <= bound,
+            "gt": lambda a: a > bound,
+            "gte": lambda a: a >= bound,
+        }[op]
+        return attribute, lambda v: compare(_number_attr(op, attribute, v))
+
+    if op in ("semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte"):
+        target = _semver.parse(values[0]) if len(values) == 1 and isinstance(values[0], str) else None
+        if target is None:
+            raise _ParseError(f"{op} takes exactly one semantic version")
+        wanted = {
+            "semver_eq": (0,),
+            "semver_lt": (-1,),
+            "semver_lte": (-1, 0),
+            "semver_gt": (1,),
+            "semver_gte": (1, 0),
+        }[op]
+
+        def match_semver(value: Any) -> bool:
+            parsed = _semver.parse(value) if isinstance(value, str) else None
+            if parsed is None:
+                raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} is not a semantic version")
+            return _semver.compare(parsed, target) in wanted
+
+        return attribute, match_semver
+
+    raise _ParseError(f"unknown operator {op!r}")
+
+
+# -- flags --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    conditions: tuple[tuple[str, Matcher], ...]
+    variant: str | None
+    rollout: tuple[tuple[str, int], ...]  # (variant, cumulative weight)
+    total: int
+    bucket_by: str
+
+
+class CompiledFlag:
+    """A flag definition checked once and ready to evaluate many times.
+
+    ``static`` is set when the result does not depend on the context (disabled, or no rules):
+    evaluating it is then a lookup.
+    """
+
+    __slots__ = ("default", "error", "key", "off", "rules", "salt", "static", "type", "variants", "version")
+
+    def __init__(self, key: str, raw: Any) -> None:
+        self.key = key
+        self.error: str | None = None
+        self.static: EvaluationDetails | None = None
+        self.version = raw.get("version") if isinstance(raw, Mapping) else None
+        try:
+            self._compile(raw)
+        except _ParseError as exc:
+            self.error = f"flag {key!r} is malformed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bad definition must never escape
+            self.error = f"flag {key!r} is malformed: {type(exc).__name__}: {exc}"
+
+    def _compile(self, raw: Any) -> None:
+        if not isinstance(raw, Mapping):
+            raise _ParseError("not an object")
+        flag_type = raw.get("type", "boolean")
+        if flag_type not in _TYPES:
+            raise _ParseError(f"unknown type {flag_type!r}")
+        enabled = raw.get("enabled")
+        if not isinstance(enabled, bool):
+            raise _ParseError("enabled must be true or false")
+        variants = raw.get("variants")
+        if variants is None and flag_type == "boolean":
+            variants = {"on": True, "off": False}
+        if not isinstance(variants, Mapping) or not variants:
+            raise _ParseError("variants must be a non-empty object")
+        for name, value in variants.items():
+            if not value_matches_type(value, flag_type):
+                raise _ParseError(f"variant {name!r} is not a {flag_type}")
+        default = raw.get("default_variant", "on" if flag_type == "boolean" else None)
+        off = raw.get("off_variant", "off" if flag_type == "boolean" else None)
+        for label, name in (("default_variant", default), ("off_variant", off)):
+            if name not in variants:
+                raise _ParseError(f"{label} {name!r} is not a variant")
+        salt = raw.get("salt") or self.key
+        if not isinstance(salt, str):
+            raise _ParseError("salt must be a string")
+        rules_raw = raw.get("rules") or []
+        if not isinstance(rules_raw, list):
+            raise _ParseError("rules must be a list")
+
+        self.type, self.variants, self.default, self.off, self.salt = (
+            flag_type,
+            dict(variants),
+            default,
+            off,
+            salt,
+        )
+        self.rules = tuple(self._compile_rule(i, r) for i, r in enumerate(rules_raw))
+        if not enabled:
+            self.static = EvaluationDetails(
+                self.key, variants[off], off, Reason.DISABLED, flag_version=self.version
+            )
+        elif not self.rules:
+            self.static = EvaluationDetails(
+                self.key, variants[default], default, Reason.STATIC, flag_version=self.version
+            )
+
+    def _compile_rule(self, index: int, raw: Any) -> _Rule:
+        if not isinstance(raw, Mapping):
+            raise _ParseError(f"rule {index} is not an object")
+        conditions_raw = raw.get("conditions") or []
+        if not isinstance(conditions_raw, list):
+            raise _ParseError(f"rule {index}: conditions must be a list")
+        conditions = tuple(_compile_condition(c) for c in conditions_raw)
+        variant, rollout_raw = raw.get("variant"), raw.get("rollout")
+        if (variant is None) == (rollout_raw is None):
+            raise _ParseError(f"rule {index} needs exactly one of variant and rollout")
+        if variant is not None:
+            if variant not in self.variants:
+                raise _ParseError(f"rule {index}: unknown variant {variant!r}")
+            return _Rule(conditions, variant, (), 0, "")
+        if not isinstance(rollout_raw, list) or not rollout_raw:
+            raise _ParseError(f"rule {index}: rollout must be a non-empty list")
+        cumulative, parts = 0, []
+        for part in rollout_raw:
+            name, weight = part.get("variant"), part.get("weight")
+            if name not in self.variants:
+                raise _ParseError(f"rule {index}: unknown rollout variant {name!r}")
+            if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+                raise _ParseError(f"rule {index}: weights must be non-negative integers")
+            cumulative += weight
+            parts.append((name, cumulative))
+        if cumulative <= 0:
+            raise _ParseError(f"rule {index}: weights add up to 0")
+        bucket_by = raw.get("bucket_by") or "targeting_key"
+        if not isinstance(bucket_by, str):
+            raise _ParseError(f"rule {index}: bucket_by must be a string")
+        return _Rule(conditions, None, tuple(parts), cumulative, bucket_by)
+
+    def _error(self, default: Any, code: str, message: str) -> EvaluationDetails:
+        return EvaluationDetails(self.key, default, None, Reason.ERROR, code, message, self.version)
+
+    def evaluate(self, context: Mapping[str, Any] | None, default: Any) -> EvaluationDetails:
+        """Evaluate for ``context``; never raises."""
+        if self.static is not None:
+            return self.static
+        if self.error is not None:
+            return self._error(default, ErrorCode.PARSE_ERROR, self.error)
+        ctx = context if context is not None else {}
+        try:
+            for rule in self.rules:
+                if not self._matches(rule, ctx):
+                    continue
+                if rule.variant is not None:
+                    return self._serve(rule.variant, Reason.TARGETING_MATCH)
+                return self._serve(self._split(rule, ctx), Reason.SPLIT)
+            return self._serve(self.default, Reason.DEFAULT)
+        except _ContextError as exc:
+            return self._error(default, exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - evaluation never raises
+            return self._error(default, ErrorCode.GENERAL, f"{type(exc).__name__}: {exc}")
+
+    def _serve(self, variant: str, reason: str) -> EvaluationDetails:
+        return EvaluationDetails(self.key, self.variants[variant], variant, reason, flag_version=self.version)
+
+    @staticmethod
+    def _matches(rule: _Rule, ctx: Mapping[str, Any]) -> bool:
+        for attribute, matcher in rule.conditions:
+            value = ctx.get(attribute, _MISSING)
+            if value is _MISSING or value is None or not matcher(value):
+                return False
+        return True
+
+    def _split(self, rule: _Rule, ctx: Mapping[str, Any]) -> str:
+        value = ctx.get(rule.bucket_by)
+        if value is None:
+            raise _ContextError(
+                ErrorCode.TARGETING_KEY_MISSING, f"rollout needs the {rule.bucket_by!r} attribute"
+            )
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise _ContextError(
+                ErrorCode.INVALID_CONTEXT, f"{rule.bucket_by!r} must be a string or an integer to bucket by"
+            )
+        point = bucket(self.salt, str(value), rule.total)
+        for variant, cumulative in rule.rollout:
+            if point < cumulative:
+                return variant
+        raise AssertionError("unreachable: bucket below the total weight")
+
+
+def compile_flag(key: str, raw: Any) -> CompiledFlag:
+    """Check ``raw`` (a flag's wire shape) once; a malformed one evaluates to ``ERROR``."""
+    return CompiledFlag(key, raw)
+
+
+def evaluate(
+    key: str, flag: Any, context: Mapping[str, Any] | None = None, default: Any = None
+) -> EvaluationDetails:
+    """Evaluate one flag definition (``None`` if unknown) for ``context``; never raises."""
+    if flag is None:
+        return EvaluationDetails(
+            key, default, None, Reason.ERROR, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}"
+        )
+    return compile_flag(key, flag).evaluate(context, default)
