@@ -115,3 +115,37 @@ def dataset(client: redis.Redis) -> dict[str, Any]:
 @pytest.fixture
 def snapshot_redis(r: redis.Redis) -> Callable[[], dict[str, Any]]:
     return lambda: dataset(r)
+
+
+class RestartableServer:
+    """The app on a fixed loopback port that a test can stop and start again (SDK outages)."""
+
+    def __init__(self, app: Any) -> None:
+        from .redis_server import free_port
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RestartableServer:
+        self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="sdk-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join(timeout=5)
+            self._server = None
+
+
+@pytest.fixture
+def server(app: Any) -> Iterator[RestartableServer]:
+    srv = RestartableServer(app).start()
+    yield srv
+    srv.stop()

@@ -1,8 +1,19 @@
 """flagsvc SDK: evaluate feature flags locally, kept current from a flagsvc server.
 
-This distribution is a skeleton for now: the evaluation engine, ``FlagClient`` and
-``flagctl`` arrive with the SDK issue.
+>>> flags = FlagClient("http://flagsvc:8000", token, "production", defaults={"checkout.recs": True})
+>>> if flags.is_enabled("checkout.recs", {"targeting_key": user_id}): ...
 """
 
-__version__ = "0.1.0"
-__all__ = ["__version__"]
+from ._version import __version__
+from .client import ClientStatus, FlagChange, FlagClient
+from .engine import ErrorCode, EvaluationDetails, Reason
+
+__all__ = [
+    "ClientStatus",
+    "ErrorCode",
+    "EvaluationDetails",
+    "FlagChange",
+    "FlagClient",
+    "Reason",
+    "__version__",
+]

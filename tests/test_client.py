@@ -1,0 +1,265 @@
+"""FlagClient end to end: a real server over HTTP, a real Redis, outages, cache, fork, threads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from flagsvc_client import FlagClient, Reason
+from flagsvc_client._snapshot import Snapshot
+
+BASE = "/api/v1/envs/production/flags"
+POLL = 0.2
+
+
+def wait_for(predicate, timeout: float = 5.0) -> float:
+    """Seconds until ``predicate()`` is true; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not reached within {timeout}s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def rest(server, auth):
+    """Small REST helper against the running server."""
+
+    class Rest:
+        def put(self, key, body):
+            resp = requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5)
+            assert resp.status_code in (200, 201), resp.text
+            return resp.json()
+
+        def kill(self, key, reason="test"):
+            resp = requests.post(
+                f"{server.url}{BASE}/{key}/kill", json={"reason": reason}, headers=auth("operator"), timeout=5
+            )
+            assert resp.status_code == 200, resp.text
+
+        def restore(self, key, reason="test"):
+            resp = requests.post(f"{server.url}{BASE}/{key}/restore", json={"reason": reason},
+                                 headers=auth("operator"), timeout=5)  # fmt: skip
+            assert resp.status_code == 200, resp.text
+
+    return Rest()
+
+
+@pytest.fixture
+def sdk_token(tokens):
+    return tokens["sdk"]
+
+
+@pytest.fixture
+def make_client(server, sdk_token):
+    clients = []
+
+    def make(**kwargs):
+        kwargs.setdefault("poll_interval", POLL)
+        kwargs.setdefault("init_timeout", 2)
+        client = FlagClient(
+            kwargs.pop("url", server.url), kwargs.pop("token", sdk_token), "production", **kwargs
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def test_kill_through_rest_is_seen_within_one_poll_interval(rest, make_client):
+    rest.put("checkout.recs", {"kind": "kill_switch", "enabled": True})
+    client = make_client()
+    assert client.is_enabled("checkout.recs") is True
+    assert client.status().source == "server" and not client.status().stale
+    rest.kill("checkout.recs")
+    elapsed = wait_for(lambda: not client.is_enabled("checkout.recs"))
+    assert elapsed <= POLL + 0.3  # one interval, plus the request itself on a busy machine
+    details = client.evaluate("checkout.recs")
+    assert (details.value, details.variant, details.reason) == (False, "off", Reason.DISABLED)
+
+
+def test_outage_keeps_last_values_then_recovers(server, rest, make_client, caplog):
+    rest.put("search.v2", {"kind": "release", "enabled": True})
+    client = make_client()
+    version = client.version
+    server.stop()
+    wait_for(lambda: client.status().stale, timeout=3)
+    status = client.status()
+    assert status.last_error and "cannot reach" in status.last_error
+    assert client.is_enabled("search.v2") is True and client.version == version
+    time.sleep(3 * POLL)
+    warnings = [r for r in caplog.records if r.name == "flagsvc_client" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, "an outage is logged once, not once per poll"
+
+    server.start()
+    rest.kill("search.v2")
+    wait_for(lambda: not client.is_enabled("search.v2"), timeout=10)
+    assert not client.status().stale and client.status().last_error is None
+
+
+def test_cold_start_without_service_uses_the_cache(server, rest, make_client, tmp_path):
+    cache = str(tmp_path / "flags.json")
+    rest.put("exports", {"kind": "kill_switch", "enabled": True})
+    rest.kill("exports")
+    warm = make_client(cache_path=cache)
+    assert warm.is_enabled("exports") is False
+    warm.close()
+    assert (
+        json.loads((tmp_path / "flags.json").read_text())["snapshot"]["flags"]["exports"]["enabled"] is False
+    )
+    server.stop()
+
+    start = time.monotonic()
+    cold = make_client(cache_path=cache, defaults={"exports": True}, init_timeout=3)
+    assert time.monotonic() - start < 3
+    assert cold.is_enabled("exports") is False, "the cached kill wins over the hard-coded default"
+    assert cold.status().source == "cache" and cold.status().stale
+
+
+def test_corrupt_or_foreign_cache_falls_back_to_defaults(server, make_client, tmp_path, caplog):
+    server.stop()
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "flagsvc-snapshot/1", "snapshot": {"env": "prod')
+    client = make_client(cache_path=str(corrupt), defaults={"exports": True}, init_timeout=1)
+    assert client.is_enabled("exports") is True and client.status().source == "defaults"
+    assert any("ignoring" in r.getMessage() for r in caplog.records)
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"format": "flagsvc-snapshot/1", "snapshot": {
+        "env": "staging", "version": 3, "flags": {"exports": {"enabled": False}}}}))  # fmt: skip
+    other = make_client(cache_path=str(foreign), defaults={"exports": True}, init_timeout=1)
+    assert other.is_enabled("exports") is True
+
+
+def test_bad_token_stops_polling_without_hanging(make_client):
+    start = time.monotonic()
+    client = make_client(token="fsk_000000000000_nope", init_timeout=5, defaults={"a": True})
+    assert time.monotonic() - start < 2, "a refused token does not make start-up wait"
+    status = client.status()
+    assert status.fatal and "401" in status.last_error
+    assert client.is_enabled("a") is True
+
+
+def test_start_up_waits_at_most_init_timeout_on_a_silent_server(make_client):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts TCP, never answers HTTP
+    try:
+        start = time.monotonic()
+        client = make_client(url=f"http://127.0.0.1:{silent.getsockname()[1]}", init_timeout=0.5)
+        assert time.monotonic() - start < 1.5
+        assert client.is_enabled("anything", default=True) is True
+    finally:
+        silent.close()
+
+
+def test_forked_child_sees_later_changes(rest, make_client):
+    rest.put("child.flag", {"kind": "kill_switch", "enabled": True})
+    client = make_client()
+    assert client.is_enabled("child.flag")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its own poller must pick up the parent's kill
+        os.close(read_end)
+        ok = False
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if not client.is_enabled("child.flag"):
+                    ok = True
+                    break
+                time.sleep(0.02)
+        finally:
+            os.write(write_end, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write_end)
+    time.sleep(0.3)
+    rest.kill("child.flag")
+    result = os.read(read_end, 1)
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert result == b"1", "the forked child never saw the kill"
+
+
+def test_readers_only_see_published_snapshots(make_client):
+    """8 threads evaluate while snapshots are swapped: never an exception, never a mix."""
+    client = make_client(url="http://127.0.0.1:9", init_timeout=0.1)
+    client.close()  # drive snapshots by hand, no poller
+
+    def snapshot(n: int) -> Snapshot:
+        flags = {f"f{i}": {"kind": "ops", "type": "number", "enabled": True, "variants": {"v": n},
+                           "default_variant": "v", "off_variant": "v"} for i in range(20)}  # fmt: skip
+        return Snapshot.from_wire({"env": "production", "version": n, "flags": flags}, source="server")
+
+    client._apply(snapshot(1))
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                values = set(client.all_values().values())
+                if len(values) != 1:
+                    problems.append(f"mixed snapshot: {values}")
+                if client.get_number("f3") not in range(1, 10_000):
+                    problems.append("value from no snapshot")
+            except Exception as exc:  # noqa: BLE001 - the test records any exception
+                problems.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for n in range(2, 2000):
+        client._apply(snapshot(n))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert problems == []
+
+
+def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
+    rest.put("payments.timeout-ms", {"kind": "ops", "type": "number", "enabled": True,
+                                     "variants": {"normal": 3000, "short": 800},
+                                     "default_variant": "normal", "off_variant": "short"})  # fmt: skip
+    rest.put("recs", {"kind": "kill_switch", "enabled": True})
+    client = make_client()
+    assert client.get_number("payments.timeout-ms", default=1000) == 3000
+    mismatch = client.evaluate("payments.timeout-ms", default=1)
+    assert mismatch.value == 3000
+    assert client.get_string("payments.timeout-ms", default="x") == "x"
+    assert client.get_boolean("missing", default=True) is True
+
+    changes = []
+    client.on_change(lambda change: 1 / 0)  # a broken listener cannot stop the others
+    client.on_change(changes.append)
+
+    @client.kill_switch("recs", fallback=lambda user: [])
+    def recommendations(user):
+        return ["a", "b"]
+
+    assert recommendations("u1") == ["a", "b"]
+    rest.kill("recs")
+    wait_for(lambda: recommendations("u1") == [])
+    assert changes and "recs" in changes[-1].changed_keys
+    rest.kill("payments.timeout-ms")
+    wait_for(lambda: client.get_number("payments.timeout-ms") == 800)
+
+
+def test_close_is_idempotent_and_stops_the_thread(make_client):
+    client = make_client()
+    with client:
+        assert client._thread.is_alive()
+    assert not client._thread.is_alive()
+    client.close()
+    assert client.status().closed
+    assert client.is_enabled("x", default=True) is True
