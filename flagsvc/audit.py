@@ -49,6 +49,8 @@ class AuditLog:
     def query(self, *, flag: str | None = None, limit: int = 50, cursor: str | None = None) -> AuditPage:
         """Newest first, optionally only the entries of ``flag``; ``cursor`` continues a page."""
         entries: list[dict[str, Any]] = []
+        if cursor == "0-0":
+            return AuditPage(entries, None)  # nothing is older than the first possible id
         upper = f"({cursor}" if cursor else "+"
         while len(entries) < limit:
             batch = self._redis.xrevrange(self._ns.audit, max=upper, min="-", count=_BATCH)

@@ -10,6 +10,9 @@ from flask import request
 from .errors import ProblemError
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+#: Deepest JSON nesting accepted: a flag is ~6 levels before its JSON values; deeper bodies could
+#: exhaust the interpreter's recursion when rendered back.
+MAX_DEPTH = 32
 
 
 class UnsupportedMediaType(ProblemError):
@@ -34,6 +37,25 @@ def check_body() -> None:
     if not request.is_json:
         raise UnsupportedMediaType(f"Content-Type {request.mimetype or '(none)'!r}; send application/json")
     try:
-        json.loads(data, parse_constant=_reject_constant)
+        document = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedJSON(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedJSON(f"body nests deeper than {MAX_DEPTH} levels") from None
+    if _depth(document) > MAX_DEPTH:
+        raise MalformedJSON(f"body nests deeper than {MAX_DEPTH} levels")
+
+
+def _depth(document: Any) -> int:
+    """Nesting depth of a JSON document, without recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            return level
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest

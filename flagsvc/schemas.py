@@ -17,9 +17,10 @@ from marshmallow import ValidationError, fields, validate
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SEMVER = re.compile(
-    r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
+    re.ASCII,  # \d is 0-9 only, not any Unicode digit
 )
 
 KINDS = ("kill_switch", "release", "ops", "experiment")
@@ -30,11 +31,16 @@ NUMERIC_OPERATORS = ("lt", "lte", "gt", "gte")
 SEMVER_OPERATORS = ("semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte")
 OPERATORS = LIST_OPERATORS + STRING_OPERATORS + NUMERIC_OPERATORS + SEMVER_OPERATORS
 BOOLEAN_VARIANTS = {"on": True, "off": False}
+MAX_STREAM_ID_PART = 2**64 - 1
 
 
-def StrictBool(**kwargs: Any) -> fields.Boolean:
-    """A boolean that accepts only JSON ``true``/``false``, not ``"yes"`` or ``1``."""
-    return fields.Boolean(truthy={True}, falsy={False}, **kwargs)
+class StrictBool(fields.Boolean):
+    """A boolean that accepts only JSON ``true``/``false``: not ``"yes"``, ``1`` or ``0``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 def _is_number(value: Any) -> bool:
@@ -77,7 +83,7 @@ class ConditionSchema(Schema):
         elif op in NUMERIC_OPERATORS:
             ok, want = len(values) == 1 and _is_number(values[0]), "exactly one number"
         else:
-            ok = len(values) == 1 and isinstance(values[0], str) and bool(SEMVER.match(values[0]))
+            ok = len(values) == 1 and isinstance(values[0], str) and bool(SEMVER.fullmatch(values[0]))
             want = "exactly one semantic version such as 1.4.0"
         if not ok:
             raise ValidationError(f"operator {op!r} takes {want}", "values")
@@ -201,6 +207,10 @@ class ActionSchema(Schema):
             raise ValidationError("a reason is required and cannot be blank")
 
 
+class EnvCreateSchema(Schema):
+    """Body of ``PUT /envs/{env}``: optional and empty for now; anything else is refused."""
+
+
 class EnvSchema(Schema):
     env = fields.String()
     version = fields.Integer()
@@ -221,6 +231,11 @@ class AuditQuerySchema(Schema):
     flag = fields.String(validate=validate.Regexp(FLAG_KEY))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 1000))
     cursor = fields.String(validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"))
+
+    @ma.validates("cursor")
+    def _cursor_in_range(self, value: str, **_: Any) -> None:
+        if any(int(part) > MAX_STREAM_ID_PART for part in value.split("-")):
+            raise ValidationError("not an audit cursor: pass back a next_cursor")
 
 
 class AuditEntrySchema(Schema):

@@ -155,8 +155,16 @@ def test_snapshot_etag_and_304(client, auth):
     assert body["env"] == "production" and body["version"] == 2
     assert list(body["flags"]) == ["a", "b"]
     assert set(body["flags"]["b"]) == {
-        "kind", "type", "enabled", "variants", "default_variant", "off_variant", "rules", "salt", "version"
-    }  # fmt: skip
+        "kind",
+        "type",
+        "enabled",
+        "variants",
+        "default_variant",
+        "off_variant",
+        "rules",
+        "salt",
+        "version",
+    }
     not_modified = client.get(f"{BASE}/snapshot", headers={**auth("sdk"), "If-None-Match": '"2"'})
     assert not_modified.status_code == 304 and not_modified.data == b""
     client.post(f"{BASE}/flags/a/kill", json={"reason": "r"}, headers=auth("operator"))

@@ -46,8 +46,12 @@ def rest(server, auth):
             assert resp.status_code == 200, resp.text
 
         def restore(self, key, reason="test"):
-            resp = requests.post(f"{server.url}{BASE}/{key}/restore", json={"reason": reason},
-                                 headers=auth("operator"), timeout=5)  # fmt: skip
+            resp = requests.post(
+                f"{server.url}{BASE}/{key}/restore",
+                json={"reason": reason},
+                headers=auth("operator"),
+                timeout=5,
+            )
             assert resp.status_code == 200, resp.text
 
     return Rest()
@@ -135,8 +139,14 @@ def test_corrupt_or_foreign_cache_falls_back_to_defaults(server, make_client, tm
     assert any("ignoring" in r.getMessage() for r in caplog.records)
 
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps({"format": "flagsvc-snapshot/1", "snapshot": {
-        "env": "staging", "version": 3, "flags": {"exports": {"enabled": False}}}}))  # fmt: skip
+    foreign.write_text(
+        json.dumps(
+            {
+                "format": "flagsvc-snapshot/1",
+                "snapshot": {"env": "staging", "version": 3, "flags": {"exports": {"enabled": False}}},
+            }
+        )
+    )
     other = make_client(cache_path=str(foreign), defaults={"exports": True}, init_timeout=1)
     assert other.is_enabled("exports") is True
 
@@ -197,8 +207,17 @@ def test_readers_only_see_published_snapshots(make_client):
     client.close()  # drive snapshots by hand, no poller
 
     def snapshot(n: int) -> Snapshot:
-        flags = {f"f{i}": {"kind": "ops", "type": "number", "enabled": True, "variants": {"v": n},
-                           "default_variant": "v", "off_variant": "v"} for i in range(20)}  # fmt: skip
+        flags = {
+            f"f{i}": {
+                "kind": "ops",
+                "type": "number",
+                "enabled": True,
+                "variants": {"v": n},
+                "default_variant": "v",
+                "off_variant": "v",
+            }
+            for i in range(20)
+        }
         return Snapshot.from_wire({"env": "production", "version": n, "flags": flags}, source="server")
 
     client._apply(snapshot(1))
@@ -228,9 +247,17 @@ def test_readers_only_see_published_snapshots(make_client):
 
 
 def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
-    rest.put("payments.timeout-ms", {"kind": "ops", "type": "number", "enabled": True,
-                                     "variants": {"normal": 3000, "short": 800},
-                                     "default_variant": "normal", "off_variant": "short"})  # fmt: skip
+    rest.put(
+        "payments.timeout-ms",
+        {
+            "kind": "ops",
+            "type": "number",
+            "enabled": True,
+            "variants": {"normal": 3000, "short": 800},
+            "default_variant": "normal",
+            "off_variant": "short",
+        },
+    )
     rest.put("recs", {"kind": "kill_switch", "enabled": True})
     client = make_client()
     assert client.get_number("payments.timeout-ms", default=1000) == 3000

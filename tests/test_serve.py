@@ -31,12 +31,23 @@ class Served:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir),
-             "--port", str(self.port), "--workers", "2", *extra],
+            [
+                sys.executable,
+                "-m",
+                "flagsvc.cli",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--workers",
+                "2",
+                *extra,
+            ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=environ,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -78,8 +89,12 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
         assert requests.get(f"{served.url}/api/v1/envs", headers=headers, timeout=5).json() == {
             "envs": ["production"]
         }
-        created = requests.put(f"{base}/flags/checkout.recs", json={"kind": "kill_switch", "enabled": True},
-                               headers=headers, timeout=5)  # fmt: skip
+        created = requests.put(
+            f"{base}/flags/checkout.recs",
+            json={"kind": "kill_switch", "enabled": True},
+            headers=headers,
+            timeout=5,
+        )
         assert created.status_code == 201
         killed = requests.post(
             f"{base}/flags/checkout.recs/kill", json={"reason": "INC-1"}, headers=headers, timeout=5
@@ -87,8 +102,12 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
         assert killed.status_code == 200 and killed.json()["enabled"] is False
         snap = requests.get(f"{base}/snapshot", headers=headers, timeout=5)
         assert snap.json()["flags"]["checkout.recs"]["enabled"] is False
-        assert requests.get(f"{base}/snapshot", headers={**headers, "If-None-Match": snap.headers["ETag"]},
-                            timeout=5).status_code == 304  # fmt: skip
+        assert (
+            requests.get(
+                f"{base}/snapshot", headers={**headers, "If-None-Match": snap.headers["ETag"]}, timeout=5
+            ).status_code
+            == 304
+        )
 
         # The embedded Redis: append-only, fsync on every write, unix socket only.
         socket_path = embedded.running_socket(data_dir)
@@ -104,8 +123,21 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
 
         # Admin commands reach the running server through --data-dir.
         runner = CliRunner()
-        result = runner.invoke(main, ["token", "create", "--name", "ci-reader", "--role", "reader",
-                                      "--env", "production", "--data-dir", str(data_dir)])  # fmt: skip
+        result = runner.invoke(
+            main,
+            [
+                "token",
+                "create",
+                "--name",
+                "ci-reader",
+                "--role",
+                "reader",
+                "--env",
+                "production",
+                "--data-dir",
+                str(data_dir),
+            ],
+        )
         assert result.exit_code == 0, result.output
         reader = result.output.strip().splitlines()[0]
         listed = requests.get(f"{base}/flags", headers={"Authorization": f"Bearer {reader}"}, timeout=5)
@@ -121,8 +153,11 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
     again = Served(data_dir)
     try:
         assert "first start" not in again.output()
-        flag = requests.get(f"{again.url}/api/v1/envs/production/flags/checkout.recs",
-                            headers={"Authorization": f"Bearer {token}"}, timeout=5)  # fmt: skip
+        flag = requests.get(
+            f"{again.url}/api/v1/envs/production/flags/checkout.recs",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
         assert flag.status_code == 200 and flag.json()["enabled"] is False
     finally:
         again.stop()
@@ -146,7 +181,13 @@ def test_serve_with_external_redis(tmp_path, redis_url, r):
 
 def test_cli_help():
     runner = CliRunner()
-    for args in (["--help"], ["serve", "--help"], ["token", "create", "--help"], ["token", "list", "--help"],
-                 ["token", "revoke", "--help"], ["audit", "verify", "--help"]):  # fmt: skip
+    for args in (
+        ["--help"],
+        ["serve", "--help"],
+        ["token", "create", "--help"],
+        ["token", "list", "--help"],
+        ["token", "revoke", "--help"],
+        ["audit", "verify", "--help"],
+    ):
         result = runner.invoke(main, args)
         assert result.exit_code == 0 and "Usage:" in result.output

@@ -56,8 +56,11 @@ class SnapshotFetcher:
             return Fetched(True, None)
         if resp.status_code in (401, 403, 404):
             detail = _problem_detail(resp)
-            raise FetchError(f"flagsvc refused the snapshot: {resp.status_code} {detail}", fatal=True,
-                             status=resp.status_code)  # fmt: skip
+            raise FetchError(
+                f"flagsvc refused the snapshot: {resp.status_code} {detail}",
+                fatal=True,
+                status=resp.status_code,
+            )
         if resp.status_code != 200:
             raise FetchError(f"flagsvc answered {resp.status_code}", status=resp.status_code)
         try:

@@ -6,9 +6,10 @@ import functools
 import re
 
 _SEMVER = re.compile(
-    r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?$"
+    r"(?:\+[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*)?",
+    re.ASCII,  # \d is 0-9 only, not any Unicode digit
 )
 
 # A pre-release identifier sorts numerically if numeric, else lexically; numeric < alphanumeric.
@@ -19,7 +20,7 @@ SemVer = tuple[int, int, int, tuple[_Ident, ...] | None]
 @functools.lru_cache(maxsize=4096)
 def parse(text: str) -> SemVer | None:
     """``"1.4.0-rc.1"`` -> comparable tuple; ``None`` if not a semantic version."""
-    match = _SEMVER.match(text)
+    match = _SEMVER.fullmatch(text)
     if not match:
         return None
     major, minor, patch, pre = match.groups()

@@ -234,9 +234,10 @@ class FlagClient:
                 return
             self._snapshot = snapshot
         changed = frozenset(
-            k for k in old.raw.get("flags", {}).keys() | snapshot.raw.get("flags", {}).keys()
+            k
+            for k in old.raw.get("flags", {}).keys() | snapshot.raw.get("flags", {}).keys()
             if old.raw["flags"].get(k) != snapshot.raw["flags"].get(k)
-        )  # fmt: skip
+        )
         if not from_cache and self._cache_path:
             try:
                 save_cache(self._cache_path, self._url, snapshot)

@@ -27,8 +27,13 @@ Rollout bucketing, reproducible with any standard library::
     serve the first variant whose cumulative weight exceeds bucket
 
 ``salt`` is the flag's ``salt`` or, if unset, its key; ``value`` is the attribute as a string
-(an integer in decimal; other types are ``INVALID_CONTEXT``). Ramping a variant's weight up
-while the total stays fixed (e.g. 100) only adds users to it.
+(an integer in decimal; other types are ``INVALID_CONTEXT``; an empty string counts as missing).
+A user keeps their variant as long as the cumulative boundaries around their bucket only widen:
+with weights summing to a fixed total (e.g. 100), ramping the *first* variant up only adds users
+to it; growing a later variant at the expense of an earlier one moves users between them.
+
+Missing or ``null`` ``rules``, ``conditions``, ``salt`` and ``bucket_by`` take their defaults;
+any other value of the wrong type (``{}``, ``""``, ``0``) makes the flag malformed.
 """
 
 from __future__ import annotations
@@ -271,10 +276,14 @@ class CompiledFlag:
         for label, name in (("default_variant", default), ("off_variant", off)):
             if name not in variants:
                 raise _ParseError(f"{label} {name!r} is not a variant")
-        salt = raw.get("salt") or self.key
-        if not isinstance(salt, str):
-            raise _ParseError("salt must be a string")
-        rules_raw = raw.get("rules") or []
+        salt = raw.get("salt")
+        if salt is None:
+            salt = self.key
+        if not isinstance(salt, str) or not salt:
+            raise _ParseError("salt must be a non-empty string")
+        rules_raw = raw.get("rules")
+        if rules_raw is None:
+            rules_raw = []
         if not isinstance(rules_raw, list):
             raise _ParseError("rules must be a list")
 
@@ -298,7 +307,9 @@ class CompiledFlag:
     def _compile_rule(self, index: int, raw: Any) -> _Rule:
         if not isinstance(raw, Mapping):
             raise _ParseError(f"rule {index} is not an object")
-        conditions_raw = raw.get("conditions") or []
+        conditions_raw = raw.get("conditions")
+        if conditions_raw is None:
+            conditions_raw = []
         if not isinstance(conditions_raw, list):
             raise _ParseError(f"rule {index}: conditions must be a list")
         conditions = tuple(_compile_condition(c) for c in conditions_raw)
@@ -322,9 +333,11 @@ class CompiledFlag:
             parts.append((name, cumulative))
         if cumulative <= 0:
             raise _ParseError(f"rule {index}: weights add up to 0")
-        bucket_by = raw.get("bucket_by") or "targeting_key"
-        if not isinstance(bucket_by, str):
-            raise _ParseError(f"rule {index}: bucket_by must be a string")
+        bucket_by = raw.get("bucket_by")
+        if bucket_by is None:
+            bucket_by = "targeting_key"
+        if not isinstance(bucket_by, str) or not bucket_by:
+            raise _ParseError(f"rule {index}: bucket_by must be a non-empty string")
         return _Rule(conditions, None, tuple(parts), cumulative, bucket_by)
 
     def _error(self, default: Any, code: str, message: str) -> EvaluationDetails:
@@ -337,6 +350,8 @@ class CompiledFlag:
         if self.error is not None:
             return self._error(default, ErrorCode.PARSE_ERROR, self.error)
         ctx = context if context is not None else {}
+        if not isinstance(ctx, Mapping):
+            return self._error(default, ErrorCode.INVALID_CONTEXT, "the context must be a mapping")
         try:
             for rule in self.rules:
                 if not self._matches(rule, ctx):
@@ -363,7 +378,7 @@ class CompiledFlag:
 
     def _split(self, rule: _Rule, ctx: Mapping[str, Any]) -> str:
         value = ctx.get(rule.bucket_by)
-        if value is None:
+        if value is None or value == "":
             raise _ContextError(
                 ErrorCode.TARGETING_KEY_MISSING, f"rollout needs the {rule.bucket_by!r} attribute"
             )

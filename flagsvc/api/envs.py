@@ -9,7 +9,7 @@ from flask_smorest import Blueprint
 
 from ..auth import current_token, require
 from ..extensions import stores
-from ..schemas import EnvListSchema, EnvSchema
+from ..schemas import EnvCreateSchema, EnvListSchema, EnvSchema
 from ..tokens import Role
 from .common import check_env, write_context
 
@@ -29,9 +29,10 @@ class Envs(MethodView):
 @blp.route("/<env>")
 class Env(MethodView):
     @require(Role.ADMIN)
+    @blp.arguments(EnvCreateSchema, required=False)
     @blp.response(200, EnvSchema)
     @blp.alt_response(201, schema=EnvSchema, description="Created")
-    def put(self, env: str) -> tuple[dict[str, Any], int]:
+    def put(self, _body: dict[str, Any], env: str) -> tuple[dict[str, Any], int]:
         """Create an environment (idempotent: 200 if it exists, 201 if created)."""
         check_env(env, must_exist=False)
         ctx = write_context(current_token().name)

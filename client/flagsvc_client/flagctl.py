@@ -1,0 +1,243 @@
+"""``flagctl``: the operator's command line over the flagsvc REST API.
+
+Configuration: ``--url``/``FLAGSVC_URL``, ``--token``/``FLAGSVC_TOKEN``, ``--env``/``FLAGSVC_ENV``.
+Exit codes: 0 done, 1 unexpected error, 2 usage, 3 not authorized (401/403), 4 not found,
+5 conflict (the flag changed: 409/412), 6 service unreachable or failing (5xx), 7 refused input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from ._version import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE, EXIT_INVALID = (
+    range(8)
+)
+USER_AGENT = f"flagctl/{__version__}"
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code(status: int) -> int:
+    if status in (401, 403):
+        return EXIT_AUTH
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status in (409, 412):
+        return EXIT_CONFLICT
+    if status >= 500:
+        return EXIT_UNAVAILABLE
+    return EXIT_INVALID
+
+
+class Api:
+    """Thin REST client; every failure becomes a :class:`CommandError` with one clear line."""
+
+    def __init__(self, url: str, token: str, env: str, timeout: float) -> None:
+        self.base = url.rstrip("/")
+        self.env = env
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT})
+
+    def env_path(self, *parts: str) -> str:
+        return "/".join([f"/api/v1/envs/{quote(self.env, safe='')}", *(quote(p, safe="") for p in parts)])
+
+    def call(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> requests.Response:
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
+            try:
+                resp = self.session.request(method, self.base + path, timeout=self.timeout, **kwargs)
+            except requests.RequestException as exc:
+                if attempt + 1 < attempts:
+                    continue
+                reason = type(exc).__name__
+                raise CommandError(
+                    f"cannot reach flagsvc at {self.base}: {reason}", EXIT_UNAVAILABLE
+                ) from None
+            if resp.status_code >= 500 and attempt + 1 < attempts:
+                continue
+            if resp.status_code >= 400:
+                raise CommandError(_describe(resp), _exit_code(resp.status_code))
+            return resp
+        raise AssertionError("unreachable")
+
+
+def _describe(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return f"{resp.status_code} {resp.reason}"
+    detail = body.get("detail") or body.get("title") or resp.reason
+    fields = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in body.get("errors") or [])
+    return f"{resp.status_code} {body.get('title') or resp.reason}: {detail}" + (
+        f" ({fields})" if fields else ""
+    )
+
+
+def _flag_state(flag: dict[str, Any]) -> str:
+    if flag.get("enabled"):
+        return "on"
+    return "KILLED" if flag.get("kind") == "kill_switch" else "OFF"
+
+
+def cmd_list(api: Api, args: argparse.Namespace) -> Any:
+    flags = api.call("GET", api.env_path("flags")).json()["flags"]
+    if args.json:
+        return flags
+    rows = [("STATE", "KEY", "KIND", "TYPE", "VER", "UPDATED", "BY")]
+    for f in flags:
+        rows.append(
+            (
+                _flag_state(f),
+                f["key"],
+                f["kind"],
+                f["type"],
+                str(f["version"]),
+                f["updated_at"],
+                f["updated_by"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def cmd_show(api: Api, args: argparse.Namespace) -> Any:
+    flag = api.call("GET", api.env_path("flags", args.key)).json()
+    if args.json:
+        return flag
+    lines = [
+        f"{flag['key']}  [{_flag_state(flag)}]  {flag['kind']}, {flag['type']}, version {flag['version']}",
+        f"  updated {flag['updated_at']} by {flag['updated_by']}",
+        f"  variants: {json.dumps(flag['variants'])}",
+        f"  default: {flag['default_variant']}   off (when killed): {flag['off_variant']}",
+    ]
+    for i, rule in enumerate(flag["rules"]):
+        conds = (
+            " and ".join(f"{c['attribute']} {c['operator']} {c['values']}" for c in rule["conditions"])
+            or "always"
+        )
+        serve = rule.get("variant") or ", ".join(f"{p['variant']}:{p['weight']}" for p in rule["rollout"])
+        lines.append(f"  rule {i}: if {conds} -> {serve}")
+    if flag.get("description"):
+        lines.append(f"  {flag['description']}")
+    if flag.get("owner"):
+        lines.append(f"  owner: {flag['owner']}")
+    return "\n".join(lines)
+
+
+def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
+    body = {"reason": args.reason}
+    if args.incident:
+        body["incident"] = args.incident
+    before = api.call("GET", api.env_path("flags", args.key)).json()
+    # One idempotency key per invocation: the automatic retry cannot kill twice.
+    headers = {"Idempotency-Key": f"flagctl-{uuid.uuid4()}"}
+    flag = api.call(
+        "POST", api.env_path("flags", args.key, action), json=body, headers=headers, retry=True
+    ).json()
+    if args.json:
+        return flag
+    changed = flag["version"] != before["version"]
+    verb = "killed" if action == "kill" else "restored"
+    if not changed:
+        state = "disabled" if action == "kill" else "enabled"
+        return f"{args.key} was already {state} in {api.env} (version {flag['version']})"
+    return f"{verb} {args.key} in {api.env}: now {_flag_state(flag)} (version {flag['version']})"
+
+
+def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.flag:
+        params["flag"] = args.flag
+    entries = api.call("GET", api.env_path("audit"), params=params).json()["entries"]
+    if args.json:
+        return entries
+    lines = []
+    for e in entries:
+        extra = " ".join(
+            x for x in (f"[{e['incident']}]" if e.get("incident") else "", e.get("reason") or "") if x
+        )
+        target = e.get("flag") or e.get("token") or "-"
+        lines.append(f"{e['time']}  {e['actor']:<16} {e['action']:<14} {target:<28} {extra}")
+    return "\n".join(lines) or "(no entries)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_URL)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="API token (FLAGSVC_TOKEN)")
+    common.add_argument(
+        "--env", default=argparse.SUPPRESS, help="environment (FLAGSVC_ENV, default production)"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
+
+    parser = argparse.ArgumentParser(
+        prog="flagctl",
+        description="Operate flagsvc flags: list, show, kill, restore, audit.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
+        "6 service unreachable, 7 refused input",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"flagctl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("list", parents=[common], help="flags, kill switches first").set_defaults(func=cmd_list)
+    show = sub.add_parser("show", parents=[common], help="one flag")
+    show.add_argument("key")
+    show.set_defaults(func=cmd_show)
+    for action, help_text in (
+        ("kill", "disable a flag (serve its off variant)"),
+        ("restore", "re-enable a flag"),
+    ):
+        p = sub.add_parser(action, parents=[common], help=help_text)
+        p.add_argument("key")
+        p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+        p.add_argument("--incident", help="incident id, e.g. INC-42")
+        p.set_defaults(func=lambda api, args, _a=action: _switch(api, args, _a))
+    audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
+    audit.add_argument("--flag", help="only this flag")
+    audit.add_argument("--limit", type=int, default=20)
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    url = getattr(args, "url", None) or os.environ.get("FLAGSVC_URL")
+    token = getattr(args, "token", None) or os.environ.get("FLAGSVC_TOKEN")
+    env = getattr(args, "env", None) or os.environ.get("FLAGSVC_ENV") or "production"
+    args.json = getattr(args, "json", False)
+    if not url or not token:
+        parser.error("set --url and --token (or FLAGSVC_URL and FLAGSVC_TOKEN)")
+    api = Api(url, token, env, getattr(args, "timeout", 10.0))
+    try:
+        result = args.func(api, args)
+    except CommandError as exc:
+        print(f"flagctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(result, indent=2) if args.json else result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

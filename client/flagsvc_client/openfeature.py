@@ -1,0 +1,122 @@
+"""OpenFeature provider backed by a :class:`~flagsvc_client.FlagClient` (extra ``[openfeature]``).
+
+>>> from openfeature import api
+>>> api.set_provider(FlagsvcProvider(FlagClient(url, token, "production")))
+>>> api.get_client().get_boolean_value("checkout.recs", True, EvaluationContext("user-1"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.event import ProviderEventDetails
+from openfeature.exception import ErrorCode as OFErrorCode
+from openfeature.flag_evaluation import FlagResolutionDetails
+from openfeature.flag_evaluation import Reason as OFReason
+from openfeature.provider import AbstractProvider
+from openfeature.provider.metadata import Metadata
+
+from .client import FlagChange, FlagClient
+from .engine import ErrorCode, EvaluationDetails, Reason
+
+__all__ = ["FlagsvcProvider"]
+
+
+def _context(ctx: EvaluationContext | None) -> dict[str, Any]:
+    if ctx is None:
+        return {}
+    attrs = dict(ctx.attributes or {})
+    if ctx.targeting_key is not None:
+        attrs["targeting_key"] = ctx.targeting_key
+    return attrs
+
+
+class FlagsvcProvider(AbstractProvider):
+    """Resolves flags locally through a FlagClient; emits CONFIGURATION_CHANGED on new snapshots."""
+
+    def __init__(self, client: FlagClient, *, close_client_on_shutdown: bool = True) -> None:
+        super().__init__()
+        self.client = client
+        self._close = close_client_on_shutdown
+        client.on_change(self._on_change)
+
+    def get_metadata(self) -> Metadata:
+        return Metadata(name="flagsvc")
+
+    def shutdown(self) -> None:
+        if self._close:
+            self.client.close()
+
+    def _on_change(self, change: FlagChange) -> None:
+        if hasattr(self, "_on_emit"):
+            self.emit_provider_configuration_changed(
+                ProviderEventDetails(
+                    flags_changed=sorted(change.changed_keys), message=f"version {change.new_version}"
+                )
+            )
+
+    def _resolve(
+        self, key: str, default: Any, ctx: EvaluationContext | None, expected: str, check: Any = None
+    ) -> FlagResolutionDetails[Any]:
+        details = self.client._typed(key, _context(ctx), default, expected)
+        if check is not None and details.reason != Reason.ERROR and not check(details.value):
+            details = EvaluationDetails(
+                key,
+                default,
+                None,
+                Reason.ERROR,
+                ErrorCode.TYPE_MISMATCH,
+                f"flag {key!r} is not {check.__doc__}",
+            )
+        metadata = {"version": details.flag_version} if details.flag_version is not None else {}
+        return FlagResolutionDetails(
+            value=details.value,
+            variant=details.variant,
+            reason=OFReason(details.reason),
+            error_code=OFErrorCode(details.error_code) if details.error_code else None,
+            error_message=details.error_message,
+            flag_metadata=metadata,
+        )
+
+    def resolve_boolean_details(
+        self, flag_key: str, default_value: bool, evaluation_context: EvaluationContext | None = None
+    ) -> FlagResolutionDetails[bool]:
+        return self._resolve(flag_key, default_value, evaluation_context, "boolean")
+
+    def resolve_string_details(
+        self, flag_key: str, default_value: str, evaluation_context: EvaluationContext | None = None
+    ) -> FlagResolutionDetails[str]:
+        return self._resolve(flag_key, default_value, evaluation_context, "string")
+
+    def resolve_integer_details(
+        self, flag_key: str, default_value: int, evaluation_context: EvaluationContext | None = None
+    ) -> FlagResolutionDetails[int]:
+        return self._resolve(flag_key, default_value, evaluation_context, "number", _is_integer)
+
+    def resolve_float_details(
+        self, flag_key: str, default_value: float, evaluation_context: EvaluationContext | None = None
+    ) -> FlagResolutionDetails[float]:
+        resolved = self._resolve(flag_key, default_value, evaluation_context, "number")
+        if resolved.error_code is None:
+            resolved.value = float(resolved.value)
+        return resolved
+
+    def resolve_object_details(
+        self,
+        flag_key: str,
+        default_value: Sequence[Any] | Mapping[str, Any],
+        evaluation_context: EvaluationContext | None = None,
+    ) -> FlagResolutionDetails[Sequence[Any] | Mapping[str, Any]]:
+        return self._resolve(flag_key, default_value, evaluation_context, "json", _is_object)
+
+
+def _is_integer(value: Any) -> bool:
+    """an integer"""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_object(value: Any) -> bool:
+    """an object or a list"""
+    return isinstance(value, dict | list)

@@ -1,0 +1,131 @@
+"""flagctl against a live server: output, --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from flagsvc_client.flagctl import main
+
+BASE = "/api/v1/envs/production/flags"
+
+
+@pytest.fixture
+def ctl(server, tokens, capsys):
+    def run(*args: str, role: str = "operator", url: str | None = None):
+        code = main(["--url", url or server.url, "--token", tokens[role], *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def flags(server, auth):
+    for key, body in {
+        "search.v2": {
+            "kind": "release",
+            "enabled": True,
+            "rules": [
+                {
+                    "conditions": [{"attribute": "country", "operator": "in", "values": ["FR"]}],
+                    "variant": "on",
+                }
+            ],
+        },
+        "checkout.recs": {"kind": "kill_switch", "enabled": True},
+        "exports": {"kind": "kill_switch", "enabled": True},
+    }.items():
+        assert requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5).ok
+
+
+def test_list_kill_restore_show_audit(ctl, flags):
+    code, out, _ = ctl("kill", "checkout.recs", "--reason", "INC-42 checkout slow", "--incident", "INC-42")
+    assert code == 0 and "killed checkout.recs in production: now KILLED (version 2)" in out
+
+    code, out, _ = ctl("list", role="reader")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["STATE", "KEY", "KIND"]
+    assert lines[1].split()[:2] == ["KILLED", "checkout.recs"], "kill switches first, killed state obvious"
+    assert lines[2].split()[:2] == ["on", "exports"] and lines[3].split()[:2] == ["on", "search.v2"]
+
+    code, out, _ = ctl("kill", "checkout.recs", "--reason", "again")
+    assert code == 0 and "already disabled" in out
+
+    code, out, _ = ctl("show", "search.v2", role="reader")
+    assert code == 0 and "rule 0: if country in ['FR'] -> on" in out
+
+    code, out, _ = ctl("restore", "checkout.recs", "--reason", "fixed", "--json")
+    assert code == 0 and json.loads(out)["enabled"] is True
+
+    code, out, _ = ctl("audit", "--flag", "checkout.recs", "--limit", "5", role="reader")
+    lines = out.splitlines()
+    assert code == 0 and "flag.restore" in lines[0] and "fixed" in lines[0]
+    assert "flag.kill" in lines[1] and "[INC-42] INC-42 checkout slow" in lines[1]
+
+    code, out, _ = ctl("audit", "--json", role="reader")
+    assert [e["action"] for e in json.loads(out)][:2] == ["flag.restore", "flag.kill"]
+
+
+@pytest.mark.parametrize(
+    ("args", "role", "code", "message"),
+    [
+        (("kill", "nope", "--reason", "r"), "operator", 4, "404"),
+        (("kill", "exports", "--reason", "r"), "reader", 3, "403"),
+        (("list", "--env", "staging"), "reader", 4, "environment 'staging' does not exist"),
+        (("kill", "exports", "--reason", " "), "operator", 7, "reason"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(ctl, flags, args, role, code, message):
+    got, out, err = ctl(*args, role=role)
+    assert got == code
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_token_and_unreachable_service(ctl, flags, server, capsys):
+    code = main(["--url", server.url, "--token", "fsk_000000000000_x", "list"])
+    assert code == 3 and "401" in capsys.readouterr().err
+    code, _, err = ctl("list", url="http://127.0.0.1:9")
+    assert code == 6 and err.startswith("flagctl: cannot reach flagsvc at http://127.0.0.1:9")
+
+
+def test_conflict_exit_code(ctl, flags, server, auth, tokens, capsys):
+    # flagctl has no If-Match flag; a 412 from the API maps to exit code 5 through the same path.
+    from flagsvc_client.flagctl import Api, CommandError
+
+    api = Api(server.url, tokens["admin"], "production", 5)
+    with pytest.raises(CommandError) as exc:
+        api.call(
+            "PATCH", api.env_path("flags", "exports"), json={"description": "x"}, headers={"If-Match": '"9"'}
+        )
+    assert exc.value.code == 5 and str(exc.value).startswith("412")
+
+
+def test_console_script_and_env_variables(server, tokens, flags):
+    env = {
+        "FLAGSVC_URL": server.url,
+        "FLAGSVC_TOKEN": tokens["reader"],
+        "FLAGSVC_ENV": "production",
+        "PATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "flagsvc_client.flagctl", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {f["key"] for f in json.loads(result.stdout)} == {"search.v2", "checkout.recs", "exports"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "flagsvc_client.flagctl", "list"],
+        env={"PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and "FLAGSVC_URL" in missing.stderr

@@ -1,0 +1,126 @@
+"""The OpenFeature provider, driven through the openfeature-sdk client API."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+from openfeature import api
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.event import ProviderEvent
+from openfeature.exception import ErrorCode
+from openfeature.flag_evaluation import Reason
+
+from flagsvc_client import FlagClient
+from flagsvc_client.openfeature import FlagsvcProvider
+
+BASE = "/api/v1/envs/production/flags"
+FLAGS = {
+    "recs": {"kind": "kill_switch", "enabled": True},
+    "search.v2": {
+        "kind": "release",
+        "enabled": True,
+        "default_variant": "off",
+        "rules": [
+            {"conditions": [{"attribute": "country", "operator": "in", "values": ["FR"]}], "variant": "on"}
+        ],
+    },
+    "checkout.theme": {
+        "kind": "experiment",
+        "type": "string",
+        "enabled": True,
+        "variants": {"blue": "blue", "green": "green"},
+        "default_variant": "blue",
+        "off_variant": "blue",
+        "rules": [
+            {
+                "conditions": [],
+                "rollout": [{"variant": "blue", "weight": 50}, {"variant": "green", "weight": 50}],
+            }
+        ],
+    },
+    "payments.timeout-ms": {
+        "kind": "ops",
+        "type": "number",
+        "enabled": True,
+        "variants": {"normal": 3000, "short": 800},
+        "default_variant": "normal",
+        "off_variant": "short",
+    },
+    "payments.ratio": {
+        "kind": "ops",
+        "type": "number",
+        "enabled": True,
+        "variants": {"a": 0.25},
+        "default_variant": "a",
+        "off_variant": "a",
+    },
+    "limits": {
+        "kind": "ops",
+        "type": "json",
+        "enabled": True,
+        "variants": {"std": {"rps": 100, "burst": [1, 2]}},
+        "default_variant": "std",
+        "off_variant": "std",
+    },
+}
+
+
+@pytest.fixture
+def of_client(server, auth, tokens):
+    for key, body in FLAGS.items():
+        assert requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5).ok
+    provider = FlagsvcProvider(FlagClient(server.url, tokens["sdk"], "production", poll_interval=0.2))
+    api.set_provider(provider)
+    yield api.get_client()
+    api.shutdown()
+
+
+def test_typed_resolution_with_reasons(of_client):
+    assert of_client.get_boolean_value("recs", False) is True
+    fr = of_client.get_boolean_details("search.v2", False, EvaluationContext("u1", {"country": "FR"}))
+    assert (fr.value, fr.variant, fr.reason) == (True, "on", Reason.TARGETING_MATCH)
+    us = of_client.get_boolean_details("search.v2", True, EvaluationContext("u1", {"country": "US"}))
+    assert (us.value, us.variant, us.reason) == (False, "off", Reason.DEFAULT)
+    theme = of_client.get_string_details("checkout.theme", "red", EvaluationContext("user-42"))
+    assert theme.reason == Reason.SPLIT and theme.value in ("blue", "green")
+    assert of_client.get_integer_value("payments.timeout-ms", 1) == 3000
+    assert of_client.get_float_value("payments.ratio", 1.0) == 0.25
+    assert of_client.get_float_value("payments.timeout-ms", 1.0) == 3000.0
+    assert of_client.get_object_value("limits", {}) == {"rps": 100, "burst": [1, 2]}
+    assert of_client.get_boolean_details("recs", False).flag_metadata == {"version": 1}
+
+
+def test_errors_give_the_default_with_a_code(of_client):
+    missing = of_client.get_boolean_details("nope", True)
+    assert (missing.value, missing.reason, missing.error_code) == (
+        True,
+        Reason.ERROR,
+        ErrorCode.FLAG_NOT_FOUND,
+    )
+    mismatch = of_client.get_string_details("recs", "x")
+    assert (mismatch.value, mismatch.error_code) == ("x", ErrorCode.TYPE_MISMATCH)
+    not_int = of_client.get_integer_details("payments.ratio", 7)
+    assert (not_int.value, not_int.error_code) == (7, ErrorCode.TYPE_MISMATCH)
+    no_key = of_client.get_string_details("checkout.theme", "red", EvaluationContext(None, {}))
+    assert (no_key.value, no_key.error_code) == ("red", ErrorCode.TARGETING_KEY_MISSING)
+
+
+def test_configuration_changed_event_on_kill(of_client, server, auth):
+    seen = threading.Event()
+    changed: list[list[str]] = []
+
+    def handler(details):
+        changed.append(details.flags_changed)
+        seen.set()
+
+    of_client.add_handler(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED, handler)
+    resp = requests.post(
+        f"{server.url}{BASE}/recs/kill", json={"reason": "r"}, headers=auth("operator"), timeout=5
+    )
+    assert resp.ok
+    assert seen.wait(5), "no PROVIDER_CONFIGURATION_CHANGED event"
+    assert ["recs"] in changed
+    killed = of_client.get_boolean_details("recs", True)
+    assert (killed.value, killed.reason) == (False, Reason.DISABLED)
