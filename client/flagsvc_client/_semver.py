@@ -1,4 +1,10 @@
-"""Semantic Versioning 2.0.0 parsing and precedence (build metadata ignored)."""
+"""Semantic Versioning 2.0.0 parsing into sort keys (build metadata ignored).
+
+``parse`` returns a tuple that compares by SemVer precedence with plain ``<``/``==``:
+``(major, minor, patch, is_release, pre-release identifiers)``, where a release sorts after its
+pre-releases, numeric identifiers sort numerically and before alphanumeric ones, and a longer
+set of identifiers sorts after its prefix.
+"""
 
 from __future__ import annotations
 
@@ -12,33 +18,17 @@ _SEMVER = re.compile(
     re.ASCII,  # \d is 0-9 only, not any Unicode digit
 )
 
-# A pre-release identifier sorts numerically if numeric, else lexically; numeric < alphanumeric.
-_Ident = tuple[int, int, str]
-SemVer = tuple[int, int, int, tuple[_Ident, ...] | None]
+SemVerKey = tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]
 
 
 @functools.lru_cache(maxsize=4096)
-def parse(text: str) -> SemVer | None:
-    """``"1.4.0-rc.1"`` -> comparable tuple; ``None`` if not a semantic version."""
+def parse(text: str) -> SemVerKey | None:
+    """``"1.4.0-rc.1"`` -> sort key; ``None`` if not a semantic version."""
     match = _SEMVER.fullmatch(text)
     if not match:
         return None
     major, minor, patch, pre = match.groups()
-    idents = None
-    if pre is not None:
-        idents = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
-    return int(major), int(minor), int(patch), idents
-
-
-def compare(a: SemVer, b: SemVer) -> int:
-    """-1, 0 or 1 by SemVer precedence: a release sorts after its pre-releases."""
-    if a[:3] != b[:3]:
-        return -1 if a[:3] < b[:3] else 1
-    pa, pb = a[3], b[3]
-    if pa == pb:
-        return 0
-    if pa is None:
-        return 1
-    if pb is None:
-        return -1
-    return -1 if pa < pb else 1
+    if pre is None:
+        return int(major), int(minor), int(patch), 1, ()
+    idents = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return int(major), int(minor), int(patch), 0, idents

@@ -22,6 +22,7 @@ log = logging.getLogger("flagsvc_client")
 F = TypeVar("F", bound=Callable[..., Any])
 ChangeListener = Callable[["FlagChange"], None]
 
+_NO_VALUE = object()  # marks "fell back to the default" on the is_enabled fast path
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 
@@ -110,9 +111,14 @@ class FlagClient:
         """The boolean value of ``key``: for a kill switch, ``False`` once it is killed."""
         flag = self._snapshot.flags.get(key)
         if flag is not None:
-            static = flag.static
-            if static is not None and static.value.__class__ is bool:
-                return static.value  # type: ignore[no-any-return]
+            details = flag.static
+            if details is None:
+                details = flag.evaluate(context, _NO_VALUE)  # never raises
+            value = details.value
+            if value.__class__ is bool:
+                return value  # type: ignore[no-any-return]
+        else:
+            return bool(default if default is not None else self._defaults.get(key, False))
         return bool(self._typed(key, context, default, "boolean").value)
 
     def get_boolean(

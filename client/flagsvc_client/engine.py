@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _semver
@@ -103,11 +103,15 @@ class _ParseError(Exception):
     pass
 
 
-_MISSING = object()
 _TYPES = ("boolean", "string", "number", "json")
 
 
 def _is_number(value: Any) -> bool:
+    cls = value.__class__
+    if cls is int:
+        return True
+    if cls is float:
+        return math.isfinite(value)
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -120,15 +124,6 @@ def value_matches_type(value: Any, flag_type: str) -> bool:
     if flag_type == "number":
         return _is_number(value)
     return value is not None
-
-
-def _tag(value: Any) -> tuple[str, Any]:
-    """Equality key that keeps ``True`` apart from ``1`` but ``1`` equal to ``1.0``."""
-    if isinstance(value, bool):
-        return ("b", value)
-    if isinstance(value, int | float):
-        return ("n", value)
-    return ("s", value)
 
 
 def bucket(salt: str, value: str, total: int) -> int:
@@ -166,13 +161,20 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
     if op in ("in", "not_in"):
         if not all(isinstance(v, str | bool) or _is_number(v) for v in values):
             raise _ParseError(f"{op} takes strings, numbers or booleans")
-        members = frozenset(_tag(v) for v in values)
+        # One set per JSON type, so that true never equals 1 while 1 equals 1.0.
+        strings = frozenset(v for v in values if isinstance(v, str))
+        bools = frozenset(v for v in values if isinstance(v, bool))
+        numbers = frozenset(v for v in values if _is_number(v))
         negate = op == "not_in"
 
         def match_in(value: Any) -> bool:
-            if not (isinstance(value, str | bool) or _is_number(value)):
-                raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
-            return (_tag(value) in members) != negate
+            if isinstance(value, str):
+                return (value in strings) != negate
+            if isinstance(value, bool):
+                return (value in bools) != negate
+            if _is_number(value):
+                return (value in numbers) != negate
+            raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
 
         return attribute, match_in
 
@@ -202,19 +204,19 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
         target = _semver.parse(values[0]) if len(values) == 1 and isinstance(values[0], str) else None
         if target is None:
             raise _ParseError(f"{op} takes exactly one semantic version")
-        wanted = {
-            "semver_eq": (0,),
-            "semver_lt": (-1,),
-            "semver_lte": (-1, 0),
-            "semver_gt": (1,),
-            "semver_gte": (1, 0),
+        compare = {
+            "semver_eq": lambda a: a == target,
+            "semver_lt": lambda a: a < target,
+            "semver_lte": lambda a: a <= target,
+            "semver_gt": lambda a: a > target,
+            "semver_gte": lambda a: a >= target,
         }[op]
 
         def match_semver(value: Any) -> bool:
             parsed = _semver.parse(value) if isinstance(value, str) else None
             if parsed is None:
                 raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} is not a semantic version")
-            return _semver.compare(parsed, target) in wanted
+            return compare(parsed)
 
         return attribute, match_semver
 
@@ -227,10 +229,14 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
 @dataclass(frozen=True, slots=True)
 class _Rule:
     conditions: tuple[tuple[str, Matcher], ...]
-    variant: str | None
-    rollout: tuple[tuple[str, int], ...]  # (variant, cumulative weight)
+    details: EvaluationDetails | None  # what a variant rule serves; None for a rollout
+    rollout: tuple[tuple[int, EvaluationDetails], ...]  # (cumulative weight, what it serves)
     total: int
     bucket_by: str
+    memo: dict[str, EvaluationDetails] = field(default_factory=dict)  # bucket value -> served
+
+
+_MEMO_MAX = 4096
 
 
 class CompiledFlag:
@@ -240,7 +246,19 @@ class CompiledFlag:
     evaluating it is then a lookup.
     """
 
-    __slots__ = ("default", "error", "key", "off", "rules", "salt", "static", "type", "variants", "version")
+    __slots__ = (
+        "_default_details",
+        "default",
+        "error",
+        "key",
+        "off",
+        "rules",
+        "salt",
+        "static",
+        "type",
+        "variants",
+        "version",
+    )
 
     def __init__(self, key: str, raw: Any) -> None:
         self.key = key
@@ -294,6 +312,7 @@ class CompiledFlag:
             off,
             salt,
         )
+        self._default_details = self._details(default, Reason.DEFAULT)
         self.rules = tuple(self._compile_rule(i, r) for i, r in enumerate(rules_raw))
         if not enabled:
             self.static = EvaluationDetails(
@@ -319,7 +338,7 @@ class CompiledFlag:
         if variant is not None:
             if variant not in self.variants:
                 raise _ParseError(f"rule {index}: unknown variant {variant!r}")
-            return _Rule(conditions, variant, (), 0, "")
+            return _Rule(conditions, self._details(variant, Reason.TARGETING_MATCH), (), 0, "")
         if not isinstance(rollout_raw, list) or not rollout_raw:
             raise _ParseError(f"rule {index}: rollout must be a non-empty list")
         cumulative, parts = 0, []
@@ -330,7 +349,7 @@ class CompiledFlag:
             if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
                 raise _ParseError(f"rule {index}: weights must be non-negative integers")
             cumulative += weight
-            parts.append((name, cumulative))
+            parts.append((cumulative, self._details(name, Reason.SPLIT)))
         if cumulative <= 0:
             raise _ParseError(f"rule {index}: weights add up to 0")
         bucket_by = raw.get("bucket_by")
@@ -339,6 +358,10 @@ class CompiledFlag:
         if not isinstance(bucket_by, str) or not bucket_by:
             raise _ParseError(f"rule {index}: bucket_by must be a non-empty string")
         return _Rule(conditions, None, tuple(parts), cumulative, bucket_by)
+
+    def _details(self, variant: str, reason: str) -> EvaluationDetails:
+        """Results are immutable: built once here, shared by every evaluation."""
+        return EvaluationDetails(self.key, self.variants[variant], variant, reason, flag_version=self.version)
 
     def _error(self, default: Any, code: str, message: str) -> EvaluationDetails:
         return EvaluationDetails(self.key, default, None, Reason.ERROR, code, message, self.version)
@@ -350,33 +373,23 @@ class CompiledFlag:
         if self.error is not None:
             return self._error(default, ErrorCode.PARSE_ERROR, self.error)
         ctx = context if context is not None else {}
-        if not isinstance(ctx, Mapping):
+        if ctx.__class__ is not dict and not isinstance(ctx, Mapping):
             return self._error(default, ErrorCode.INVALID_CONTEXT, "the context must be a mapping")
         try:
             for rule in self.rules:
-                if not self._matches(rule, ctx):
-                    continue
-                if rule.variant is not None:
-                    return self._serve(rule.variant, Reason.TARGETING_MATCH)
-                return self._serve(self._split(rule, ctx), Reason.SPLIT)
-            return self._serve(self.default, Reason.DEFAULT)
+                for attribute, matcher in rule.conditions:
+                    value = ctx.get(attribute)
+                    if value is None or not matcher(value):
+                        break
+                else:
+                    return rule.details if rule.details is not None else self._split(rule, ctx)
+            return self._default_details
         except _ContextError as exc:
             return self._error(default, exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - evaluation never raises
             return self._error(default, ErrorCode.GENERAL, f"{type(exc).__name__}: {exc}")
 
-    def _serve(self, variant: str, reason: str) -> EvaluationDetails:
-        return EvaluationDetails(self.key, self.variants[variant], variant, reason, flag_version=self.version)
-
-    @staticmethod
-    def _matches(rule: _Rule, ctx: Mapping[str, Any]) -> bool:
-        for attribute, matcher in rule.conditions:
-            value = ctx.get(attribute, _MISSING)
-            if value is _MISSING or value is None or not matcher(value):
-                return False
-        return True
-
-    def _split(self, rule: _Rule, ctx: Mapping[str, Any]) -> str:
+    def _split(self, rule: _Rule, ctx: Mapping[str, Any]) -> EvaluationDetails:
         value = ctx.get(rule.bucket_by)
         if value is None or value == "":
             raise _ContextError(
@@ -386,11 +399,20 @@ class CompiledFlag:
             raise _ContextError(
                 ErrorCode.INVALID_CONTEXT, f"{rule.bucket_by!r} must be a string or an integer to bucket by"
             )
-        point = bucket(self.salt, str(value), rule.total)
-        for variant, cumulative in rule.rollout:
+        text = value if value.__class__ is str else str(int(value))
+        served = rule.memo.get(text)
+        if served is not None:
+            return served
+        point = bucket(self.salt, text, rule.total)
+        served = rule.rollout[-1][1]
+        for cumulative, candidate in rule.rollout:
             if point < cumulative:
-                return variant
-        raise AssertionError("unreachable: bucket below the total weight")
+                served = candidate
+                break
+        if len(rule.memo) >= _MEMO_MAX:
+            rule.memo.clear()
+        rule.memo[text] = served
+        return served
 
 
 def compile_flag(key: str, raw: Any) -> CompiledFlag:
