@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import redis
 from flask import Flask, current_app
 
+from .clients import ClientRegistry
 from .envs import EnvStore
 from .flags import FlagStore
+from .snapshots import SnapshotCache
 from .tokens import TokenStore
 
 
@@ -22,6 +24,8 @@ class Stores:
     envs: EnvStore
     flags: FlagStore
     tokens: TokenStore
+    snapshots: SnapshotCache
+    clients: ClientRegistry
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
@@ -36,11 +40,20 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
 
 
 def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Stores:
+    flags = FlagStore(client)
+    tokens = TokenStore(client, cache_seconds=token_cache_seconds)
+
+    def on_system_change(event: dict[str, object]) -> None:
+        if event.get("type") == "token.revoke":
+            tokens.forget(str(event.get("id")))
+
     return Stores(
         redis=client,
         envs=EnvStore(client),
-        flags=FlagStore(client),
-        tokens=TokenStore(client, cache_seconds=token_cache_seconds),
+        flags=flags,
+        tokens=tokens,
+        snapshots=SnapshotCache(client, flags, on_system_change=on_system_change),
+        clients=ClientRegistry(client),
     )
 
 

@@ -86,6 +86,8 @@ class WriteResult:
     changed: bool
     created: bool = False
     replayed: bool = False
+    #: The environment version that includes this write (what SDKs must apply); 0 if unknown.
+    env_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class FlagStore:
                 live is not None and not mutation.archived and definition_of(live) == mutation.definition
             ):
                 assert live is not None, "a no-op needs an existing flag"
-                return self._remember_noop(live, idempotency)
+                return self._remember_noop(live, idempotency, int(version or 0))
             now = utcnow_iso()
             flag: Flag = {
                 "key": key,
@@ -190,7 +192,7 @@ class FlagStore:
                 "archived": mutation.archived,
             }
             env_version = int(version or 0) + 1
-            result = WriteResult(flag, changed=True, created=live is None)
+            result = WriteResult(flag, changed=True, created=live is None, env_version=env_version)
             idem = None
             if idempotency:
                 idem = Idempotency(idempotency.key, self._idem_value(idempotency, result), idempotency.ttl)
@@ -236,6 +238,7 @@ class FlagStore:
                 "flag": result.flag,
                 "changed": result.changed,
                 "created": result.created,
+                "env_version": result.env_version,
             }
         )
 
@@ -244,10 +247,18 @@ class FlagStore:
         record = json.loads(stored)
         if record["fingerprint"] != idempotency.fingerprint:
             raise IdempotencyKeyReused("this Idempotency-Key was used for a different request; use a new key")
-        return WriteResult(record["flag"], record["changed"], record["created"], replayed=True)
+        return WriteResult(
+            record["flag"],
+            record["changed"],
+            record["created"],
+            replayed=True,
+            env_version=record.get("env_version", 0),
+        )
 
-    def _remember_noop(self, live: Flag, idempotency: IdempotencyRequest | None) -> WriteResult:
-        result = WriteResult(live, changed=False)
+    def _remember_noop(
+        self, live: Flag, idempotency: IdempotencyRequest | None, env_version: int
+    ) -> WriteResult:
+        result = WriteResult(live, changed=False, env_version=env_version)
         if idempotency:
             value = self._idem_value(idempotency, result)
             if not self._redis.set(idempotency.key, value, nx=True, ex=idempotency.ttl):

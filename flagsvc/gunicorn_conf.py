@@ -1,28 +1,40 @@
 """gunicorn settings for flagsvc; ``flagsvc serve`` runs with them, ``ops/gunicorn.conf.py`` reuses them.
 
-Worker model: ``gthread``. Each worker runs a thread pool, keeps HTTP connections alive (SDKs
-poll over keep-alive), and shares one Redis connection pool among its threads. Requests are
-short (a Redis round trip or two), so a few threads per worker cover the I/O waits.
+Worker model: ``gevent``. SDKs hold Server-Sent Events streams open for hours; a greenlet per
+connection lets one worker hold thousands of them at a few KiB each, while REST calls (short: a
+Redis round trip or two, or none for a snapshot poll) interleave on the same event loop.
+redis-py and the snapshot cache's background thread run as greenlets under gevent's monkey
+patching, which the gevent worker applies before the app is imported (``preload_app`` is off).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from typing import Any
 
 bind = os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("FLAGSVC_WORKERS", 0)) or min(2 * multiprocessing.cpu_count(), 8)
-worker_class = "gthread"
-threads = int(os.environ.get("FLAGSVC_THREADS", 4))
-# Keep-alive for pollers; above a typical proxy's idle timeout is not needed on loopback.
+worker_class = "gevent"
+# Concurrent connections per worker (streams included).
+worker_connections = int(os.environ.get("FLAGSVC_WORKER_CONNECTIONS", 4000))
+# Keep-alive for pollers.
 keepalive = 30
-# A worker silent this long is killed and replaced; graceful shutdown lets requests finish.
+# A worker silent this long is killed and replaced; on SIGTERM, streams end within ~1 s (they
+# send a `shutdown` event) and requests in flight get graceful_timeout to finish.
 timeout = 30
 graceful_timeout = 10
-# Workers build their own app after fork: no Redis connection crosses a fork.
+# Workers build their own app after fork: no Redis connection or thread crosses a fork.
 preload_app = False
 accesslog = os.environ.get("FLAGSVC_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("FLAGSVC_LOG_LEVEL", "info")
 proc_name = "flagsvc"
 control_socket_disable = True  # no shared $HOME/.gunicorn/gunicorn.ctl between instances
+
+
+def post_worker_init(worker: Any) -> None:
+    """Let open event streams see the worker stopping (``worker.alive``) and end cleanly."""
+    from flagsvc.streaming import set_worker
+
+    set_worker(worker)

@@ -277,3 +277,58 @@ class ProblemSchema(Schema):
     detail = fields.String()
     errors = fields.List(fields.Nested(ProblemFieldSchema))
     request_id = fields.String()
+
+
+INSTANCE_ID = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class HeartbeatSchema(Schema):
+    """What an SDK instance reports: who it is, what it applied, what it evaluated."""
+
+    app = fields.String(required=True, validate=validate.Length(1, 128))
+    host = fields.String(load_default="", validate=validate.Length(max=255))
+    pid = fields.Integer(load_default=None, allow_none=True, strict=True)
+    sdk = fields.String(load_default="", validate=validate.Length(max=64))
+    mode = fields.String(load_default="", validate=validate.Length(max=16))
+    applied_version = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+    source = fields.String(load_default="", validate=validate.Length(max=16))
+    stale = StrictBool(load_default=False)
+    last_error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))
+    counts = fields.Dict(
+        keys=fields.String(validate=validate.Regexp(FLAG_KEY)),
+        values=fields.Integer(strict=True, validate=validate.Range(min=0)),
+        load_default=dict,
+        validate=validate.Length(max=10_000),
+    )
+
+
+class ClientInstanceSchema(Schema):
+    instance = fields.String()
+    app = fields.String()
+    host = fields.String()
+    pid = fields.Integer(allow_none=True)
+    sdk = fields.String()
+    mode = fields.String()
+    applied_version = fields.Integer()
+    source = fields.String()
+    stale = fields.Boolean()
+    last_error = fields.String(allow_none=True)
+    address = fields.String()
+    seen_at = fields.String()
+    age_seconds = fields.Float()
+    live = fields.Boolean()
+    lag = fields.Integer()
+
+
+class PropagationSummarySchema(Schema):
+    live = fields.Integer()
+    applied_current = fields.Integer()
+    lagging = fields.Integer()
+    silent = fields.Integer()
+
+
+class PropagationSchema(Schema):
+    env = fields.String()
+    version = fields.Integer()
+    summary = fields.Nested(PropagationSummarySchema)
+    instances = fields.List(fields.Nested(ClientInstanceSchema))

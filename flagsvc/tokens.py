@@ -217,6 +217,10 @@ class TokenStore:
 
         return retry_on_conflict(attempt)
 
+    def forget(self, token_id: str) -> None:
+        """Drop a cached token (its revocation was announced)."""
+        self._cache.pop(token_id, None)
+
     def authenticate(self, presented: str) -> Token | None:
         """The active token matching ``presented``, or ``None``. Constant-time comparison."""
         token_id = split_token(presented)
@@ -227,11 +231,19 @@ class TokenStore:
         if cached and cached[0] > now:
             record = cached[1]
         else:
-            raw = self._redis.hget(self._keys.tokens, token_id)
-            record = Token.from_json(raw) if raw else None
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[token_id] = (now + self._cache_seconds, record)
+            try:
+                raw = self._redis.hget(self._keys.tokens, token_id)
+            except redis.RedisError:
+                if cached is None:
+                    raise
+                # Redis is down: a token verified before keeps working for the reads that are
+                # still served (snapshot, stream); it cannot have been revoked meanwhile.
+                record = cached[1]
+            else:
+                record = Token.from_json(raw) if raw else None
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[token_id] = (now + self._cache_seconds, record)
         if record is None or not hmac.compare_digest(record.sha256, _digest(presented)):
             return None
         return record if record.is_active() else None

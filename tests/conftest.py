@@ -11,7 +11,7 @@ import pytest
 import redis
 from werkzeug.serving import make_server
 
-from flagsvc import create_app
+from flagsvc import create_app, streaming
 from flagsvc.envs import EnvStore
 from flagsvc.tokens import Role, TokenStore
 
@@ -43,10 +43,11 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def app(r: redis.Redis, redis_url: str) -> Any:
+def app(r: redis.Redis, redis_url: str) -> Iterator[Any]:
     app = create_app({"REDIS_URL": redis_url, "TESTING": True})
     EnvStore(r).create(ENV, actor="test-setup")
-    return app
+    yield app
+    app.extensions["flagsvc"].snapshots.stop()
 
 
 @pytest.fixture
@@ -86,10 +87,12 @@ def auth(tokens: dict[str, str]) -> Callable[[str], dict[str, str]]:
 @pytest.fixture
 def live_server(app: Any) -> Iterator[str]:
     """The app on a real HTTP server (threaded) on a free loopback port; yields its base URL."""
+    streaming.allow_streams()
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
+    streaming.end_streams()
     server.shutdown()
     thread.join(timeout=5)
 
@@ -130,6 +133,7 @@ class RestartableServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> RestartableServer:
+        streaming.allow_streams()
         self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name="sdk-server", daemon=True)
         self._thread.start()
@@ -137,6 +141,7 @@ class RestartableServer:
 
     def stop(self) -> None:
         if self._server is not None:
+            streaming.end_streams()  # open event streams end like on a gunicorn worker shutdown
             self._server.shutdown()
             self._server.server_close()
             assert self._thread is not None

@@ -68,6 +68,7 @@ def make_client(server, sdk_token):
 
     def make(**kwargs):
         kwargs.setdefault("poll_interval", POLL)
+        kwargs.setdefault("mode", "poll")  # streaming is tested against gunicorn in test_streaming.py
         kwargs.setdefault("init_timeout", 2)
         client = FlagClient(
             kwargs.pop("url", server.url), kwargs.pop("token", sdk_token), "production", **kwargs

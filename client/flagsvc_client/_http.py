@@ -32,7 +32,9 @@ class SnapshotFetcher:
     """GET ``/api/v1/envs/{env}/snapshot``; never logs or exposes the token."""
 
     def __init__(self, base_url: str, token: str, env: str, *, timeout: float) -> None:
-        self.url = f"{base_url.rstrip('/')}/api/v1/envs/{quote(env, safe='')}/snapshot"
+        self.base = f"{base_url.rstrip('/')}/api/v1/envs/{quote(env, safe='')}"
+        self.url = f"{self.base}/snapshot"
+        self.stream_url = f"{self.base}/stream"
         self._token = token
         self._timeout = timeout
         self.session = self._new_session()
@@ -45,6 +47,39 @@ class SnapshotFetcher:
     def reset_session(self) -> None:
         """A fresh session (after ``fork()``: never share sockets with the parent)."""
         self.session = self._new_session()
+
+    def open_stream(self, known_version: int | None, read_timeout: float) -> requests.Response:
+        """Open the Server-Sent Events stream; the caller iterates and closes the response."""
+        headers = {"Accept": "text/event-stream"}
+        if known_version is not None:
+            headers["Last-Event-ID"] = str(known_version)
+        try:
+            resp = self.session.get(
+                self.stream_url, headers=headers, stream=True, timeout=(self._timeout, read_timeout)
+            )
+        except requests.RequestException as exc:
+            raise FetchError(f"cannot reach flagsvc: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            resp.close()
+            fatal = resp.status_code in (401, 403, 404)
+            raise FetchError(
+                f"flagsvc refused the stream: {resp.status_code}", fatal=fatal, status=resp.status_code
+            )
+        return resp
+
+    def report(self, session: requests.Session, instance: str, body: dict[str, Any]) -> None:
+        """POST a heartbeat (``/clients/{instance}``); raises ``FetchError``."""
+        url = f"{self.base}/clients/{quote(instance, safe='')}"
+        try:
+            resp = session.post(url, json=body, timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise FetchError(f"cannot report to flagsvc: {type(exc).__name__}") from None
+        if resp.status_code >= 300:
+            raise FetchError(f"flagsvc refused the report: {resp.status_code}", status=resp.status_code)
+
+    def new_session(self) -> requests.Session:
+        """Another session with the same credentials (one per thread)."""
+        return self._new_session()
 
     def fetch(self, known_version: int | None) -> Fetched:
         headers = {"If-None-Match": f'"{known_version}"'} if known_version is not None else {}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import weakref
@@ -13,7 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import _sse as sse
 from ._http import FetchError, SnapshotFetcher
+from ._report import Reporter, default_app_name
 from ._snapshot import Snapshot, load_cache, save_cache
 from .engine import ErrorCode, EvaluationDetails, Reason, value_matches_type
 
@@ -70,10 +75,20 @@ class FlagClient:
         cache_path: str | None = None,
         init_timeout: float = 3.0,
         request_timeout: float = 5.0,
+        mode: str = "stream",
+        app_name: str | None = None,
+        report_interval: float = 30.0,
+        stream_read_timeout: float = 45.0,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
+        if mode not in ("stream", "poll"):
+            raise ValueError("mode must be 'stream' or 'poll'")
         self.env = env
+        self.mode = mode
+        self.app_name = app_name or default_app_name()
+        self._stream_read_timeout = stream_read_timeout
+        self._stream_response: Any = None
         self.poll_interval = float(poll_interval)
         self._url = url
         self._defaults = dict(defaults or {})
@@ -82,12 +97,15 @@ class FlagClient:
         self._snapshot = Snapshot.empty(env)
         self._listeners: list[ChangeListener] = []
         self._closed = False
+        self._pending_counts: dict[str, int] = {}
         self._last_success: float | None = None
         self._last_error: str | None = None
         self._failing = False
         self._fatal = False
         self._init_sync()
+        self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
         self._start_poller()
+        self._reporter.start()
         _register_fork_handler(self)
         self._ready.wait(init_timeout)
         if self._snapshot.source == "defaults" and cache_path:
@@ -111,6 +129,7 @@ class FlagClient:
         """The boolean value of ``key``: for a kill switch, ``False`` once it is killed."""
         flag = self._snapshot.flags.get(key)
         if flag is not None:
+            flag.evaluations += 1
             details = flag.static
             if details is None:
                 details = flag.evaluate(context, _NO_VALUE)  # never raises
@@ -119,7 +138,7 @@ class FlagClient:
                 return value  # type: ignore[no-any-return]
         else:
             return bool(default if default is not None else self._defaults.get(key, False))
-        return bool(self._typed(key, context, default, "boolean").value)
+        return bool(self._typed(key, context, default, "boolean", counted=True).value)
 
     def get_boolean(
         self, key: str, context: Mapping[str, Any] | None = None, default: bool | None = None
@@ -153,7 +172,13 @@ class FlagClient:
         }
 
     def _typed(
-        self, key: str, context: Mapping[str, Any] | None, default: Any, expected: str | None
+        self,
+        key: str,
+        context: Mapping[str, Any] | None,
+        default: Any,
+        expected: str | None,
+        *,
+        counted: bool = False,
     ) -> EvaluationDetails:
         if default is None:
             default = self._defaults.get(key, False if expected == "boolean" else None)
@@ -163,6 +188,8 @@ class FlagClient:
                 return EvaluationDetails(
                     key, default, None, Reason.ERROR, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}"
                 )
+            if not counted:
+                flag.evaluations += 1
             details = flag.evaluate(context, default)
             if (
                 expected is not None
@@ -231,6 +258,28 @@ class FlagClient:
             closed=self._closed,
         )
 
+    def _report_body(self) -> dict[str, Any]:
+        """The heartbeat: applied version, health, and evaluations since the last report."""
+        counts: dict[str, int] = {}
+        for key, flag in self._snapshot.flags.items():
+            n = flag.evaluations
+            if n != flag.reported:
+                counts[key] = n - flag.reported
+                flag.reported = n
+        for key, n in self._pending_counts.items():
+            counts[key] = counts.get(key, 0) + n
+        self._pending_counts = {}
+        status = self.status()
+        return {
+            "app": self.app_name,
+            "mode": self.mode,
+            "applied_version": status.version,
+            "source": status.source,
+            "stale": status.stale,
+            "last_error": status.last_error,
+            "counts": counts,
+        }
+
     def _apply(self, snapshot: Snapshot, *, from_cache: bool = False) -> None:
         with self._write_lock:
             old = self._snapshot
@@ -239,6 +288,13 @@ class FlagClient:
             if snapshot.version == old.version and old.source == snapshot.source:
                 return
             self._snapshot = snapshot
+            # Evaluations counted on the replaced flags still belong in the next heartbeat.
+            for key, flag in old.flags.items():
+                if flag.evaluations != flag.reported:
+                    self._pending_counts[key] = (
+                        self._pending_counts.get(key, 0) + flag.evaluations - flag.reported
+                    )
+        self._reporter.poke()
         changed = frozenset(
             k
             for k in old.raw.get("flags", {}).keys() | snapshot.raw.get("flags", {}).keys()
@@ -264,6 +320,93 @@ class FlagClient:
         self._thread.start()
 
     def _run(self) -> None:
+        if self.mode == "stream":
+            self._run_stream()
+        else:
+            self._run_poll()
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter, so a restarted server is not hit by every client at once."""
+        delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 16), self.poll_interval * 4)
+        return max(delay * random.uniform(0.5, 1.0), 0.05)
+
+    def _fatal_stop(self, exc: FetchError) -> None:
+        self._fatal = True
+        self._record_failure(str(exc))
+        log.error("flagsvc: %s; updates stopped, serving the last known values", exc)
+        self._ready.set()
+
+    def _run_stream(self) -> None:
+        """Hold the event stream; while it is broken, poll, and reconnect with backoff + jitter."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._consume_stream()
+                failures = 0
+                delay = random.uniform(0.1, 1.0)  # the server closed it (restart): spread reconnects
+            except FetchError as exc:
+                if exc.fatal:
+                    self._fatal_stop(exc)
+                    return
+                failures += 1
+                self._record_failure(str(exc))
+                self._ready.set()
+                delay = self._backoff(failures)
+            except Exception as exc:
+                failures += 1
+                self._record_failure(f"{type(exc).__name__}: {exc}")
+                log.exception("flagsvc: unexpected error in the event stream")
+                delay = self._backoff(failures)
+            if not self._poll_until(time.monotonic() + delay):
+                return
+
+    def _poll_until(self, deadline: float) -> bool:
+        """Fallback polling until ``deadline``; ``False`` if updates must stop."""
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._stop.wait(min(self.poll_interval, remaining))
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                return not self._stop.is_set()
+            try:
+                self.poll_once()
+            except FetchError as exc:
+                if exc.fatal:
+                    self._fatal_stop(exc)
+                    return False
+                self._record_failure(str(exc))
+        return False
+
+    def _consume_stream(self) -> None:
+        known = self._snapshot.version if self._snapshot.source == "server" else None
+        resp = self._fetcher.open_stream(known, self._stream_read_timeout)
+        self._stream_response = resp
+        try:
+            for event in sse.parse(resp.iter_lines(chunk_size=None)):
+                if self._stop.is_set():
+                    return
+                if event.type == "snapshot":
+                    self._apply_document(json.loads(event.data))
+                    self._succeeded()
+                elif event.type == "comment":
+                    self._succeeded()
+                elif event.type == "shutdown":
+                    return
+            if not self._stop.is_set():
+                raise FetchError("the event stream ended")
+        except FetchError:
+            raise
+        except ValueError as exc:
+            raise FetchError(f"flagsvc sent an invalid event: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise various errors on a cut stream
+            if not self._stop.is_set():
+                raise FetchError(f"event stream broken: {type(exc).__name__}") from None
+        finally:
+            self._stream_response = None
+            resp.close()
+
+    def _run_poll(self) -> None:
         failures = 0
         while not self._stop.is_set():
             delay = self.poll_interval
@@ -271,15 +414,12 @@ class FlagClient:
                 self.poll_once()
                 failures = 0
             except FetchError as exc:
+                if exc.fatal:
+                    self._fatal_stop(exc)
+                    return
                 failures += 1
                 self._record_failure(str(exc))
-                if exc.fatal:
-                    self._fatal = True
-                    log.error("flagsvc: %s; polling stopped, serving the last known values", exc)
-                    self._ready.set()
-                    return
-                delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 16), self.poll_interval * 4)
-                delay = max(delay * random.uniform(0.5, 1.0), 0.05)
+                delay = self._backoff(failures)
             except Exception as exc:
                 failures += 1
                 self._record_failure(f"{type(exc).__name__}: {exc}")
@@ -294,13 +434,19 @@ class FlagClient:
         known = self._snapshot.version if self._snapshot.source == "server" else None
         fetched = self._fetcher.fetch(known)
         if not fetched.not_modified:
-            try:
-                snapshot = Snapshot.from_wire(fetched.document or {}, source="server")
-            except ValueError as exc:
-                raise FetchError(f"flagsvc sent an invalid snapshot: {exc}") from None
-            if snapshot.env != self.env:
-                raise FetchError(f"flagsvc sent environment {snapshot.env!r}, not {self.env!r}", fatal=True)
-            self._apply(snapshot)
+            self._apply_document(fetched.document or {})
+        self._succeeded()
+
+    def _apply_document(self, document: Any) -> None:
+        try:
+            snapshot = Snapshot.from_wire(document, source="server")
+        except ValueError as exc:
+            raise FetchError(f"flagsvc sent an invalid snapshot: {exc}") from None
+        if snapshot.env != self.env:
+            raise FetchError(f"flagsvc sent environment {snapshot.env!r}, not {self.env!r}", fatal=True)
+        self._apply(snapshot)
+
+    def _succeeded(self) -> None:
         self._last_success = time.time()
         self._last_error = None
         if self._failing:
@@ -326,6 +472,10 @@ class FlagClient:
             return
         self._closed = True
         self._stop.set()
+        self._reporter.stop()
+        stream = self._stream_response
+        if stream is not None:
+            _interrupt(stream)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self._fetcher._timeout + 1)
         self._fetcher.close()
@@ -340,9 +490,27 @@ class FlagClient:
         """In a forked child: new locks, a new HTTP session, a new poller; keep the warm snapshot."""
         self._init_sync()
         self._ready.set()
+        self._stream_response = None
+        self._pending_counts = {}
+        for flag in self._snapshot.flags.values():
+            flag.reported = flag.evaluations  # the parent reports what it counted before the fork
         self._fetcher.reset_session()
+        self._reporter.after_fork()
         if not self._closed and not self._fatal:
             self._start_poller()
+            self._reporter.start()
+
+
+def _interrupt(response: Any) -> None:
+    """Unblock the thread reading ``response``: closing the socket would wait for that thread's
+    read; shutting it down wakes it (the reader closes the response itself)."""
+    with contextlib.suppress(Exception):
+        raw = response.raw
+        connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is None:  # urllib3 lets go of the connection object once reading started
+            sock = raw._fp.fp.raw._sock
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 _clients: weakref.WeakSet[FlagClient] = weakref.WeakSet()

@@ -250,8 +250,10 @@ class CompiledFlag:
         "_default_details",
         "default",
         "error",
+        "evaluations",
         "key",
         "off",
+        "reported",
         "rules",
         "salt",
         "static",
@@ -262,6 +264,9 @@ class CompiledFlag:
 
     def __init__(self, key: str, raw: Any) -> None:
         self.key = key
+        # Evaluation counters for heartbeats, kept by FlagClient (approximate: unlocked increments).
+        self.evaluations = 0
+        self.reported = 0
         self.error: str | None = None
         self.static: EvaluationDetails | None = None
         self.version = raw.get("version") if isinstance(raw, Mapping) else None

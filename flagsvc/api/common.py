@@ -17,6 +17,10 @@ from ..flags import IdempotencyRequest, WriteContext
 from ..keys import EnvKeys
 from ..schemas import FLAG_KEY
 
+#: Set on answers served from memory that Redis could not confirm recently.
+STALE_HEADER = "X-Flagsvc-Stale"
+#: On write answers: the environment version that includes the write (``flagctl --wait``).
+ENV_VERSION_HEADER = "X-Flagsvc-Env-Version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')

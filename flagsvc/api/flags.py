@@ -23,6 +23,7 @@ from ..schemas import (
 )
 from ..tokens import Role
 from .common import (
+    ENV_VERSION_HEADER,
     check_env,
     check_key,
     etag,
@@ -44,8 +45,10 @@ def _check(env: str, key: str | None = None) -> None:
         check_key(key)
 
 
-def _respond(result: WriteResult, *, created_status: int = 200) -> tuple[Flag, int, dict[str, str]]:
-    headers = {"ETag": etag(result.flag["version"])}
+def _respond(env: str, result: WriteResult, *, created_status: int = 200) -> tuple[Flag, int, dict[str, str]]:
+    if result.changed and not result.replayed:
+        stores().snapshots.reload_after_write(env)
+    headers = {"ETag": etag(result.flag["version"]), ENV_VERSION_HEADER: str(result.env_version)}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
     return result.flag, created_status if result.created else 200, headers
@@ -97,7 +100,7 @@ class FlagResource(MethodView):
             if_match=if_match(),
             if_none_match_any=if_none_match_any(),
         )
-        return _respond(result, created_status=201)
+        return _respond(env, result, created_status=201)
 
     @require(Role.ADMIN)
     @blp.arguments(_PARTIAL)
@@ -119,7 +122,7 @@ class FlagResource(MethodView):
         result = stores().flags.write(
             env, key, mutate, write_context(current_token().name), if_match=if_match()
         )
-        return _respond(result)
+        return _respond(env, result)
 
     @require(Role.ADMIN)
     @blp.response(200, FlagSchema)
@@ -133,7 +136,7 @@ class FlagResource(MethodView):
         result = stores().flags.write(
             env, key, mutate, write_context(current_token().name), if_match=if_match()
         )
-        return _respond(result)
+        return _respond(env, result)
 
 
 def _switch(action: str, enabled: bool) -> Callable[..., Any]:
@@ -161,7 +164,7 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
             if_match=if_match(),
             idempotency=idempotency(env, actor, body, ttl),
         )
-        return _respond(result)
+        return _respond(env, result)
 
     return view
 

@@ -1,16 +1,18 @@
-"""The snapshot SDKs poll: ``ETag`` is the environment version, ``If-None-Match`` gets 304."""
+"""What SDKs read: the snapshot (``ETag`` = environment version, ``If-None-Match`` -> 304) and
+the Server-Sent Events stream of it."""
 
 from __future__ import annotations
 
-from flask import Response, json
+from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import require
 from ..extensions import stores
 from ..schemas import SnapshotSchema
+from ..streaming import events
 from ..tokens import Role
-from .common import check_env, etag, if_none_match_version
+from .common import STALE_HEADER, check_env, etag, if_none_match_version
 
 blp = Blueprint("snapshot", __name__, url_prefix="/api/v1/envs/<env>", description="Snapshot for SDKs")
 
@@ -21,14 +23,51 @@ class SnapshotResource(MethodView):
     @blp.doc(responses={"304": {"description": "Not modified: the version in If-None-Match is current"}})
     @blp.response(200, SnapshotSchema)
     def get(self, env: str) -> Response:
-        """Every live flag's evaluation fields, with the environment version."""
+        """Every live flag's evaluation fields, with the environment version.
+
+        Served from this worker's memory (no Redis round trip); ``X-Flagsvc-Stale: true`` when
+        Redis could not confirm it recently (the last known snapshot keeps serving).
+        """
         check_env(env)
-        flags = stores().flags
-        known = if_none_match_version()
-        if known is not None and known == flags.version(env):
-            return Response(status=304, headers={"ETag": etag(known)})
-        snap = flags.snapshot(env)
-        response = Response(json.dumps(snap.to_dict()), mimetype="application/json")
-        response.headers["ETag"] = etag(snap.version)
-        response.headers["Cache-Control"] = "no-cache"
+        cache = stores().snapshots
+        published = cache.get(env)
+        headers = {"ETag": etag(published.version), "Cache-Control": "no-cache"}
+        if cache.stale:
+            headers[STALE_HEADER] = "true"
+        if if_none_match_version() == published.version:
+            return Response(status=304, headers=headers)
+        return Response(published.body, mimetype="application/json", headers=headers)
+
+
+@blp.route("/stream")
+class StreamResource(MethodView):
+    @require(Role.SDK)
+    @blp.doc(
+        responses={
+            "200": {
+                "description": "text/event-stream: `snapshot` events (id = version, data = the snapshot), "
+                "`: heartbeat` comments every 15 s, a `shutdown` event before the server closes it",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        }
+    )
+    def get(self, env: str) -> Response:
+        """Server-Sent Events: the snapshot now (unless ``Last-Event-ID`` is current) and on every change."""
+        check_env(env)
+        cache = stores().snapshots
+        first = cache.get(env)
+        last_event_id = _int_or_none(request.headers.get("Last-Event-ID"))
+        response = Response(
+            events(cache, env, first, last_event_id),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.direct_passthrough = True
         return response
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,38 @@
+"""A minimal Server-Sent Events parser (the WHATWG event-stream format)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Event:
+    """One dispatched event; ``type`` is ``"comment"`` for ``:`` lines (heartbeats)."""
+
+    type: str
+    data: str
+    id: str | None
+
+
+def parse(lines: Iterable[bytes | str]) -> Iterator[Event]:
+    """Events from the stream's lines (without their line terminators)."""
+    event_type, data, last_id = "", [], None
+    for raw in lines:
+        line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        if line == "":
+            if data or event_type:
+                yield Event(event_type or "message", "\n".join(data), last_id)
+            event_type, data = "", []
+            continue
+        if line.startswith(":"):
+            yield Event("comment", line[1:].strip(), last_id)
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event_type = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            last_id = value

@@ -1,0 +1,43 @@
+"""SDK heartbeats (sdk role) and the propagation view (reader role)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from ..auth import require
+from ..extensions import stores
+from ..schemas import INSTANCE_ID, HeartbeatSchema, PropagationSchema
+from ..tokens import Role
+from .common import check_env, path_error
+
+blp = Blueprint("clients", __name__, url_prefix="/api/v1/envs/<env>/clients", description="SDK instances")
+
+_INSTANCE = re.compile(INSTANCE_ID)
+
+
+@blp.route("")
+class Clients(MethodView):
+    @require(Role.READER)
+    @blp.response(200, PropagationSchema)
+    def get(self, env: str) -> dict[str, Any]:
+        """Live SDK instances (and those gone silent): which applied the current version, which lag."""
+        check_env(env)
+        return stores().clients.view(env, stores().flags.version(env)).to_dict()
+
+
+@blp.route("/<instance>")
+class ClientInstance(MethodView):
+    @require(Role.SDK)
+    @blp.arguments(HeartbeatSchema)
+    @blp.response(204)
+    def post(self, body: dict[str, Any], env: str, instance: str) -> None:
+        """Heartbeat of one SDK instance: at start, after applying a version, every 30 s."""
+        check_env(env)
+        if not _INSTANCE.match(instance):
+            raise path_error("instance", "1-128 characters of [A-Za-z0-9._:-]")
+        stores().clients.report(env, instance, body, request.remote_addr or "")

@@ -1,0 +1,68 @@
+"""Server-Sent Events: the snapshot on connect and on every change, heartbeats between.
+
+Each stream is a generator served by a gevent greenlet (see ``gunicorn_conf.py``): it waits on
+the process's :class:`~flagsvc.snapshots.SnapshotCache` for a new version, so a change reaches
+every stream of a worker from one Redis read. When the worker shuts down (gunicorn sets
+``worker.alive = False``), streams send a ``shutdown`` event and end; clients reconnect.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .snapshots import Published, SnapshotCache
+
+HEARTBEAT_SECONDS = 15.0
+#: How often a waiting stream wakes to check for shutdown.
+WAKE_SECONDS = 1.0
+#: Suggested reconnection delay for EventSource clients, in milliseconds.
+RETRY_MS = 2000
+
+_worker: Any = None
+_shutdown = threading.Event()
+
+
+def set_worker(worker: Any) -> None:
+    """Called by gunicorn's ``post_worker_init`` hook: streams watch ``worker.alive``."""
+    global _worker
+    _worker = worker
+
+
+def end_streams() -> None:
+    """End every open stream of this process within ~1 s (a server embedding the app stops)."""
+    _shutdown.set()
+
+
+def allow_streams() -> None:
+    """Undo :func:`end_streams` (the embedding server starts again)."""
+    _shutdown.clear()
+
+
+def shutting_down() -> bool:
+    return _shutdown.is_set() or (_worker is not None and not _worker.alive)
+
+
+def snapshot_event(published: Published) -> bytes:
+    return b"id: %d\nevent: snapshot\ndata: %s\n\n" % (published.version, published.body)
+
+
+def events(cache: SnapshotCache, env: str, first: Published, last_event_id: int | None) -> Iterator[bytes]:
+    """The event stream of ``env`` for a client that already has ``last_event_id``."""
+    yield b"retry: %d\n\n" % RETRY_MS
+    current = first
+    if last_event_id != current.version:
+        yield snapshot_event(current)
+    last_sent = time.monotonic()
+    while not shutting_down():
+        changed = cache.wait_for_change(env, current.version, WAKE_SECONDS)
+        if changed is not None:
+            current = changed
+            yield snapshot_event(current)
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent >= HEARTBEAT_SECONDS:
+            yield b": heartbeat stale\n\n" if cache.stale else b": heartbeat\n\n"
+            last_sent = time.monotonic()
+    yield b"event: shutdown\ndata: {}\n\n"
