@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import redis
 from flask import Flask, current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .clients import ClientRegistry
 from .envs import EnvStore
@@ -36,6 +38,10 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         health_check_interval=30,
+        # One immediate retry covers a pooled connection that died with a Redis restart; more
+        # would only delay the 503 an outage must give. Retrying a commit is safe: its audit-head
+        # check refuses to apply the same change twice.
+        retry=Retry(NoBackoff(), 1),
     )
 
 

@@ -2,7 +2,8 @@
 
 Configuration: ``--url``/``FLAGSVC_URL``, ``--token``/``FLAGSVC_TOKEN``, ``--env``/``FLAGSVC_ENV``.
 Exit codes: 0 done, 1 unexpected error, 2 usage, 3 not authorized (401/403), 4 not found,
-5 conflict (the flag changed: 409/412), 6 service unreachable or failing (5xx), 7 refused input.
+5 conflict (the flag changed: 409/412), 6 service unreachable or failing (5xx), 7 refused input,
+8 ``--wait`` timed out before every live SDK instance applied the change.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -20,9 +22,8 @@ import requests
 
 from ._version import __version__
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE, EXIT_INVALID = (
-    range(8)
-)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
+EXIT_INVALID, EXIT_NOT_CONFIRMED = 7, 8
 USER_AGENT = f"flagctl/{__version__}"
 
 
@@ -147,17 +148,79 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
     before = api.call("GET", api.env_path("flags", args.key)).json()
     # One idempotency key per invocation: the automatic retry cannot kill twice.
     headers = {"Idempotency-Key": f"flagctl-{uuid.uuid4()}"}
-    flag = api.call(
-        "POST", api.env_path("flags", args.key, action), json=body, headers=headers, retry=True
-    ).json()
-    if args.json:
-        return flag
+    resp = api.call("POST", api.env_path("flags", args.key, action), json=body, headers=headers, retry=True)
+    flag = resp.json()
     changed = flag["version"] != before["version"]
     verb = "killed" if action == "kill" else "restored"
     if not changed:
         state = "disabled" if action == "kill" else "enabled"
-        return f"{args.key} was already {state} in {api.env} (version {flag['version']})"
-    return f"{verb} {args.key} in {api.env}: now {_flag_state(flag)} (version {flag['version']})"
+        message = f"{args.key} was already {state} in {api.env} (version {flag['version']})"
+    else:
+        message = f"{verb} {args.key} in {api.env}: now {_flag_state(flag)} (version {flag['version']})"
+    if not args.wait:
+        return flag if args.json else message
+    if not args.json:
+        print(message, flush=True)
+    target = int(resp.headers.get("X-Flagsvc-Env-Version", "0"))
+    confirmed, view = _wait_for_version(api, target, args.timeout_wait)
+    if args.json:
+        result = {"flag": flag, "env_version": target, "confirmed": confirmed, "clients": view}
+        if not confirmed:
+            print(json.dumps(result, indent=2))
+            raise CommandError("not every live SDK instance applied the change in time", EXIT_NOT_CONFIRMED)
+        return result
+    summary = _propagation_line(view, target)
+    if not confirmed:
+        lagging = [i for i in view["instances"] if i["live"] and i["applied_version"] < target]
+        for inst in lagging:
+            print(f"  lagging: {_instance_line(inst)}")
+        raise CommandError(f"timed out: {summary}", EXIT_NOT_CONFIRMED)
+    return f"confirmed: {summary}"
+
+
+def _wait_for_version(api: Api, target: int, timeout: float) -> tuple[bool, dict[str, Any]]:
+    """Poll the propagation view until every live instance applied ``target``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = api.call("GET", api.env_path("clients")).json()
+        live = [i for i in view["instances"] if i["live"]]
+        if all(i["applied_version"] >= target for i in live):
+            return True, view
+        if time.monotonic() >= deadline:
+            return False, view
+        time.sleep(0.25)
+
+
+def _propagation_line(view: dict[str, Any], target: int) -> str:
+    live = [i for i in view["instances"] if i["live"]]
+    done = sum(1 for i in live if i["applied_version"] >= target)
+    if not live:
+        return f"version {target}; no live SDK instance reports to this environment"
+    return f"{done}/{len(live)} live SDK instances run version {target} or later"
+
+
+def _instance_line(inst: dict[str, Any]) -> str:
+    error = f", error: {inst['last_error']}" if inst.get("last_error") else ""
+    return (
+        f"{inst.get('app', '?')} {inst.get('host', '?')}:{inst.get('pid', '?')} "
+        f"version {inst.get('applied_version')} ({inst.get('mode', '?')}, "
+        f"seen {inst.get('age_seconds')} s ago{error})"
+    )
+
+
+def cmd_clients(api: Api, args: argparse.Namespace) -> Any:
+    view = api.call("GET", api.env_path("clients")).json()
+    if args.json:
+        return view
+    s = view["summary"]
+    lines = [
+        f"{api.env} version {view['version']}: {s['applied_current']}/{s['live']} live instances current, "
+        f"{s['lagging']} lagging, {s['silent']} silent"
+    ]
+    for inst in view["instances"]:
+        state = "silent" if not inst["live"] else ("LAGGING" if inst["lag"] else "current")
+        lines.append(f"  {state:<8} {_instance_line(inst)}")
+    return "\n".join(lines)
 
 
 def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
@@ -177,6 +240,17 @@ def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
     return "\n".join(lines) or "(no entries)"
 
 
+def _seconds(text: str) -> float:
+    """``30``, ``30s``, ``2m`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30s or 2m") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_URL)")
@@ -193,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flagctl",
         description="Operate flagsvc flags: list, show, kill, restore, audit.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
-        "6 service unreachable, 7 refused input",
+        "6 service unreachable, 7 refused input, 8 --wait timed out",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"flagctl {__version__}")
@@ -210,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("key")
         p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         p.add_argument("--incident", help="incident id, e.g. INC-42")
+        p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
+        p.add_argument(
+            "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
+        )
         p.set_defaults(func=lambda api, args, _a=action: _switch(api, args, _a))
+    clients = sub.add_parser("clients", parents=[common], help="SDK instances and the version they run")
+    clients.set_defaults(func=cmd_clients)
     audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
     audit.add_argument("--flag", help="only this flag")
     audit.add_argument("--limit", type=int, default=20)
