@@ -53,12 +53,15 @@ def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Sto
         if event.get("type") == "token.revoke":
             tokens.forget(str(event.get("id")))
 
+    envs = EnvStore(client)
     return Stores(
         redis=client,
-        envs=EnvStore(client),
+        envs=envs,
         flags=flags,
         tokens=tokens,
-        snapshots=SnapshotCache(client, flags, on_system_change=on_system_change),
+        snapshots=SnapshotCache(
+            client, flags, on_system_change=on_system_change, list_envs=envs.list, also_refresh=tokens.preload
+        ),
         clients=ClientRegistry(client),
     )
 

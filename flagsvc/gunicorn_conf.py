@@ -18,8 +18,9 @@ workers = int(os.environ.get("FLAGSVC_WORKERS", 0)) or min(2 * multiprocessing.c
 worker_class = "gevent"
 # Concurrent connections per worker (streams included).
 worker_connections = int(os.environ.get("FLAGSVC_WORKER_CONNECTIONS", 4000))
-# Keep-alive for pollers.
-keepalive = 30
+# Keep-alive for pollers (SDKs poll every 5 s by default). An idle keep-alive connection holds a
+# stopping worker until it closes, so this also bounds how long a graceful stop can take.
+keepalive = 10
 # A worker silent this long is killed and replaced; on SIGTERM, streams end within ~1 s (they
 # send a `shutdown` event) and requests in flight get graceful_timeout to finish.
 timeout = 30
@@ -34,7 +35,19 @@ control_socket_disable = True  # no shared $HOME/.gunicorn/gunicorn.ctl between 
 
 
 def post_worker_init(worker: Any) -> None:
-    """Let open event streams see the worker stopping (``worker.alive``) and end cleanly."""
+    """Let open event streams see the worker stopping (``worker.alive``) and end cleanly, and
+    fill this worker's snapshot and token caches before it serves anything."""
     from flagsvc.streaming import set_worker
 
     set_worker(worker)
+    stores = getattr(worker.wsgi, "extensions", {}).get("flagsvc")
+    if stores is not None:
+        stores.snapshots.start()
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    """An event stream's connection is never reused: gunicorn drops a ``Connection: close`` the
+    app sets, so mark it here. Otherwise a stream ended by a shutdown would stay open as an idle
+    keep-alive and hold the stopping worker until the graceful timeout."""
+    if req.path.endswith("/stream"):
+        req.must_close = True

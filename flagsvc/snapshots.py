@@ -54,12 +54,16 @@ class SnapshotCache:
         check_interval: float = 1.0,
         stale_after: float = 3.0,
         on_system_change: Callable[[dict[str, object]], None] | None = None,
+        list_envs: Callable[[], list[str]] | None = None,
+        also_refresh: Callable[[], None] | None = None,
     ) -> None:
         self._redis = client
         self._flags = flags
         self._check_interval = check_interval
         self._stale_after = stale_after
         self._on_system_change = on_system_change
+        self._list_envs = list_envs
+        self._also_refresh = also_refresh
         self._entries: dict[str, Published] = {}
         self._changed = threading.Condition()
         self._last_ok = time.monotonic()
@@ -116,8 +120,17 @@ class SnapshotCache:
                 self._changed.notify_all()
         return entry
 
+    def preload(self) -> None:
+        """Load every environment, so that a Redis outage soon after start still finds them here."""
+        if self._list_envs is not None:
+            for env in self._list_envs():
+                if env not in self._entries:
+                    self._load(env)
+
     def refresh(self) -> None:
         """Compare every cached version with Redis and reload the ones that moved."""
+        if self._also_refresh is not None:
+            self._also_refresh()
         envs = list(self._entries)
         if envs:
             pipe = self._redis.pipeline(transaction=False)
@@ -131,6 +144,11 @@ class SnapshotCache:
         self._last_ok = time.monotonic()
 
     # -- the background thread -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread now (gunicorn's ``post_worker_init``): every environment
+        and token is in memory before the first request, and stays there through an outage."""
+        self._ensure_started()
 
     def _ensure_started(self) -> None:
         if self._started_pid == os.getpid():
@@ -154,6 +172,7 @@ class SnapshotCache:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(CHANGES_PATTERN)
+                self.preload()
                 self.refresh()  # whatever changed while not subscribed
                 backoff = 0.1
                 next_check = time.monotonic() + self._check_interval

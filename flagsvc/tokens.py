@@ -217,6 +217,14 @@ class TokenStore:
 
         return retry_on_conflict(attempt)
 
+    def preload(self) -> None:
+        """Cache every token at once (one command): requests then rarely need Redis to
+        authenticate, and a Redis outage finds every token of this process already here."""
+        expires = time.monotonic() + self._cache_seconds
+        records = {tid: Token.from_json(raw) for tid, raw in self._redis.hgetall(self._keys.tokens).items()}
+        if len(records) < _CACHE_MAX:
+            self._cache.update({tid: (expires, record) for tid, record in records.items()})
+
     def forget(self, token_id: str) -> None:
         """Drop a cached token (its revocation was announced)."""
         self._cache.pop(token_id, None)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import stat
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -19,57 +14,7 @@ from click.testing import CliRunner
 from flagsvc import embedded
 from flagsvc.cli import main
 
-from .redis_server import free_port
-
-
-class Served:
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir.parent / f"serve-{self.port}.log"
-        self._log_file = self.log.open("w")
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
-        environ.update(env or {})
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flagsvc.cli",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--workers",
-                "2",
-                *extra,
-            ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=environ,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(timeout=30)
-        finally:
-            self._log_file.close()
-
+from .served import Served
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("unix sockets and gunicorn", allow_module_level=True)

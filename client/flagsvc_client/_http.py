@@ -50,7 +50,8 @@ class SnapshotFetcher:
 
     def open_stream(self, known_version: int | None, read_timeout: float) -> requests.Response:
         """Open the Server-Sent Events stream; the caller iterates and closes the response."""
-        headers = {"Accept": "text/event-stream"}
+        # A stream's connection is not reused afterwards.
+        headers = {"Accept": "text/event-stream", "Connection": "close"}
         if known_version is not None:
             headers["Last-Event-ID"] = str(known_version)
         try:
@@ -71,7 +72,8 @@ class SnapshotFetcher:
         """POST a heartbeat (``/clients/{instance}``); raises ``FetchError``."""
         url = f"{self.base}/clients/{quote(instance, safe='')}"
         try:
-            resp = session.post(url, json=body, timeout=self._timeout)
+            # Reports are 30 s apart: no idle keep-alive connection to hold a server's shutdown.
+            resp = session.post(url, json=body, timeout=self._timeout, headers={"Connection": "close"})
         except requests.RequestException as exc:
             raise FetchError(f"cannot report to flagsvc: {type(exc).__name__}") from None
         if resp.status_code >= 300:
@@ -81,8 +83,10 @@ class SnapshotFetcher:
         """Another session with the same credentials (one per thread)."""
         return self._new_session()
 
-    def fetch(self, known_version: int | None) -> Fetched:
+    def fetch(self, known_version: int | None, *, keep_alive: bool = True) -> Fetched:
         headers = {"If-None-Match": f'"{known_version}"'} if known_version is not None else {}
+        if not keep_alive:
+            headers["Connection"] = "close"
         try:
             resp = self.session.get(self.url, headers=headers, timeout=self._timeout)
         except requests.RequestException as exc:

@@ -105,7 +105,6 @@ class FlagClient:
         self._init_sync()
         self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
         self._start_poller()
-        self._reporter.start()
         _register_fork_handler(self)
         self._ready.wait(init_timeout)
         if self._snapshot.source == "defaults" and cache_path:
@@ -115,6 +114,7 @@ class FlagClient:
                 log.warning(
                     "flagsvc: service not reachable at start; serving cached version %d", cached.version
                 )
+        self._reporter.start()  # the first heartbeat reports the version start-up ended with
 
     def _init_sync(self) -> None:
         self._write_lock = threading.Lock()
@@ -370,7 +370,7 @@ class FlagClient:
             if self._stop.is_set() or time.monotonic() >= deadline:
                 return not self._stop.is_set()
             try:
-                self.poll_once()
+                self.poll_once(keep_alive=False)
             except FetchError as exc:
                 if exc.fatal:
                     self._fatal_stop(exc)
@@ -429,10 +429,11 @@ class FlagClient:
                     self._ready.set()  # start-up does not wait on a service that is down
             self._stop.wait(delay)
 
-    def poll_once(self) -> None:
-        """Fetch once and apply a new snapshot; raises ``FetchError``."""
+    def poll_once(self, *, keep_alive: bool = True) -> None:
+        """Fetch once and apply a new snapshot; raises ``FetchError``. Without ``keep_alive``
+        (stream mode's fallback polls) the connection is not kept open afterwards."""
         known = self._snapshot.version if self._snapshot.source == "server" else None
-        fetched = self._fetcher.fetch(known)
+        fetched = self._fetcher.fetch(known, keep_alive=keep_alive)
         if not fetched.not_modified:
             self._apply_document(fetched.document or {})
         self._succeeded()

@@ -1,0 +1,294 @@
+"""Propagation: the in-memory snapshot cache, SSE streams, heartbeats, `--wait`, Redis outages.
+
+The service runs as `flagsvc serve` does (gunicorn, gevent workers) on a Redis server of the
+test's own, which some tests kill and restart.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import redis
+import requests
+
+from flagsvc.audit import AuditLog
+from flagsvc.keys import EnvKeys
+from flagsvc_client import FlagClient
+from flagsvc_client import _sse as sse
+from flagsvc_client.flagctl import main as flagctl
+
+from .redis_server import RedisServer
+from .served import Served
+
+FLAGS = "/api/v1/envs/production/flags"
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not reached within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+class Stack:
+    """A durable Redis of the test's own and `flagsvc serve` (2 gevent workers) on it."""
+
+    def __init__(self, tmp_path) -> None:
+        self.redis = RedisServer(tmp_path / "redis", durable=True).start()
+        self.served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": self.redis.url})
+        self.url = self.served.url
+        self.admin = {"Authorization": f"Bearer {self.served.admin_token()}"}
+        self.direct = redis.Redis.from_url(self.redis.url, decode_responses=True)
+        self.tokens: dict[str, str] = {}
+        for role in ("sdk", "operator", "reader"):
+            resp = requests.post  # tokens are made with the CLI's store, straight in Redis
+            from flagsvc.tokens import Role, TokenStore
+
+            _, self.tokens[role] = TokenStore(self.direct).create(
+                name=f"test-{role}", role=Role.parse(role), envs=[], actor="test"
+            )
+        del resp
+
+    def headers(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    def put(self, key: str, body: dict) -> None:
+        resp = requests.put(f"{self.url}{FLAGS}/{key}", json=body, headers=self.admin, timeout=10)
+        assert resp.status_code in (200, 201), resp.text
+
+    def flip(self, key: str, action: str) -> requests.Response:
+        return requests.post(
+            f"{self.url}{FLAGS}/{key}/{action}",
+            json={"reason": "test"},
+            headers=self.headers("operator"),
+            timeout=10,
+        )
+
+    def close(self) -> None:
+        self.served.stop()
+        self.direct.close()
+        self.redis.kill()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clients():
+    made: list[FlagClient] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def test_change_reaches_a_streaming_client_without_waiting_for_a_poll(stack, clients):
+    stack.put("checkout.recs", {"kind": "kill_switch", "enabled": True})
+    client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=60)
+    clients.append(client)
+    assert client.is_enabled("checkout.recs")
+    wait_for(lambda: client._stream_response is not None)
+    for action, expected in (("kill", False), ("restore", True), ("kill", False)):
+        start = time.monotonic()
+        assert stack.flip("checkout.recs", action).status_code == 200
+        elapsed = wait_for(
+            lambda expected=expected: client.is_enabled("checkout.recs") is expected, timeout=5
+        )
+        assert time.monotonic() - start < 2.0, (
+            "a streamed change arrives in well under the 60 s poll interval"
+        )
+        assert elapsed < 1.0
+
+
+def read_events(resp: requests.Response, into: queue.Queue) -> None:
+    try:
+        for event in sse.parse(resp.iter_lines(chunk_size=None)):
+            into.put(event)
+    except Exception as exc:  # noqa: BLE001 - the reader reports how the stream ended
+        into.put(exc)
+
+
+def open_stream(stack: Stack, last_event_id: int | None = None) -> tuple[requests.Response, queue.Queue]:
+    headers = {**stack.headers("sdk"), "Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    resp = requests.get(
+        f"{stack.url}/api/v1/envs/production/stream", headers=headers, stream=True, timeout=30
+    )
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    events: queue.Queue = queue.Queue()
+    threading.Thread(target=read_events, args=(resp, events), daemon=True).start()
+    return resp, events
+
+
+def next_event(events: queue.Queue, timeout: float = 5.0) -> sse.Event:
+    item = events.get(timeout=timeout)
+    assert isinstance(item, sse.Event), item
+    return item
+
+
+def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    resp, events = open_stream(stack)
+    first = next_event(events)
+    assert first.type == "snapshot" and json.loads(first.data)["flags"]["a"]["enabled"] is True
+    version = int(first.id)
+    resp.close()
+
+    # A client that already has the current version gets no snapshot until something changes.
+    resp, events = open_stream(stack, last_event_id=version)
+    with pytest.raises(queue.Empty):
+        events.get(timeout=1.5)
+    assert stack.flip("a", "kill").status_code == 200
+    change = next_event(events)
+    assert change.type == "snapshot" and int(change.id) == version + 1
+    assert json.loads(change.data)["flags"]["a"]["enabled"] is False
+    resp.close()
+
+    # One that is behind gets the current snapshot at once.
+    resp, events = open_stream(stack, last_event_id=version)
+    assert int(next_event(events).id) == version + 1
+    resp.close()
+
+
+def test_streams_end_cleanly_on_shutdown_and_clients_reconnect(stack, clients):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    resp, events = open_stream(stack)
+    assert next_event(events).type == "snapshot"
+    client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=0.5)
+    clients.append(client)
+    start = time.monotonic()
+    assert stack.served.stop() == 0
+    assert time.monotonic() - start < 8, "open streams do not hold the shutdown for the graceful timeout"
+    assert next_event(events).type == "shutdown"
+    wait_for(lambda: client.status().stale, timeout=10)
+    assert client.is_enabled("a") is True, "the last known values keep serving"
+
+    stack.served = Served(
+        stack.served.data_dir, env={"FLAGSVC_REDIS_URL": stack.redis.url}, port=stack.served.port
+    )
+    assert stack.flip("a", "kill").status_code == 200
+    wait_for(lambda: client.is_enabled("a") is False, timeout=15)
+    wait_for(lambda: client._stream_response is not None, timeout=15)
+    assert not client.status().stale
+
+
+def test_heartbeats_feed_the_propagation_view_and_wait(stack, clients, capsys):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    for app in ("checkout", "search"):
+        clients.append(FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", app_name=app))
+    for c in clients:
+        c.is_enabled("a")
+    view_url = f"{stack.url}/api/v1/envs/production/clients"
+
+    def view():
+        return requests.get(view_url, headers=stack.headers("reader"), timeout=5).json()
+
+    wait_for(lambda: view()["summary"]["applied_current"] == 2)
+    v = view()
+    assert v["summary"] == {"live": 2, "applied_current": 2, "lagging": 0, "silent": 0}
+    assert {i["app"] for i in v["instances"]} == {"checkout", "search"}
+    assert all(i["mode"] == "stream" and i["sdk"].startswith("python/") for i in v["instances"])
+
+    code = flagctl(["--url", stack.url, "--token", stack.tokens["operator"], "kill", "a", "--reason", "INC-1",
+                    "--wait", "--timeout-wait", "10s"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "confirmed: 2/2 live SDK instances run version" in out
+    assert all(i["applied_version"] == v["version"] + 1 for i in view()["instances"])
+
+    # A lagging instance (its updates stopped) makes --wait time out and name it.
+    clients[1].close()
+    code = flagctl(["--url", stack.url, "--token", stack.tokens["operator"], "restore", "a", "--reason", "ok",
+                    "--wait", "--timeout-wait", "2s"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 8
+    assert "lagging: search" in captured.out and "timed out: 1/2" in captured.err
+
+
+def test_conditional_polls_make_no_redis_round_trip(stack):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    url = f"{stack.url}/api/v1/envs/production/snapshot"
+    session = requests.Session()
+    session.headers.update(stack.headers("sdk"))
+    etag = session.get(url, timeout=5).headers["ETag"]
+    for _ in range(50):  # warm every worker's cache and token cache
+        session.get(url, headers={"If-None-Match": etag}, timeout=5)
+    before = int(stack.direct.info("stats")["total_commands_processed"])
+    start = time.monotonic()
+    for _ in range(1000):
+        assert session.get(url, headers={"If-None-Match": etag}, timeout=5).status_code == 304
+    elapsed = time.monotonic() - start
+    after = int(stack.direct.info("stats")["total_commands_processed"])
+    # Allowed: each worker's once-a-second version check (1 command) and its token re-check
+    # (1 command per second), for 2 workers, plus the two INFO calls of this test.
+    allowed = 2 * 2 * (int(elapsed) + 2) + 2
+    assert after - before <= allowed, f"{after - before} Redis commands for 1000 polls in {elapsed:.1f}s"
+
+
+def test_a_dropped_notification_is_healed_by_the_periodic_check(stack):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    url = f"{stack.url}/api/v1/envs/production/snapshot"
+    version = requests.get(url, headers=stack.headers("sdk"), timeout=5).json()["version"]
+    # Change the flag behind the service's back: no pub/sub message at all.
+    keys = EnvKeys("production")
+    flag = json.loads(stack.direct.hget(keys.flags, "a"))
+    flag["enabled"] = False
+    stack.direct.hset(keys.flags, "a", json.dumps(flag))
+    stack.direct.set(keys.version, version + 1)
+
+    def seen() -> bool:
+        snap = requests.get(url, headers=stack.headers("sdk"), timeout=5).json()
+        return snap["version"] == version + 1 and snap["flags"]["a"]["enabled"] is False
+
+    assert wait_for(seen, timeout=5, interval=0.1) < 3.0
+
+
+def test_redis_outage_serves_stale_reads_refuses_writes_then_recovers(stack, clients):
+    stack.put("a", {"kind": "kill_switch", "enabled": True})
+    stack.put("b", {"kind": "kill_switch", "enabled": True})
+    client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=0.5)
+    clients.append(client)
+    snap_url = f"{stack.url}/api/v1/envs/production/snapshot"
+    for _ in range(10):  # every worker has the snapshot and the sdk token in memory
+        requests.get(snap_url, headers=stack.headers("sdk"), timeout=5)
+    entries_before = stack.direct.xlen(EnvKeys("production").audit)
+
+    stack.redis.kill(signal.SIGKILL)
+    wait_for(lambda: requests.get(f"{stack.url}/readyz", timeout=5).status_code == 503)
+    assert requests.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+    stale = requests.get(snap_url, headers=stack.headers("sdk"), timeout=10)
+    assert stale.status_code == 200 and stale.json()["flags"]["a"]["enabled"] is True
+    wait_for(
+        lambda: (
+            requests.get(snap_url, headers=stack.headers("sdk"), timeout=10).headers.get("X-Flagsvc-Stale")
+            == "true"
+        )
+    )
+    refused = stack.flip("a", "kill")
+    assert refused.status_code == 503 and refused.headers["Content-Type"] == "application/problem+json"
+    assert client.is_enabled("a") is True
+
+    stack.redis.start()  # same port, same append-only file
+    wait_for(lambda: requests.get(f"{stack.url}/readyz", timeout=5).status_code == 200)
+    wait_for(lambda: stack.flip("b", "kill").status_code == 200)
+    wait_for(lambda: client.is_enabled("b") is False, timeout=10)
+    assert client.is_enabled("a") is True, "the refused kill was not applied"
+    assert "X-Flagsvc-Stale" not in requests.get(snap_url, headers=stack.headers("sdk"), timeout=5).headers
+    direct = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    log = AuditLog(direct, EnvKeys("production"))
+    assert direct.xlen(EnvKeys("production").audit) == entries_before + 1, "no lost or duplicated entry"
+    assert log.verify().ok
+    direct.close()
