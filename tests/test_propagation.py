@@ -20,6 +20,7 @@ from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 from flagsvc_client import FlagClient
 from flagsvc_client import _sse as sse
+from flagsvc_client.client import _interrupt
 from flagsvc_client.flagctl import main as flagctl
 
 from .redis_server import RedisServer
@@ -133,6 +134,12 @@ def open_stream(stack: Stack, last_event_id: int | None = None) -> tuple[request
     return resp, events
 
 
+def close_stream(resp: requests.Response) -> None:
+    """Close a stream another thread is reading (a plain close would wait for its next read)."""
+    _interrupt(resp)
+    resp.close()
+
+
 def next_event(events: queue.Queue, timeout: float = 5.0) -> sse.Event:
     item = events.get(timeout=timeout)
     assert isinstance(item, sse.Event), item
@@ -145,7 +152,7 @@ def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack)
     first = next_event(events)
     assert first.type == "snapshot" and json.loads(first.data)["flags"]["a"]["enabled"] is True
     version = int(first.id)
-    resp.close()
+    close_stream(resp)
 
     # A client that already has the current version gets no snapshot until something changes.
     resp, events = open_stream(stack, last_event_id=version)
@@ -155,12 +162,12 @@ def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack)
     change = next_event(events)
     assert change.type == "snapshot" and int(change.id) == version + 1
     assert json.loads(change.data)["flags"]["a"]["enabled"] is False
-    resp.close()
+    close_stream(resp)
 
     # One that is behind gets the current snapshot at once.
     resp, events = open_stream(stack, last_event_id=version)
     assert int(next_event(events).id) == version + 1
-    resp.close()
+    close_stream(resp)
 
 
 def test_streams_end_cleanly_on_shutdown_and_clients_reconnect(stack, clients):
@@ -286,7 +293,10 @@ def test_redis_outage_serves_stale_reads_refuses_writes_then_recovers(stack, cli
     wait_for(lambda: stack.flip("b", "kill").status_code == 200)
     wait_for(lambda: client.is_enabled("b") is False, timeout=10)
     assert client.is_enabled("a") is True, "the refused kill was not applied"
-    assert "X-Flagsvc-Stale" not in requests.get(snap_url, headers=stack.headers("sdk"), timeout=5).headers
+    wait_for(
+        lambda: "X-Flagsvc-Stale" not in requests.get(snap_url, headers=stack.headers("sdk"), timeout=5).headers,
+        timeout=5,
+    )
     direct = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     log = AuditLog(direct, EnvKeys("production"))
     assert direct.xlen(EnvKeys("production").audit) == entries_before + 1, "no lost or duplicated entry"
