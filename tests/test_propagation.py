@@ -172,7 +172,7 @@ def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack)
 
 def test_streams_end_cleanly_on_shutdown_and_clients_reconnect(stack, clients):
     stack.put("a", {"kind": "kill_switch", "enabled": True})
-    resp, events = open_stream(stack)
+    _, events = open_stream(stack)
     assert next_event(events).type == "snapshot"
     client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=0.5)
     clients.append(client)
@@ -293,10 +293,12 @@ def test_redis_outage_serves_stale_reads_refuses_writes_then_recovers(stack, cli
     wait_for(lambda: stack.flip("b", "kill").status_code == 200)
     wait_for(lambda: client.is_enabled("b") is False, timeout=10)
     assert client.is_enabled("a") is True, "the refused kill was not applied"
-    wait_for(
-        lambda: "X-Flagsvc-Stale" not in requests.get(snap_url, headers=stack.headers("sdk"), timeout=5).headers,
-        timeout=5,
-    )
+
+    def fresh() -> bool:
+        answer = requests.get(snap_url, headers=stack.headers("sdk"), timeout=5)
+        return "X-Flagsvc-Stale" not in answer.headers
+
+    wait_for(fresh, timeout=5)
     direct = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     log = AuditLog(direct, EnvKeys("production"))
     assert direct.xlen(EnvKeys("production").audit) == entries_before + 1, "no lost or duplicated entry"
