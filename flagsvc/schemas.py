@@ -7,21 +7,16 @@ values they can compare).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate
 
+from flagsvc_client.engine import compile_flag, is_number, is_semver, value_matches_type
+
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-SEMVER = re.compile(
-    r"v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
-    re.ASCII,  # \d is 0-9 only, not any Unicode digit
-)
 
 KINDS = ("kill_switch", "release", "ops", "experiment")
 TYPES = ("boolean", "string", "number", "json")
@@ -43,22 +38,8 @@ class StrictBool(fields.Boolean):
         return value
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | bool) or _is_number(value)
-
-
-def value_matches_type(value: Any, flag_type: str) -> bool:
-    if flag_type == "boolean":
-        return isinstance(value, bool)
-    if flag_type == "string":
-        return isinstance(value, str)
-    if flag_type == "number":
-        return _is_number(value)
-    return value is not None  # json: any JSON value but null
+    return isinstance(value, str | bool) or is_number(value)
 
 
 class Schema(ma.Schema):
@@ -81,9 +62,9 @@ class ConditionSchema(Schema):
         elif op in STRING_OPERATORS:
             ok, want = all(isinstance(v, str) for v in values), "strings"
         elif op in NUMERIC_OPERATORS:
-            ok, want = len(values) == 1 and _is_number(values[0]), "exactly one number"
+            ok, want = len(values) == 1 and is_number(values[0]), "exactly one number"
         else:
-            ok = len(values) == 1 and isinstance(values[0], str) and bool(SEMVER.fullmatch(values[0]))
+            ok = len(values) == 1 and is_semver(values[0])
             want = "exactly one semantic version such as 1.4.0"
         if not ok:
             raise ValidationError(f"operator {op!r} takes {want}", "values")
@@ -173,6 +154,10 @@ class FlagDefinitionSchema(Schema):
                     errors[f"rules.{i}.rollout.{j}.variant"] = [f"unknown variant {part['variant']!r}"]
         if errors:
             raise ValidationError(errors)
+        # The SDK's engine is the judge of what can be evaluated: it must accept the flag too.
+        compiled = compile_flag("flag", data)
+        if compiled.error is not None:
+            raise ValidationError(compiled.error, "_schema")
 
 
 class FlagSchema(FlagDefinitionSchema):

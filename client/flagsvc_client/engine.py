@@ -54,6 +54,8 @@ __all__ = [
     "bucket",
     "compile_flag",
     "evaluate",
+    "is_number",
+    "is_semver",
     "value_matches_type",
 ]
 
@@ -106,13 +108,19 @@ class _ParseError(Exception):
 _TYPES = ("boolean", "string", "number", "json")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite JSON number (``True`` is not one)."""
     cls = value.__class__
     if cls is int:
         return True
     if cls is float:
         return math.isfinite(value)
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_semver(text: Any) -> bool:
+    """A Semantic Versioning 2.0.0 version (``v`` prefix allowed)."""
+    return isinstance(text, str) and _semver.parse(text) is not None
 
 
 def value_matches_type(value: Any, flag_type: str) -> bool:
@@ -122,7 +130,7 @@ def value_matches_type(value: Any, flag_type: str) -> bool:
     if flag_type == "string":
         return isinstance(value, str)
     if flag_type == "number":
-        return _is_number(value)
+        return is_number(value)
     return value is not None
 
 
@@ -144,7 +152,7 @@ def _string_attr(op: str, attribute: str, value: Any) -> str:
 
 
 def _number_attr(op: str, attribute: str, value: Any) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a number for {op}")
     return value  # type: ignore[no-any-return]
 
@@ -159,12 +167,12 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
         raise _ParseError(f"condition on {attribute!r}: values must be a non-empty list")
 
     if op in ("in", "not_in"):
-        if not all(isinstance(v, str | bool) or _is_number(v) for v in values):
+        if not all(isinstance(v, str | bool) or is_number(v) for v in values):
             raise _ParseError(f"{op} takes strings, numbers or booleans")
         # One set per JSON type, so that true never equals 1 while 1 equals 1.0.
         strings = frozenset(v for v in values if isinstance(v, str))
         bools = frozenset(v for v in values if isinstance(v, bool))
-        numbers = frozenset(v for v in values if _is_number(v))
+        numbers = frozenset(v for v in values if is_number(v))
         negate = op == "not_in"
 
         def match_in(value: Any) -> bool:
@@ -172,7 +180,7 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
                 return (value in strings) != negate
             if isinstance(value, bool):
                 return (value in bools) != negate
-            if _is_number(value):
+            if is_number(value):
                 return (value in numbers) != negate
             raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
 
@@ -189,7 +197,7 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
         return attribute, lambda v: any(n in _string_attr(op, attribute, v) for n in needles)
 
     if op in ("lt", "lte", "gt", "gte"):
-        if len(values) != 1 or not _is_number(values[0]):
+        if len(values) != 1 or not is_number(values[0]):
             raise _ParseError(f"{op} takes exactly one number")
         bound = values[0]
         compare = {
