@@ -44,6 +44,8 @@ AUDIT_FIELDS = (
     "request_id",
     "source",
     "env_version",
+    "operation",
+    "playbook",
     "prev_hash",
     "hash",
 )
@@ -97,8 +99,8 @@ class Idempotency:
 
 @dataclass(frozen=True)
 class Committed:
-    stream_id: str
-    entry: dict[str, str]
+    stream_id: str  # of the last entry
+    entries: list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -121,19 +123,25 @@ class Committer:
         head: str | bytes | None,
         *,
         ops: Sequence[Op],
-        audit: Mapping[str, str],
+        audit: Mapping[str, str] | Sequence[Mapping[str, str]],
         idempotency: Idempotency | None = None,
         notify: str | None = None,
     ) -> Committed | Replayed:
-        """Commit ``ops`` and the audit entry ``audit`` if the head is still ``head``.
+        """Commit ``ops`` and the audit entry ``audit`` (or several, chained in order) if the
+        head is still ``head``.
 
         Raises :class:`Conflict` if it moved.
         """
         seq, prev_hash = parse_head(head)
-        entry = {name: "" for name in AUDIT_FIELDS}
-        entry.update({k: str(v) for k, v in audit.items()})
-        entry.update(seq=str(seq + 1), time=utcnow_iso(), prev_hash=prev_hash)
-        entry["hash"] = entry_hash(entry)
+        now = utcnow_iso()
+        chained: list[dict[str, str]] = []
+        for fields in [audit] if isinstance(audit, Mapping) else audit:
+            seq += 1
+            entry = {name: "" for name in AUDIT_FIELDS}
+            entry.update({k: str(v) for k, v in fields.items()})
+            entry.update(seq=str(seq), time=now, prev_hash=prev_hash)
+            entry["hash"] = prev_hash = entry_hash(entry)
+            chained.append(entry)
 
         keys = [ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head]
         plan_ops = []
@@ -143,9 +151,9 @@ class Committer:
             plan_ops.append([op.cmd, keys.index(op.key) + 1, *op.args])
         plan: dict[str, Any] = {
             "expect_head": (head.decode() if isinstance(head, bytes) else head) or "",
-            "new_head": f"{seq + 1}:{entry['hash']}",
+            "new_head": f"{seq}:{prev_hash}",
             "ops": plan_ops,
-            "entry": [x for name in AUDIT_FIELDS for x in (name, entry[name])],
+            "entries": [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained],
         }
         if idempotency:
             plan["idempotency"] = {"value": idempotency.value, "ttl": idempotency.ttl}
@@ -159,7 +167,7 @@ class Committer:
             raise Conflict(value)
         if status == "replay":
             return Replayed(value)
-        return Committed(stream_id=value, entry=entry)
+        return Committed(stream_id=value, entries=chained)
 
 
 def retry_on_conflict(attempt: Callable[[], T], *, deadline_seconds: float = 5.0) -> T:

@@ -16,6 +16,7 @@ from redis.retry import Retry
 from .clients import ClientRegistry
 from .envs import EnvStore
 from .flags import FlagStore
+from .playbooks import PlaybookStore
 from .snapshots import SnapshotCache
 from .tokens import TokenStore
 
@@ -28,6 +29,7 @@ class Stores:
     tokens: TokenStore
     snapshots: SnapshotCache
     clients: ClientRegistry
+    playbooks: PlaybookStore
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
@@ -63,6 +65,7 @@ def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Sto
             client, flags, on_system_change=on_system_change, list_envs=envs.list, also_refresh=tokens.preload
         ),
         clients=ClientRegistry(client),
+        playbooks=PlaybookStore(client),
     )
 
 

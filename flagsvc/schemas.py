@@ -238,6 +238,8 @@ class AuditEntrySchema(Schema):
     request_id = fields.String(allow_none=True)
     source = fields.String(allow_none=True)
     env_version = fields.Integer(allow_none=True)
+    operation = fields.String(allow_none=True)
+    playbook = fields.String(allow_none=True)
     prev_hash = fields.String(allow_none=True)
     hash = fields.String()
 
@@ -317,3 +319,62 @@ class PropagationSchema(Schema):
     version = fields.Integer()
     summary = fields.Nested(PropagationSummarySchema)
     instances = fields.List(fields.Nested(ClientInstanceSchema))
+
+
+class PlaybookChangeSchema(Schema):
+    """One flag's change in a playbook: switch it, or serve another default variant."""
+
+    enabled = StrictBool()
+    default_variant = fields.String(validate=validate.Regexp(VARIANT_NAME))
+
+    @ma.validates_schema
+    def _not_empty(self, data: dict[str, Any], **_: Any) -> None:
+        if not data:
+            raise ValidationError("a change sets enabled, default_variant or both", "enabled")
+
+
+class PlaybookDefinitionSchema(Schema):
+    description = fields.String(load_default="", validate=validate.Length(max=1024))
+    changes = fields.Dict(
+        keys=fields.String(validate=validate.Regexp(FLAG_KEY)),
+        values=fields.Nested(PlaybookChangeSchema),
+        required=True,
+        validate=validate.Length(1, 500),
+    )
+
+
+class PlaybookSchema(PlaybookDefinitionSchema):
+    name = fields.String(dump_only=True)
+    version = fields.Integer(dump_only=True)
+    created_at = fields.String(dump_only=True)
+    updated_at = fields.String(dump_only=True)
+    updated_by = fields.String(dump_only=True)
+    applied = fields.Raw(dump_only=True, metadata={"description": "the current application, or null"})
+
+
+class PlaybookListSchema(Schema):
+    playbooks = fields.List(fields.Nested(PlaybookSchema))
+
+
+class PlaybookApplySchema(ActionSchema):
+    """Body of apply: a reason and the incident are required; ``dry_run`` changes nothing."""
+
+    incident = fields.String(required=True, validate=validate.Length(1, 128))
+    dry_run = StrictBool(load_default=False)
+
+
+class PlaybookRevertSchema(ActionSchema):
+    dry_run = StrictBool(load_default=False)
+
+
+class PlaybookOutcomeSchema(Schema):
+    operation = fields.String()
+    playbook = fields.String()
+    dry_run = fields.Boolean()
+    env_version = fields.Integer()
+    changed = fields.List(fields.Raw())
+    unchanged = fields.List(fields.String())
+    skipped = fields.List(fields.Raw())
+    blast_radius = fields.Raw(
+        metadata={"description": "per changed flag: evaluations and instances per app, last 15 min"}
+    )

@@ -1,17 +1,17 @@
--- Commit one audited change atomically.
+-- Commit one audited change (one or more writes, one or more chained audit entries) atomically.
 --
 -- KEYS[1]  audit stream          KEYS[2]  audit head ("<seq>:<hash>")
 -- KEYS[3]  idempotency key (or a placeholder when unused)
 -- KEYS[4..] keys referenced by the operations, by index
 -- ARGV[1]  JSON plan:
 --   expect_head  head the change was computed against ("" for an empty log)
---   new_head     head after this entry
---   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD
---   entry        flat list of audit field/value strings
+--   new_head     head after the last entry
+--   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL
+--   entries      list of audit entries, each a flat list of field/value strings, in chain order
 --   idempotency  optional {value, ttl}
 --   channel, message  optional pub/sub notification
 --
--- Returns {"ok", stream_id} | {"conflict", head} | {"replay", stored_idempotency_value}.
+-- Returns {"ok", stream_id of the last entry} | {"conflict", head} | {"replay", stored value}.
 -- Nothing is written unless every check passes, and then everything is: the change, its
 -- audit entry, the new head, the idempotency record and the notification.
 local plan = cjson.decode(ARGV[1])
@@ -30,7 +30,7 @@ end
 
 -- Type checks first: a script is not rolled back on a runtime error, so refuse before the
 -- first write rather than fail half-way on a key someone overwrote by hand.
-local expected_type = {SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set'}
+local expected_type = {SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string'}
 for _, op in ipairs(plan.ops) do
   local want = expected_type[op[1]]
   if not want then
@@ -57,10 +57,15 @@ for _, op in ipairs(plan.ops) do
     redis.call('HDEL', key, op[3])
   elseif cmd == 'SADD' then
     redis.call('SADD', key, op[3])
+  elseif cmd == 'DEL' then
+    redis.call('DEL', key)
   end
 end
 
-local id = redis.call('XADD', KEYS[1], '*', unpack(plan.entry))
+local id
+for _, entry in ipairs(plan.entries) do
+  id = redis.call('XADD', KEYS[1], '*', unpack(entry))
+end
 redis.call('SET', KEYS[2], plan.new_head)
 
 if plan.idempotency then
