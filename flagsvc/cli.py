@@ -25,6 +25,7 @@ from .envs import ENV_NAME
 from .errors import AlreadyExists, TokenNotFound
 from .extensions import connect
 from .keys import EnvKeys, SystemKeys
+from .scheduler import Scheduler
 from .tokens import Role, TokenStore
 
 data_dir_option = click.option(
@@ -174,6 +175,24 @@ def token_revoke(name_or_id: str, reason: str, data_dir: Path, redis_url: str | 
         except TokenNotFound as exc:
             raise click.ClickException(exc.detail) from None
     click.echo(f"revoked {record.name} ({record.id})")
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, type=float, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass over the due reverts, then exit.")
+@data_dir_option
+@redis_url_option
+def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -> None:
+    """Perform due automatic reverts of temporary changes (``for``). Any number may run: each
+    revert happens exactly once. gunicorn workers started by `flagsvc serve` run one too."""
+    with redis_for(redis_url, data_dir) as client:
+        scheduler = Scheduler(client, interval=interval)
+        if once:
+            click.echo(f"{scheduler.run_once()} due reverts handled")
+            return
+        click.echo(f"flagsvc worker: reverting temporary changes every {interval:g} s")
+        with contextlib.suppress(KeyboardInterrupt):
+            scheduler.run_forever()
 
 
 @main.group()

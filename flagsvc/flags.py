@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -149,8 +151,12 @@ class FlagStore:
         if_match: int | None = None,
         if_none_match_any: bool = False,
         idempotency: IdempotencyRequest | None = None,
+        revert_in: timedelta | None = None,
     ) -> WriteResult:
         """Apply ``mutate`` to the current flag (``None`` if absent or archived) atomically.
+
+        ``revert_in`` makes the change temporary: the flag gets ``revert_at`` and a revert is
+        scheduled in the same commit (see :mod:`flagsvc.scheduler`).
 
         ``if_match`` is the flag version the caller last saw (412 if it moved);
         ``if_none_match_any`` makes the write create-only. With ``idempotency``, a retry of
@@ -192,6 +198,24 @@ class FlagStore:
                 "archived": mutation.archived,
             }
             env_version = int(version or 0) + 1
+            ops = [
+                Op("HSET", k.flags, (key, json.dumps(flag))),
+                Op("SET", k.version, (str(env_version),)),
+            ]
+            if revert_in is not None and live is not None:
+                due = datetime.now(UTC) + revert_in
+                flag["revert_at"] = due.isoformat(timespec="seconds").replace("+00:00", "Z")
+                ops[0] = Op("HSET", k.flags, (key, json.dumps(flag)))
+                scheduled = {
+                    "id": uuid.uuid4().hex,
+                    "kind": "flag",
+                    "flag": key,
+                    "restore": {"enabled": live["enabled"]},
+                    "expect_version": flag["version"],
+                    "original": {"action": mutation.action, "actor": ctx.actor, "time": now,
+                                 "reason": ctx.reason, "incident": ctx.incident},
+                }  # fmt: skip
+                ops.append(Op("ZADD", k.reverts, (str(due.timestamp()), json.dumps(scheduled))))
             result = WriteResult(flag, changed=True, created=live is None, env_version=env_version)
             idem = None
             if idempotency:
@@ -199,10 +223,7 @@ class FlagStore:
             outcome = self._committer.commit(
                 k,
                 head,
-                ops=[
-                    Op("HSET", k.flags, (key, json.dumps(flag))),
-                    Op("SET", k.version, (str(env_version),)),
-                ],
+                ops=ops,
                 audit={
                     "actor": ctx.actor,
                     "action": mutation.action,

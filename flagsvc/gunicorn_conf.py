@@ -35,14 +35,20 @@ control_socket_disable = True  # no shared $HOME/.gunicorn/gunicorn.ctl between 
 
 
 def post_worker_init(worker: Any) -> None:
-    """Let open event streams see the worker stopping (``worker.alive``) and end cleanly, and
-    fill this worker's snapshot and token caches before it serves anything."""
+    """Let open event streams see the worker stopping (``worker.alive``) and end cleanly, fill
+    this worker's snapshot and token caches before it serves anything, and start its scheduler
+    of automatic reverts (``FLAGSVC_SCHEDULER=0`` turns it off, e.g. to run ``flagsvc worker``)."""
     from flagsvc.streaming import set_worker
 
     set_worker(worker)
     stores = getattr(worker.wsgi, "extensions", {}).get("flagsvc")
     if stores is not None:
         stores.snapshots.start()
+        if os.environ.get("FLAGSVC_SCHEDULER", "1") != "0":
+            # Automatic reverts: safe to run in every worker, each revert happens once.
+            from flagsvc.scheduler import Scheduler
+
+            Scheduler(stores.redis).start()
 
 
 def pre_request(worker: Any, req: Any) -> None:

@@ -57,6 +57,11 @@ class EnvKeys(Namespace):
         """Integer bumped by one on every flag change of the environment."""
         return f"{self.base}:version"
 
+    @property
+    def reverts(self) -> str:
+        """Sorted set of scheduled automatic reverts (score: when, epoch seconds)."""
+        return f"{self.base}:reverts"
+
 
 @dataclass(frozen=True)
 class SystemKeys(Namespace):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -186,7 +187,14 @@ class PlaybookStore:
         return head, int(version or 0), raw, applied, flags
 
     def apply(
-        self, env: str, name: str, ctx: WriteContext, *, dry_run: bool = False, if_match: int | None = None
+        self,
+        env: str,
+        name: str,
+        ctx: WriteContext,
+        *,
+        dry_run: bool = False,
+        if_match: int | None = None,
+        revert_in: timedelta | None = None,
     ) -> Outcome:
         """Apply every change of ``name`` atomically, or nothing (409 naming what is in the way)."""
         k = EnvKeys(env)
@@ -261,6 +269,25 @@ class PlaybookStore:
                 "source": ctx.source,
                 "env_version": str(outcome.env_version),
             }
+            if revert_in is not None:
+                due = datetime.now(UTC) + revert_in
+                record["revert_at"] = due.isoformat(timespec="seconds").replace("+00:00", "Z")
+                record["scheduled"] = json.dumps(
+                    {
+                        "id": uuid.uuid4().hex,
+                        "kind": "playbook",
+                        "playbook": name,
+                        "operation": operation,
+                        "original": {
+                            "action": "playbook.apply",
+                            "actor": ctx.actor,
+                            "time": now,
+                            "reason": ctx.reason,
+                            "incident": ctx.incident,
+                        },
+                    }
+                )
+                ops.append(Op("ZADD", k.reverts, (str(due.timestamp()), record["scheduled"])))
             if ops:
                 ops.append(Op("SET", k.version, (str(version + 1),)))
             ops.append(Op("SET", applied_key(env, name), (json.dumps(record),)))
@@ -276,8 +303,19 @@ class PlaybookStore:
 
         return retry_on_conflict(attempt)
 
-    def revert(self, env: str, name: str, ctx: WriteContext, *, dry_run: bool = False) -> Outcome:
-        """Restore the prior state of every flag the apply changed and nobody changed since."""
+    def revert(
+        self,
+        env: str,
+        name: str,
+        ctx: WriteContext,
+        *,
+        dry_run: bool = False,
+        only_operation: str | None = None,
+    ) -> Outcome:
+        """Restore the prior state of every flag the apply changed and nobody changed since.
+
+        ``only_operation``: revert only that application (a scheduled revert must not undo a
+        later, manual re-application)."""
         k = EnvKeys(env)
         operation = uuid.uuid4().hex
 
@@ -287,6 +325,10 @@ class PlaybookStore:
             if not applied:
                 raise PlaybookConflict(f"playbook {name!r} is not applied")
             record = json.loads(applied)
+            if only_operation is not None and record["operation"] != only_operation:
+                raise PlaybookConflict(
+                    f"playbook {name!r} was re-applied since (operation {record['operation']})"
+                )
             keys = sorted(record["flags"])
             head, version, _, applied_again, raw_flags = self._read(env, name, keys)
             if applied_again != applied:
@@ -337,6 +379,8 @@ class PlaybookStore:
             if ops:
                 ops.append(Op("SET", k.version, (str(version + 1),)))
             ops.append(Op("DEL", applied_key(env, name), ()))
+            if record.get("scheduled"):
+                ops.append(Op("ZREM", k.reverts, (record["scheduled"],)))
             self._committer.commit(
                 k,
                 head,

@@ -8,12 +8,15 @@ values they can compare).
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate
 
 from flagsvc_client.engine import compile_flag, is_number, is_semver, value_matches_type
+
+from .durations import parse_duration
 
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -169,6 +172,7 @@ class FlagSchema(FlagDefinitionSchema):
     updated_at = fields.String(dump_only=True)
     updated_by = fields.String(dump_only=True)
     archived = fields.Boolean(dump_only=True)
+    revert_at = fields.String(dump_only=True, metadata={"description": "a temporary change reverts then"})
 
 
 class FlagListSchema(Schema):
@@ -180,11 +184,31 @@ class FlagListQuerySchema(Schema):
     include_archived = fields.Boolean(truthy={"true", "1"}, falsy={"false", "0"}, load_default=False)
 
 
+MAX_TEMPORARY = timedelta(days=7)
+
+
+class DurationField(fields.String):
+    """``30m``, ``2h``, ``1d`` (at most 7 days) -> ``timedelta``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> timedelta:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            duration = parse_duration(text)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        if duration > MAX_TEMPORARY:
+            raise ValidationError("at most 7 days; a longer change is not temporary")
+        return duration
+
+
 class ActionSchema(Schema):
-    """Body of kill and restore: why, and under which incident."""
+    """Body of kill and restore: why, under which incident, and for how long (``for``)."""
 
     reason = fields.String(required=True, validate=validate.Length(1, 1000))
     incident = fields.String(load_default="", validate=validate.Length(max=128))
+    for_ = DurationField(
+        data_key="for", load_default=None, metadata={"description": "make it temporary: 30m, 2h, 1d"}
+    )
 
     @ma.validates("reason")
     def _reason_not_blank(self, value: str, **_: Any) -> None:
@@ -357,13 +381,16 @@ class PlaybookListSchema(Schema):
 
 
 class PlaybookApplySchema(ActionSchema):
-    """Body of apply: a reason and the incident are required; ``dry_run`` changes nothing."""
+    """Body of apply: a reason and the incident are required; ``dry_run`` changes nothing;
+    ``for`` makes the application temporary."""
 
     incident = fields.String(required=True, validate=validate.Length(1, 128))
     dry_run = StrictBool(load_default=False)
 
 
-class PlaybookRevertSchema(ActionSchema):
+class PlaybookRevertSchema(Schema):
+    reason = fields.String(required=True, validate=validate.Length(1, 1000))
+    incident = fields.String(load_default="", validate=validate.Length(max=128))
     dry_run = StrictBool(load_default=False)
 
 

@@ -163,6 +163,7 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
             write_context(actor, body["reason"], body["incident"]),
             if_match=if_match(),
             idempotency=idempotency(env, actor, body, ttl),
+            revert_in=body["for_"],
         )
         return _respond(env, result)
 

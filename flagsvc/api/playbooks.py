@@ -94,7 +94,9 @@ def apply(body: dict[str, Any], env: str, name: str) -> dict[str, Any]:
     ``If-Match`` may name the playbook version that was reviewed."""
     _check(env, name)
     ctx = write_context(current_token().name, body["reason"], body["incident"])
-    outcome = stores().playbooks.apply(env, name, ctx, dry_run=body["dry_run"], if_match=if_match())
+    outcome = stores().playbooks.apply(
+        env, name, ctx, dry_run=body["dry_run"], if_match=if_match(), revert_in=body["for_"]
+    )
     return _answer(env, outcome)
 
 

@@ -6,7 +6,7 @@
 -- ARGV[1]  JSON plan:
 --   expect_head  head the change was computed against ("" for an empty log)
 --   new_head     head after the last entry
---   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL
+--   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM
 --   entries      list of audit entries, each a flat list of field/value strings, in chain order
 --   idempotency  optional {value, ttl}
 --   channel, message  optional pub/sub notification
@@ -30,7 +30,9 @@ end
 
 -- Type checks first: a script is not rolled back on a runtime error, so refuse before the
 -- first write rather than fail half-way on a key someone overwrote by hand.
-local expected_type = {SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string'}
+local expected_type = {
+  SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string', ZADD = 'zset', ZREM = 'zset',
+}
 for _, op in ipairs(plan.ops) do
   local want = expected_type[op[1]]
   if not want then
@@ -59,6 +61,10 @@ for _, op in ipairs(plan.ops) do
     redis.call('SADD', key, op[3])
   elseif cmd == 'DEL' then
     redis.call('DEL', key)
+  elseif cmd == 'ZADD' then
+    redis.call('ZADD', key, op[3], op[4])
+  elseif cmd == 'ZREM' then
+    redis.call('ZREM', key, op[3])
   end
 end
 
