@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from .keys import Namespace
 _JSON_FIELDS = ("before", "after")
 _INT_FIELDS = ("seq", "env_version")
 _BATCH = 500
+MAX_SEQ = 2**64 - 1
 
 
 def decode_entry(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
@@ -39,6 +41,49 @@ class AuditPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class AuditFilter:
+    """Exact matches on indexed fields, and an inclusive time window."""
+
+    flag: str | None = None
+    actor: str | None = None
+    action: str | None = None
+    incident: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def matches(self, fields: dict[str, str]) -> bool:
+        if self.since or self.until:
+            # The window applies to the entry's own time, which precedes its stream id by the
+            # commit's duration (ids are only used to narrow the read, with WINDOW_SLACK).
+            moment = datetime.fromisoformat(fields.get("time", "").replace("Z", "+00:00"))
+            if (self.since and moment < self.since) or (self.until and moment > self.until):
+                return False
+        return all(
+            value is None or fields.get(name) == value
+            for name, value in (
+                ("flag", self.flag),
+                ("actor", self.actor),
+                ("action", self.action),
+                ("incident", self.incident),
+            )
+        )
+
+
+#: An entry's time is taken before its commit (retried for at most 5 s), its stream id after.
+WINDOW_SLACK_MS = 6000
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _score(stream_id: str) -> int:
+    """The index score of a stream id: ``ms * 1000 + sequence`` (see commit.lua)."""
+    ms, _, n = stream_id.partition("-")
+    return int(ms) * 1000 + int(n)
+
+
 class AuditLog:
     """Queries over one namespace's audit Stream."""
 
@@ -46,25 +91,111 @@ class AuditLog:
         self._redis = client
         self._ns = ns
 
-    def query(self, *, flag: str | None = None, limit: int = 50, cursor: str | None = None) -> AuditPage:
-        """Newest first, optionally only the entries of ``flag``; ``cursor`` continues a page."""
+    def query(
+        self,
+        criteria: AuditFilter | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        oldest_first: bool = False,
+        flag: str | None = None,
+    ) -> AuditPage:
+        """One page of matching entries, newest first unless ``oldest_first``; pass
+        ``next_cursor`` back as ``cursor`` for the next page."""
+        if criteria is None:
+            criteria = AuditFilter(flag=flag)
         entries: list[dict[str, Any]] = []
-        if cursor == "0-0":
-            return AuditPage(entries, None)  # nothing is older than the first possible id
-        upper = f"({cursor}" if cursor else "+"
-        while len(entries) < limit:
-            batch = self._redis.xrevrange(self._ns.audit, max=upper, min="-", count=_BATCH)
-            if not batch:
-                return AuditPage(entries, None)
-            for stream_id, fields in batch:
-                if flag is None or fields.get("flag") == flag:
-                    entries.append(decode_entry(stream_id, fields))
-                    if len(entries) == limit:
-                        return AuditPage(entries, stream_id)
-            upper = f"({batch[-1][0]}"
-            if len(batch) < _BATCH:
-                return AuditPage(entries, None)
+        for stream_id, fields in self.iter_matching(criteria, cursor=cursor, oldest_first=oldest_first):
+            if len(entries) == limit:
+                return AuditPage(entries, entries[-1]["id"])
+            entries.append(decode_entry(stream_id, fields))
         return AuditPage(entries, None)
+
+    def iter_matching(
+        self, criteria: AuditFilter, *, cursor: str | None = None, oldest_first: bool = False
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        """Matching entries in order, read in batches (an export never holds the whole log).
+
+        With a filter on an indexed field, the index of the most selective one is walked and
+        the entries fetched by id; otherwise the Stream itself is read within the time window.
+        """
+        indexed = next(
+            (
+                (name, value)
+                for name, value in (
+                    ("incident", criteria.incident),
+                    ("flag", criteria.flag),
+                    ("actor", criteria.actor),
+                    ("action", criteria.action),
+                )
+                if value is not None
+            ),
+            None,
+        )
+        if indexed is None:
+            yield from self._scan_stream(criteria, cursor, oldest_first)
+        else:
+            yield from self._walk_index(self._ns.audit_index(*indexed), criteria, cursor, oldest_first)
+
+    def _walk_index(
+        self, key: str, criteria: AuditFilter, cursor: str | None, oldest_first: bool
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        low: str = str(_ms(criteria.since) * 1000) if criteria.since else "-inf"
+        high: str = str((_ms(criteria.until) + WINDOW_SLACK_MS) * 1000 + 999) if criteria.until else "+inf"
+        if cursor == "0-0" and not oldest_first:
+            return
+        if cursor:
+            if oldest_first:
+                low = f"({_score(cursor)}"
+            else:
+                high = f"({_score(cursor)}"
+        while True:
+            if oldest_first:
+                ids = self._redis.zrangebyscore(key, low, high, start=0, num=_BATCH, withscores=True)
+            else:
+                ids = self._redis.zrevrangebyscore(key, high, low, start=0, num=_BATCH, withscores=True)
+            if not ids:
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            for stream_id, _ in ids:
+                pipe.xrange(self._ns.audit, min=stream_id, max=stream_id)
+            for found in pipe.execute():
+                if found and criteria.matches(found[0][1]):  # an archived entry is gone
+                    yield found[0]
+            last_score = int(ids[-1][1])
+            if oldest_first:
+                low = f"({last_score}"
+            else:
+                high = f"({last_score}"
+            if len(ids) < _BATCH:
+                return
+
+    def _scan_stream(
+        self, criteria: AuditFilter, cursor: str | None, oldest_first: bool
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        low = f"{_ms(criteria.since)}-0" if criteria.since else "-"
+        high = f"{_ms(criteria.until) + WINDOW_SLACK_MS}-{MAX_SEQ}" if criteria.until else "+"
+        if cursor == "0-0" and not oldest_first:
+            return
+        if cursor:
+            if oldest_first:
+                low = f"({cursor}"
+            else:
+                high = f"({cursor}"
+        while True:
+            if oldest_first:
+                batch = self._redis.xrange(self._ns.audit, min=low, max=high, count=_BATCH)
+            else:
+                batch = self._redis.xrevrange(self._ns.audit, max=high, min=low, count=_BATCH)
+            for stream_id, fields in batch:
+                if criteria.matches(fields):
+                    yield stream_id, fields
+            if len(batch) < _BATCH:
+                return
+            if oldest_first:
+                low = f"({batch[-1][0]}"
+            else:
+                high = f"({batch[-1][0]}"
 
     def iter_all(self) -> Iterator[tuple[str, dict[str, str]]]:
         """Every entry, oldest first, read in batches."""

@@ -50,6 +50,9 @@ AUDIT_FIELDS = (
     "hash",
 )
 
+#: Audit fields with an index (a sorted set of entry ids per value) for fast filtered queries.
+INDEXED_FIELDS = ("flag", "actor", "action", "incident")
+
 _SCRIPT = resources.files(__package__).joinpath("lua/commit.lua").read_text()
 
 T = TypeVar("T")
@@ -144,16 +147,22 @@ class Committer:
             chained.append(entry)
 
         keys = [ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head]
-        plan_ops = []
-        for op in ops:
-            if op.key not in keys:
-                keys.append(op.key)
-            plan_ops.append([op.cmd, keys.index(op.key) + 1, *op.args])
+
+        def key_index(key: str) -> int:
+            if key not in keys:
+                keys.append(key)
+            return keys.index(key) + 1
+
+        plan_ops = [[op.cmd, key_index(op.key), *op.args] for op in ops]
+        indexes = [
+            [key_index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]] for e in chained
+        ]
         plan: dict[str, Any] = {
             "expect_head": (head.decode() if isinstance(head, bytes) else head) or "",
             "new_head": f"{seq}:{prev_hash}",
             "ops": plan_ops,
             "entries": [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained],
+            "indexes": indexes,
         }
         if idempotency:
             plan["idempotency"] = {"value": idempotency.value, "ttl": idempotency.ttl}

@@ -39,6 +39,10 @@ class Namespace:
         """Pub/sub channel announcing each committed change."""
         return f"{self.base}:changes"
 
+    def audit_index(self, field: str, value: str) -> str:
+        """Sorted set of the ids of the audit entries whose ``field`` is ``value``."""
+        return f"{self.base}:audit:by-{field}:{value}"
+
     def idempotency(self, actor: str, key: str) -> str:
         return f"{self.base}:idem:{actor}:{key}"
 

@@ -8,7 +8,7 @@ values they can compare).
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import marshmallow as ma
@@ -236,8 +236,32 @@ class SnapshotSchema(Schema):
     flags = fields.Dict(keys=fields.String(), values=fields.Dict())
 
 
+class MomentField(fields.String):
+    """ISO 8601 (``2026-11-26T14:00:00Z``; no zone means UTC) or relative to now (``2h``, ``30m``)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        text = super()._deserialize(value, attr, data, **kwargs).strip()
+        try:
+            return datetime.now(UTC) - parse_duration(text)
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValidationError(
+                "an ISO 8601 time such as 2026-11-26T14:00:00Z, or a duration ago: 2h"
+            ) from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class AuditQuerySchema(Schema):
     flag = fields.String(validate=validate.Regexp(FLAG_KEY))
+    actor = fields.String(validate=validate.Length(1, 128))
+    action = fields.String(validate=validate.Length(1, 64))
+    incident = fields.String(validate=validate.Length(1, 128))
+    since = MomentField()
+    until = MomentField()
+    order = fields.String(load_default="newest", validate=validate.OneOf(("newest", "oldest")))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 1000))
     cursor = fields.String(validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"))
 

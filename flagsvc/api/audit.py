@@ -1,14 +1,20 @@
-"""The audit log of an environment: newest first, by flag, cursor pagination."""
+"""The audit log of an environment: filters, cursor pagination, CSV and NDJSON export."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from collections.abc import Iterator
 from typing import Any
 
+from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from ..audit import AuditLog
+from ..audit import AuditFilter, AuditLog, decode_entry
 from ..auth import require
+from ..commit import AUDIT_FIELDS
 from ..extensions import stores
 from ..keys import EnvKeys
 from ..schemas import AuditPageSchema, AuditQuerySchema
@@ -17,16 +23,71 @@ from .common import check_env
 
 blp = Blueprint("audit", __name__, url_prefix="/api/v1/envs/<env>", description="Audit log")
 
+CSV = "text/csv"
+NDJSON = "application/x-ndjson"
+EXPORT_COLUMNS = ("id", *AUDIT_FIELDS)
+
+
+def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Iterator[str]:
+    """Rows as they are read: the whole log is never in memory."""
+    if mimetype == NDJSON:
+        for stream_id, fields in entries:
+            yield json.dumps(decode_entry(stream_id, fields)) + "\n"
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(EXPORT_COLUMNS)
+    for stream_id, fields in entries:
+        writer.writerow([stream_id, *(fields.get(name, "") for name in AUDIT_FIELDS)])
+        if buffer.tell() > 64 * 1024:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
 
 @blp.route("/audit")
 class Audit(MethodView):
     @require(Role.READER)
     @blp.arguments(AuditQuerySchema, location="query", unknown="raise")
     @blp.response(200, AuditPageSchema)
-    def get(self, query: dict[str, Any], env: str) -> dict[str, Any]:
-        """Audit entries, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    @blp.doc(
+        responses={
+            "200": {
+                "content": {
+                    CSV: {"schema": {"type": "string"}},
+                    NDJSON: {"schema": {"type": "string"}},
+                }
+            }
+        }
+    )
+    def get(self, query: dict[str, Any], env: str) -> Any:
+        """Audit entries matching the filters, newest first (``order=oldest`` for the reverse).
+
+        ``since``/``until`` take ISO 8601 or a duration ago (``2h``). Pass ``next_cursor`` back as
+        ``cursor`` for the next page. ``Accept: text/csv`` or ``application/x-ndjson`` streams
+        every matching entry (no ``limit``)."""
         check_env(env)
-        page = AuditLog(stores().redis, EnvKeys(env)).query(
-            flag=query.get("flag"), limit=query["limit"], cursor=query.get("cursor")
+        criteria = AuditFilter(
+            flag=query.get("flag"),
+            actor=query.get("actor"),
+            action=query.get("action"),
+            incident=query.get("incident"),
+            since=query.get("since"),
+            until=query.get("until"),
+        )
+        log = AuditLog(stores().redis, EnvKeys(env))
+        oldest_first = query["order"] == "oldest"
+        wanted = request.accept_mimetypes.best_match(["application/json", CSV, NDJSON], "application/json")
+        if wanted in (CSV, NDJSON):
+            rows = log.iter_matching(criteria, cursor=query.get("cursor"), oldest_first=oldest_first)
+            filename = f"flagsvc-audit-{env}.{'csv' if wanted == CSV else 'ndjson'}"
+            return Response(
+                _export(rows, wanted),
+                mimetype=wanted,
+                headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+            )
+        page = log.query(
+            criteria, limit=query["limit"], cursor=query.get("cursor"), oldest_first=oldest_first
         )
         return {"entries": page.entries, "next_cursor": page.next_cursor}

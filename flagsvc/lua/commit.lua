@@ -8,6 +8,8 @@
 --   new_head     head after the last entry
 --   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM
 --   entries      list of audit entries, each a flat list of field/value strings, in chain order
+--   indexes      per entry, the KEYS indexes of the sorted sets that index it (by flag, actor...);
+--                each gets the entry's stream id, scored ms * 1000 + sequence of the id
 --   idempotency  optional {value, ttl}
 --   channel, message  optional pub/sub notification
 --
@@ -69,8 +71,13 @@ for _, op in ipairs(plan.ops) do
 end
 
 local id
-for _, entry in ipairs(plan.entries) do
+for i, entry in ipairs(plan.entries) do
   id = redis.call('XADD', KEYS[1], '*', unpack(entry))
+  local ms, n = string.match(id, '^(%d+)-(%d+)$')
+  local score = tonumber(ms) * 1000 + tonumber(n)
+  for _, ki in ipairs(plan.indexes[i]) do
+    redis.call('ZADD', KEYS[ki], score, id)
+  end
 end
 redis.call('SET', KEYS[2], plan.new_head)
 
