@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import requests
 
+from ._incident import build_report
 from ._version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
@@ -240,6 +241,73 @@ def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
     return "\n".join(lines) or "(no entries)"
 
 
+def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
+    if args.playbook_command == "list":
+        books = api.call("GET", api.env_path("playbooks")).json()["playbooks"]
+        if args.json:
+            return books
+        lines = []
+        for b in books:
+            state = "APPLIED" if b["applied"] else "-"
+            lines.append(f"{state:<8} {b['name']:<32} {len(b['changes'])} flags  {b['description']}")
+        return "\n".join(lines) or "(no playbooks)"
+    if args.playbook_command == "show":
+        book = api.call("GET", api.env_path("playbooks", args.name)).json()
+        if args.json:
+            return book
+        lines = [f"{book['name']} (version {book['version']}): {book['description']}"]
+        lines += [f"  {flag}: {json.dumps(change)}" for flag, change in sorted(book["changes"].items())]
+        applied = book.get("applied")
+        if applied:
+            lines.append(
+                f"  APPLIED {applied['applied_at']} by {applied['applied_by']} ({applied.get('incident')})"
+                + (f", reverts by itself at {applied['revert_at']}" if applied.get("revert_at") else "")
+            )
+        return "\n".join(lines)
+    body: dict[str, Any] = {"reason": args.reason, "dry_run": args.dry_run}
+    if args.incident:
+        body["incident"] = args.incident
+    if getattr(args, "for_", None):
+        body["for"] = args.for_
+    outcome = api.call(
+        "POST", api.env_path("playbooks", args.name, args.playbook_command), json=body, retry=False
+    ).json()
+    if args.json:
+        return outcome
+    verb = args.playbook_command
+    done = {"apply": "applied", "revert": "reverted"}[verb]
+    head = f"would {verb}" if outcome["dry_run"] else done
+    lines = [f"{head} playbook {args.name} in {api.env} (operation {outcome['operation']}):"]
+    for change in outcome["changed"]:
+        radius = (outcome.get("blast_radius") or {}).get(change["flag"])
+        seen = ""
+        if radius is not None:
+            apps = ", ".join(f"{app} x{n}" for app, n in radius["apps"].items()) or "no SDK instance"
+            seen = f"   [last 15 min: {radius['evaluations']} evaluations; {apps}]"
+        lines.append(
+            f"  {change['flag']}: {json.dumps(change['before'])} -> {json.dumps(change['after'])}{seen}"
+        )
+    lines += [f"  {flag}: already as wanted" for flag in outcome["unchanged"]]
+    lines += [f"  {s['flag']}: LEFT ALONE, {s['reason']}" for s in outcome["skipped"]]
+    return "\n".join(lines)
+
+
+def cmd_report(api: Api, args: argparse.Namespace) -> Any:
+    params: dict[str, Any] = {"order": "oldest"}
+    for name in ("incident", "since", "until"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
+    if len(params) == 1:
+        raise CommandError("give --incident, or --since (and --until)", EXIT_USAGE)
+    resp = api.call("GET", api.env_path("audit"), params=params, headers={"Accept": "application/x-ndjson"})
+    entries = [json.loads(line) for line in resp.text.splitlines() if line]
+    flags = api.call("GET", api.env_path("flags")).json()["flags"]
+    if args.json:
+        return {"entries": entries, "flags": flags}
+    title = f"Incident {args.incident}: flag changes" if args.incident else "Flag changes"
+    return build_report(entries, flags, env=api.env, title=title)
+
+
 def _seconds(text: str) -> float:
     """``30``, ``30s``, ``2m`` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -265,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flagctl",
-        description="Operate flagsvc flags: list, show, kill, restore, audit.",
+        description="Operate flagsvc flags: list, show, kill, restore, playbooks, clients, audit, report.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
         "6 service unreachable, 7 refused input, 8 --wait timed out",
         parents=[common],
@@ -291,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda api, args, _a=action: _switch(api, args, _a))
     clients = sub.add_parser("clients", parents=[common], help="SDK instances and the version they run")
     clients.set_defaults(func=cmd_clients)
+    playbook = sub.add_parser("playbook", parents=[common], help="containment playbooks")
+    pb = playbook.add_subparsers(dest="playbook_command", required=True, metavar="ACTION")
+    pb.add_parser("list", parents=[common], help="playbooks and whether applied")
+    pb.add_parser("show", parents=[common], help="one playbook").add_argument("name")
+    for action, help_text in (("apply", "apply every change at once"), ("revert", "put the flags back")):
+        p = pb.add_parser(action, parents=[common], help=help_text)
+        p.add_argument("name")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--incident", required=action == "apply", help="incident id (required to apply)")
+        p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+        if action == "apply":
+            p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")
+    playbook.set_defaults(func=cmd_playbook)
+    report = sub.add_parser("report", parents=[common], help="post-incident report (Markdown)")
+    report.add_argument("--incident", help="the incident id given with the changes")
+    report.add_argument("--since", help="ISO 8601 time or a duration ago (2h)")
+    report.add_argument("--until", help="ISO 8601 time or a duration ago")
+    report.set_defaults(func=cmd_report)
     audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
     audit.add_argument("--flag", help="only this flag")
     audit.add_argument("--limit", type=int, default=20)
