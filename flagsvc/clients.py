@@ -16,6 +16,8 @@ from .keys import EnvKeys
 LIVE_SECONDS = 90
 #: Instances silent for longer are forgotten.
 FORGET_SECONDS = 24 * 3600
+#: A dry run shows who evaluated the affected flags in the last this many minutes.
+BLAST_RADIUS_MINUTES = 15
 #: Evaluation counts are kept per minute for this long.
 COUNTS_TTL_SECONDS = 3 * 3600
 

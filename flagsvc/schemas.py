@@ -209,6 +209,9 @@ class ActionSchema(Schema):
     for_ = DurationField(
         data_key="for", load_default=None, metadata={"description": "make it temporary: 30m, 2h, 1d"}
     )
+    dry_run = StrictBool(
+        load_default=False, metadata={"description": "answer what would change, change nothing"}
+    )
 
     @ma.validates("reason")
     def _reason_not_blank(self, value: str, **_: Any) -> None:
@@ -409,7 +412,6 @@ class PlaybookApplySchema(ActionSchema):
     ``for`` makes the application temporary."""
 
     incident = fields.String(required=True, validate=validate.Length(1, 128))
-    dry_run = StrictBool(load_default=False)
 
 
 class PlaybookRevertSchema(Schema):

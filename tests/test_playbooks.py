@@ -28,8 +28,14 @@ def seed(client, auth):
             == 201
         )
     client.put(f"{ENV}/flags/already.off", json={"kind": "kill_switch", "enabled": False}, headers=admin)
-    timeout = {"kind": "ops", "type": "number", "enabled": True, "variants": {"normal": 3000, "short": 800},
-               "default_variant": "normal", "off_variant": "short"}  # fmt: skip
+    timeout = {
+        "kind": "ops",
+        "type": "number",
+        "enabled": True,
+        "variants": {"normal": 3000, "short": 800},
+        "default_variant": "normal",
+        "off_variant": "short",
+    }
     client.put(f"{ENV}/flags/payments.timeout-ms", json=timeout, headers=admin)
     created = client.put(f"{ENV}/playbooks/checkout-degraded", json=PLAYBOOK, headers=admin)
     assert created.status_code == 201, created.json
@@ -121,9 +127,10 @@ def test_revert_restores_exact_prior_states_and_skips_flags_changed_since(client
     client.post(f"{ENV}/flags/exports/kill", json={"reason": "no, off again"}, headers=auth("operator"))
 
     preview = client.post(
-        f"{ENV}/playbooks/checkout-degraded/revert", json={"reason": "fixed", "dry_run": True},
+        f"{ENV}/playbooks/checkout-degraded/revert",
+        json={"reason": "fixed", "dry_run": True},
         headers=auth("operator"),
-    )  # fmt: skip
+    )
     assert {c["flag"] for c in preview.json["changed"]} == {"checkout.recs", "payments.timeout-ms"}
     reverted = client.post(
         f"{ENV}/playbooks/checkout-degraded/revert", json={"reason": "fixed"}, headers=auth("operator")
@@ -157,3 +164,26 @@ def test_roles_and_required_fields(client, auth):
         client.post(f"{ENV}/playbooks/nope/apply", json=ACTION, headers=auth("operator")).status_code == 404
     )
     assert client.delete(f"{ENV}/playbooks/checkout-degraded", headers=auth("admin")).status_code == 204
+
+
+def test_kill_dry_run_previews_and_changes_nothing(client, auth, snapshot_redis):
+    seed(client, auth)
+    client.post(
+        f"{ENV}/clients/i1",
+        json={"app": "checkout", "applied_version": 1, "counts": {"exports": 4}},
+        headers=auth("sdk"),
+    )
+    before = snapshot_redis()
+    preview = client.post(
+        f"{ENV}/flags/exports/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
+    )
+    assert preview.status_code == 200
+    assert preview.json == {
+        "dry_run": True,
+        "flag": "exports",
+        "changed": True,
+        "before": {"enabled": True, "version": 1},
+        "after": {"enabled": False},
+        "blast_radius": {"evaluations": 4, "apps": {"checkout": 1}},
+    }
+    assert snapshot_redis() == before

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import current_app
+from flask import Response, current_app, jsonify
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
 from ..auth import current_token, require
+from ..clients import BLAST_RADIUS_MINUTES
 from ..errors import FlagNotFound, InvalidInput, flatten_validation_messages
 from ..extensions import stores
 from ..flags import Flag, Mutation, WriteResult, definition_of
@@ -139,6 +140,20 @@ class FlagResource(MethodView):
         return _respond(env, result)
 
 
+def _preview(env: str, key: str, enabled: bool) -> Response:
+    """A dry run of kill or restore: what would change, and who evaluated the flag lately."""
+    flag = stores().flags.get(env, key)
+    seen = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES).get(key, {"evaluations": 0, "apps": {}})
+    return jsonify(
+        dry_run=True,
+        flag=key,
+        changed=flag["enabled"] is not enabled,
+        before={"enabled": flag["enabled"], "version": flag["version"]},
+        after={"enabled": enabled},
+        blast_radius=seen,
+    )
+
+
 def _switch(action: str, enabled: bool) -> Callable[..., Any]:
     """A kill or restore view: set ``enabled``, with a reason, idempotent with a key."""
 
@@ -148,6 +163,8 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
     def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
         _check(env, key)
         actor = current_token().name
+        if body["dry_run"]:
+            return _preview(env, key, enabled)
 
         def mutate(current: Flag | None) -> Mutation:
             definition = definition_of(_must_exist(env, key, current))

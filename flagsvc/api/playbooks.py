@@ -8,6 +8,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import current_token, require
+from ..clients import BLAST_RADIUS_MINUTES
 from ..extensions import stores
 from ..playbooks import Outcome
 from ..schemas import (
@@ -23,9 +24,6 @@ from ..tokens import Role
 from .common import check_env, if_match, path_error, write_context
 
 blp = Blueprint("playbooks", __name__, url_prefix="/api/v1/envs/<env>/playbooks", description="Playbooks")
-
-#: Evaluations of the last minutes shown as the blast radius of a dry run.
-BLAST_RADIUS_MINUTES = 15
 
 
 def _check(env: str, name: str | None = None) -> None:
