@@ -6,7 +6,7 @@ Entries are written only by :mod:`flagsvc.commit`. The Stream is never trimmed b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -207,33 +207,76 @@ class AuditLog:
                 return
             lower = f"({batch[-1][0]}"
 
-    def verify(self) -> VerifyResult:
-        """Walk the chain: each entry's hash, its link to the previous one, the sequence, the head."""
-        prev_hash, expected_seq, count, last_id = "", 1, 0, None
+    def base(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the newest entry trimmed away (``(0, "")`` if none): the anchor the
+        live log's chain continues from."""
+        return parse_head(self._redis.get(self._ns.audit_base))
+
+    def verify(self, archives: Iterable[Iterable[tuple[str, dict[str, str]]]] = ()) -> VerifyResult:
+        """Walk the chain: each entry's hash, its link to the previous one, the sequence, the head.
+
+        ``archives`` (oldest first) are the entries ``flagsvc audit trim`` moved to files: with
+        them the walk starts at the very first entry and crosses each archive boundary; without
+        them it starts at the stored anchor of the last trim."""
+        chain = ChainWalk()
+        archives = list(archives)
+        if not archives:
+            chain.seq, chain.prev_hash = self.base()
+        for archive in archives:
+            for stream_id, fields in archive:
+                if not chain.step(stream_id, fields):
+                    return chain.result(ok=False, where="archive")
+        if archives and (chain.seq, chain.prev_hash) != self.base():
+            return VerifyResult(
+                False, chain.count, chain.last_id, "the archives do not end where the live log begins"
+            )
         for stream_id, fields in self.iter_all():
-            problem = None
-            if fields.get("seq") != str(expected_seq):
-                problem = (
-                    f"sequence {fields.get('seq')!r}, expected {expected_seq}: entry removed or inserted"
-                )
-            elif fields.get("prev_hash") != prev_hash:
-                problem = (
-                    "prev_hash does not match the previous entry: an entry before it was removed or edited"
-                )
-            elif entry_hash(fields) != fields.get("hash"):
-                problem = "hash does not match the entry's content: the entry was edited"
-            if problem:
-                return VerifyResult(False, count, stream_id, problem)
-            prev_hash, expected_seq, count, last_id = fields["hash"], expected_seq + 1, count + 1, stream_id
+            if not chain.step(stream_id, fields):
+                return chain.result(ok=False)
         head_seq, head_hash = parse_head(self._redis.get(self._ns.audit_head))
-        if (head_seq, head_hash) != (count, prev_hash):
+        if (head_seq, head_hash) != (chain.seq, chain.prev_hash):
             return VerifyResult(
                 False,
-                count,
-                last_id,
-                f"head is entry {head_seq} but the log ends at entry {count}: newest edited or removed",
+                chain.count,
+                chain.last_id,
+                f"head is entry {head_seq} but the log ends at entry {chain.seq}: newest edited or removed",
             )
-        return VerifyResult(True, count, None, None)
+        return chain.result(ok=True)
+
+
+class ChainWalk:
+    """The state of a walk along the hash chain."""
+
+    def __init__(self) -> None:
+        self.seq, self.prev_hash, self.count = 0, "", 0
+        self.last_id: str | None = None
+        self.bad_id: str | None = None
+        self.problem: str | None = None
+
+    def step(self, stream_id: str, fields: dict[str, str]) -> bool:
+        expected = self.seq + 1
+        if fields.get("seq") != str(expected):
+            self.problem = f"sequence {fields.get('seq')!r}, expected {expected}: entry removed or inserted"
+        elif fields.get("prev_hash") != self.prev_hash:
+            self.problem = (
+                "prev_hash does not match the previous entry: an entry before it was removed or edited"
+            )
+        elif entry_hash(fields) != fields.get("hash"):
+            self.problem = "hash does not match the entry's content: the entry was edited"
+        if self.problem:
+            self.bad_id = stream_id
+            return False
+        self.seq, self.prev_hash, self.count, self.last_id = (
+            expected,
+            fields["hash"],
+            self.count + 1,
+            stream_id,
+        )
+        return True
+
+    def result(self, *, ok: bool, where: str = "") -> VerifyResult:
+        problem = f"{where}: {self.problem}" if where and self.problem else self.problem
+        return VerifyResult(ok, self.count, self.bad_id, problem)
 
 
 @dataclass(frozen=True)

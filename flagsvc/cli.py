@@ -12,6 +12,7 @@ import getpass
 import json
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -25,6 +26,7 @@ from .envs import ENV_NAME
 from .errors import AlreadyExists, TokenNotFound
 from .extensions import connect
 from .keys import EnvKeys, SystemKeys
+from .retention import read_archive, trim
 from .scheduler import Scheduler
 from .tokens import Role, TokenStore
 
@@ -203,9 +205,18 @@ def audit() -> None:
 @audit.command("verify")
 @click.option("--env", default=None, help="Environment whose audit log to verify.")
 @click.option("--system", is_flag=True, help="Verify the system log (tokens, environments).")
+@click.option(
+    "--archive",
+    "archives",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Archive files of earlier trims, oldest first: verify from the very first entry.",
+)
 @data_dir_option
 @redis_url_option
-def audit_verify(env: str | None, system: bool, data_dir: Path, redis_url: str | None) -> None:
+def audit_verify(
+    env: str | None, system: bool, archives: tuple[Path, ...], data_dir: Path, redis_url: str | None
+) -> None:
     """Walk the hash chain; exit 1 and name the first bad entry if one was edited or removed."""
     if bool(env) == system:
         raise click.UsageError("give exactly one of --env E or --system")
@@ -213,7 +224,7 @@ def audit_verify(env: str | None, system: bool, data_dir: Path, redis_url: str |
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     ns = SystemKeys() if system else EnvKeys(env or "")
     with redis_for(redis_url, data_dir) as client:
-        result = AuditLog(client, ns).verify()
+        result = AuditLog(client, ns).verify([read_archive(a) for a in archives])
     label = "system log" if system else f"environment {env!r}"
     if result.ok:
         click.echo(f"ok: {label}: {result.entries} entries, hash chain intact")
@@ -227,3 +238,45 @@ def audit_verify(env: str | None, system: bool, data_dir: Path, redis_url: str |
 
 if __name__ == "__main__":
     main()
+
+
+@audit.command("trim")
+@click.option("--env", required=True, help="Environment whose audit log to trim.")
+@click.option("--before", required=True, help="Cut-off: ISO 8601 time, or a duration ago (90d).")
+@click.option(
+    "--archive",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="New file that receives the trimmed entries (never overwritten).",
+)
+@data_dir_option
+@redis_url_option
+def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: str | None) -> None:
+    """Archive the entries older than --before to a file, then trim them (audited)."""
+    if not ENV_NAME.match(env):
+        raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
+    try:
+        cutoff = datetime.now(UTC) - parse_duration(before)
+    except ValueError:
+        try:
+            cutoff = datetime.fromisoformat(before.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                "an ISO 8601 time or a duration such as 90d", param_hint="--before"
+            ) from None
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=UTC)
+    with redis_for(redis_url, data_dir) as client:
+        try:
+            result = trim(client, env, cutoff, archive, actor=cli_actor())
+        except FileExistsError:
+            raise click.ClickException(f"{archive} exists: archives are never overwritten") from None
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    if not result.archived:
+        click.echo(f"nothing older than {cutoff.isoformat()} in {env!r}")
+        return
+    click.echo(
+        f"archived {result.archived} entries of {env!r} (through {result.through_id}) to {archive}, "
+        f"sha256 {result.sha256}; trimmed"
+    )

@@ -35,6 +35,11 @@ class Namespace:
         return f"{self.base}:audit:head"
 
     @property
+    def audit_base(self) -> str:
+        """``<seq>:<hash>`` of the newest entry trimmed to an archive: where the live chain starts."""
+        return f"{self.base}:audit:base"
+
+    @property
     def changes_channel(self) -> str:
         """Pub/sub channel announcing each committed change."""
         return f"{self.base}:changes"

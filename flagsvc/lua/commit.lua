@@ -6,7 +6,8 @@
 -- ARGV[1]  JSON plan:
 --   expect_head  head the change was computed against ("" for an empty log)
 --   new_head     head after the last entry
---   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM
+--   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM,
+--                XTRIM (MINID = the given id: the audit retention, see flagsvc/retention.py)
 --   entries      list of audit entries, each a flat list of field/value strings, in chain order
 --   indexes      per entry, the KEYS indexes of the sorted sets that index it (by flag, actor...);
 --                each gets the entry's stream id, scored ms * 1000 + sequence of the id
@@ -34,6 +35,7 @@ end
 -- first write rather than fail half-way on a key someone overwrote by hand.
 local expected_type = {
   SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string', ZADD = 'zset', ZREM = 'zset',
+  XTRIM = 'stream',
 }
 for _, op in ipairs(plan.ops) do
   local want = expected_type[op[1]]
@@ -67,6 +69,8 @@ for _, op in ipairs(plan.ops) do
     redis.call('ZADD', key, op[3], op[4])
   elseif cmd == 'ZREM' then
     redis.call('ZREM', key, op[3])
+  elseif cmd == 'XTRIM' then
+    redis.call('XTRIM', key, 'MINID', '=', op[3])
   end
 end
 
