@@ -45,6 +45,14 @@ def _state(flag: Flag) -> dict[str, Any]:
     return {k: flag[k] for k in CHANGEABLE}
 
 
+def _next_version(flag: Flag, change: dict[str, Any], actor: str, now: str) -> Flag:
+    """``flag`` with ``change`` applied, as its next version (a pending ``revert_at`` no longer
+    applies: the scheduled revert will find the flag changed and skip)."""
+    after = {k: v for k, v in flag.items() if k != "revert_at"}
+    after.update(change, version=flag["version"] + 1, updated_at=now, updated_by=actor)
+    return after
+
+
 def _flag_action(before: Flag, after: Flag) -> str:
     if before["enabled"] and not after["enabled"]:
         return "flag.kill"
@@ -232,13 +240,7 @@ class PlaybookStore:
                 if definition == definition_of(flag):
                     outcome.unchanged.append(key)
                     continue
-                after = {
-                    **flag,
-                    **change,
-                    "version": flag["version"] + 1,
-                    "updated_at": now,
-                    "updated_by": ctx.actor,
-                }
+                after = _next_version(flag, change, ctx.actor, now)
                 outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
                 prior[key] = {"before": _state(flag), "version_after": after["version"]}
                 ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
@@ -350,13 +352,7 @@ class PlaybookStore:
                         }
                     )
                     continue
-                after = {
-                    **flag,
-                    **prior["before"],
-                    "version": flag["version"] + 1,
-                    "updated_at": now,
-                    "updated_by": ctx.actor,
-                }
+                after = _next_version(flag, prior["before"], ctx.actor, now)
                 outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
                 ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
                 entries.append(self._flag_entry(ctx, operation, name, flag, after, version + 1))
