@@ -17,9 +17,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+
+from flagsvc_client.engine import CompiledFlag, compile_flag
 
 from .flags import FlagStore
 from .keys import PREFIX, EnvKeys
@@ -36,6 +39,14 @@ class Published:
     env: str
     version: int
     body: bytes
+    flags: dict[str, Any] = field(default_factory=dict, repr=False)
+    _compiled: dict[str, CompiledFlag] = field(default_factory=dict, repr=False, compare=False)
+
+    def compiled(self) -> dict[str, CompiledFlag]:
+        """The flags compiled for server-side evaluation (OFREP), once per version and process."""
+        if not self._compiled and self.flags:
+            self._compiled.update({key: compile_flag(key, raw) for key, raw in self.flags.items()})
+        return self._compiled
 
 
 def _env_of_channel(channel: str) -> str | None:
@@ -112,7 +123,9 @@ class SnapshotCache:
 
     def _load(self, env: str) -> Published:
         snap = self._flags.snapshot(env)
-        entry = Published(env, snap.version, json.dumps(snap.to_dict(), separators=(",", ":")).encode())
+        entry = Published(
+            env, snap.version, json.dumps(snap.to_dict(), separators=(",", ":")).encode(), snap.flags
+        )
         with self._changed:
             current = self._entries.get(env)
             if current is None or current.version != entry.version:

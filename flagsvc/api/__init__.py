@@ -10,7 +10,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from ..schemas import ProblemSchema
-from . import audit, clients, envs, flags, health, playbooks, snapshot
+from . import audit, clients, envs, flags, health, ofrep, playbooks, snapshot
 from .common import init_request_hooks
 
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "fsk_<id>_<secret>"}}
@@ -41,5 +41,6 @@ def init_app(app: Flask) -> Api:
     for blp in (envs.blp, flags.blp, playbooks.blp, snapshot.blp, clients.blp, audit.blp):
         api.register_blueprint(blp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(ofrep.bp)
     init_request_hooks(app)
     return api

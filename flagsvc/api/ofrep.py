@@ -1,0 +1,152 @@
+"""The OpenFeature Remote Evaluation Protocol (OFREP) for stacks without a flagsvc SDK.
+
+``POST /ofrep/v1/evaluate/flags/{key}``, ``POST /ofrep/v1/evaluate/flags`` (bulk, with
+``ETag``/``If-None-Match``) and ``GET /ofrep/v1/configuration``. Evaluation runs the SDK's engine
+on this worker's in-memory snapshot, so answers equal what the Python SDK computes. Auth:
+``Authorization: Bearer`` or ``X-API-Key`` with a token (``sdk`` role or above) scoped to exactly
+one environment - the one evaluated. Errors use the protocol's body: ``{key, errorCode,
+errorDetails}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from ..extensions import stores
+from ..tokens import ALL_ENVS, Role, Token
+from .common import STALE_HEADER
+
+bp = Blueprint("ofrep", __name__, url_prefix="/ofrep/v1")
+
+#: Evaluation errors of the engine and the HTTP status OFREP gives them.
+_ERROR_STATUS = {
+    "FLAG_NOT_FOUND": 404,
+    "PARSE_ERROR": 400,
+    "TARGETING_KEY_MISSING": 400,
+    "INVALID_CONTEXT": 400,
+}
+MIN_POLLING_INTERVAL_MS = 1000
+
+
+class OfrepError(Exception):
+    def __init__(self, status: int, code: str, details: str, key: str | None = None) -> None:
+        super().__init__(details)
+        self.status, self.code, self.details, self.key = status, code, details, key
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
+
+
+@bp.errorhandler(OfrepError)
+def _error(exc: OfrepError) -> Response:
+    body = {"errorCode": exc.code, "errorDetails": exc.details}
+    if exc.key is not None:
+        body = {"key": exc.key, **body}
+    return _json(body, exc.status)
+
+
+def _token() -> Token:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    secret = (
+        credentials.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key", "").strip()
+    )
+    token = stores().tokens.authenticate(secret) if secret else None
+    if token is None:
+        raise OfrepError(401, "GENERAL", "send Authorization: Bearer <token> or X-API-Key with a valid token")
+    if len(token.envs) != 1 or token.envs[0] == ALL_ENVS:
+        raise OfrepError(403, "GENERAL", f"token {token.name!r} must be scoped to exactly one environment")
+    return token
+
+
+def _context() -> dict[str, Any]:
+    """The evaluation context of the body (``targetingKey`` becomes ``targeting_key``)."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise OfrepError(400, "INVALID_CONTEXT", "the body is not valid JSON") from None
+    context = body.get("context", {}) if isinstance(body, dict) else None
+    if not isinstance(context, dict):
+        raise OfrepError(400, "INVALID_CONTEXT", "context must be a JSON object")
+    context = dict(context)
+    if "targetingKey" in context:
+        context["targeting_key"] = context.pop("targetingKey")
+    return context
+
+
+def _evaluate(key: str, flags: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    flag = flags.get(key)
+    if flag is None:
+        return {"key": key, "errorCode": "FLAG_NOT_FOUND", "errorDetails": f"no flag {key!r}"}
+    details = flag.evaluate(context, None)
+    if details.error_code:
+        return {"key": key, "errorCode": details.error_code, "errorDetails": details.error_message or ""}
+    metadata = {"version": details.flag_version} if details.flag_version is not None else {}
+    return {
+        "key": key,
+        "value": details.value,
+        "reason": details.reason,
+        "variant": details.variant,
+        "metadata": metadata,
+    }
+
+
+def _published() -> Any:
+    token = _token()
+    env = token.envs[0]
+    if token.role_level < Role.SDK or not stores().envs.exists(env):
+        raise OfrepError(403, "GENERAL", f"environment {env!r} is not available to this token")
+    return stores().snapshots.get(env)
+
+
+@bp.post("/evaluate/flags/<key>")
+def evaluate_flag(key: str) -> Response:
+    """One flag: ``{key, value, reason, variant, metadata}`` or ``{key, errorCode, errorDetails}``."""
+    published = _published()
+    result = _evaluate(key, published.compiled(), _context())
+    if "errorCode" in result:
+        raise OfrepError(
+            _ERROR_STATUS.get(result["errorCode"], 400), result["errorCode"], result["errorDetails"], key
+        )
+    return _json(result)
+
+
+@bp.post("/evaluate/flags")
+def evaluate_flags() -> Response:
+    """Every flag for one context; ``ETag`` covers the version and the context (``304``)."""
+    published = _published()
+    context = _context()
+    digest = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    etag = f'"{published.version}-{digest}"'
+    headers = {"ETag": etag}
+    if stores().snapshots.stale:
+        headers[STALE_HEADER] = "true"
+    if request.headers.get("If-None-Match") == etag:
+        return Response(status=304, headers=headers)
+    compiled = published.compiled()
+    return _json({"flags": [_evaluate(key, compiled, context) for key in compiled]}, headers=headers)
+
+
+@bp.get("/configuration")
+def configuration() -> Response:
+    """What this OFREP server supports."""
+    _token()
+    return _json(
+        {
+            "name": "flagsvc",
+            "capabilities": {
+                "cacheInvalidation": {
+                    "polling": {"enabled": True, "minPollingIntervalMs": MIN_POLLING_INTERVAL_MS}
+                },
+                "flagEvaluation": {"supportedTypes": ["boolean", "string", "integer", "float", "object"]},
+            },
+        }
+    )
