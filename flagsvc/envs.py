@@ -24,7 +24,9 @@ class EnvStore:
         self._known: set[str] = set()
 
     def list(self) -> list[str]:
-        return sorted(self._redis.smembers(self._keys.envs))
+        envs = sorted(self._redis.smembers(self._keys.envs))
+        self._known.update(envs)  # environments are never deleted: remember them for outages
+        return envs
 
     def exists(self, env: str) -> bool:
         if env in self._known:
