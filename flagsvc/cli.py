@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import redis
@@ -29,6 +31,7 @@ from .keys import EnvKeys, SystemKeys
 from .retention import read_archive, trim
 from .scheduler import Scheduler
 from .tokens import Role, TokenStore
+from .transfer import ImportRefused, export_env, import_env
 
 data_dir_option = click.option(
     "--data-dir",
@@ -195,6 +198,43 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
         click.echo(f"flagsvc worker: reverting temporary changes every {interval:g} s")
         with contextlib.suppress(KeyboardInterrupt):
             scheduler.run_forever()
+
+
+@main.command("export")
+@click.option("--env", required=True, help="Environment to export.")
+@data_dir_option
+@redis_url_option
+def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
+    """Print the flags and playbooks of --env as JSON (a backup; config you can keep in git)."""
+    if not ENV_NAME.match(env):
+        raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
+    with redis_for(redis_url, data_dir) as client:
+        click.echo(json.dumps(export_env(client, env), indent=2, sort_keys=True))
+
+
+@main.command("import")
+@click.option("--env", required=True, help="Environment to import into (created if missing).")
+@click.argument("file", type=click.File("r"))
+@data_dir_option
+@redis_url_option
+def import_command(env: str, file: Any, data_dir: Path, redis_url: str | None) -> None:
+    """Make --env hold the flags and playbooks of an export FILE ('-' for stdin): validated
+    first, applied in one audited commit, idempotent. Flags not in the file are left alone."""
+    if not ENV_NAME.match(env):
+        raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
+    try:
+        document = json.load(file)
+    except ValueError as exc:
+        raise click.ClickException(f"{file.name}: not JSON: {exc}") from None
+    with redis_for(redis_url, data_dir) as client:
+        try:
+            counts = import_env(client, env, document, actor=cli_actor(), source=os.path.basename(file.name))
+        except ImportRefused as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"imported into {env!r}: {counts['flags_created']} flags created, {counts['flags_updated']} updated, "
+        f"{counts['playbooks_written']} playbooks written, {counts['unchanged']} unchanged"
+    )
 
 
 @main.group()
