@@ -15,6 +15,8 @@ import redis
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
+from .metrics import REDIS_ERRORS
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -191,6 +193,7 @@ REDIS_UNAVAILABLE = (
 
 def handle_redis_error(error: redis.RedisError) -> Response:
     log.error("redis unavailable: %s", error)
+    REDIS_ERRORS.inc()
     return handle_problem(StoreUnavailable(f"Redis: {type(error).__name__}: {error}"))
 
 

@@ -14,6 +14,7 @@ import redis
 from .commit import Committed, Committer, Idempotency, Op, Replayed, retry_on_conflict, utcnow_iso
 from .errors import FlagNotFound, IdempotencyKeyReused, VersionMismatch
 from .keys import EnvKeys
+from .metrics import FLAG_CHANGES
 
 #: Fields a client defines; everything else on a flag is owned by the server.
 DEFINITION_FIELDS = (
@@ -245,6 +246,7 @@ class FlagStore:
                 assert idempotency is not None
                 return self._replay(outcome.value, idempotency)
             assert isinstance(outcome, Committed)
+            FLAG_CHANGES.labels(env, mutation.action).inc()
             return result
 
         return retry_on_conflict(attempt)

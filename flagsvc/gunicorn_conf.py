@@ -57,3 +57,11 @@ def pre_request(worker: Any, req: Any) -> None:
     keep-alive and hold the stopping worker until the graceful timeout."""
     if req.path.endswith("/stream"):
         req.must_close = True
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker's metrics samples stop counting once it is gone (prometheus multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -21,6 +21,7 @@ from .commit import Committed, Committer, Conflict, Op, retry_on_conflict, utcno
 from .errors import ProblemError, VersionMismatch
 from .flags import Flag, WriteContext, definition_of
 from .keys import EnvKeys
+from .metrics import FLAG_CHANGES
 
 CHANGEABLE = ("enabled", "default_variant")
 
@@ -51,6 +52,11 @@ def _next_version(flag: Flag, change: dict[str, Any], actor: str, now: str) -> F
     after = {k: v for k, v in flag.items() if k != "revert_at"}
     after.update(change, version=flag["version"] + 1, updated_at=now, updated_by=actor)
     return after
+
+
+def _count(env: str, entries: list[dict[str, str]]) -> None:
+    for entry in entries:
+        FLAG_CHANGES.labels(env, entry["action"]).inc()
 
 
 def _flag_action(before: Flag, after: Flag) -> str:
@@ -301,6 +307,7 @@ class PlaybookStore:
                 notify=json.dumps({"env": env, "version": outcome.env_version, "playbook": name}),
             )
             assert isinstance(result, Committed)
+            _count(env, entries)
             return outcome
 
         return retry_on_conflict(attempt)
@@ -384,6 +391,7 @@ class PlaybookStore:
                 audit=[summary, *entries],
                 notify=json.dumps({"env": env, "version": outcome.env_version, "playbook": name}),
             )
+            _count(env, entries)
             return outcome
 
         return retry_on_conflict(attempt)

@@ -27,6 +27,7 @@ from .envs import EnvStore
 from .errors import ProblemError
 from .flags import WriteContext
 from .keys import EnvKeys
+from .metrics import REVERTS
 from .playbooks import PlaybookStore
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Scheduler:
                 audit=audit,
                 notify=json.dumps({"env": env, "flag": item["flag"], "action": "flag.auto_revert"}),
             )
+            REVERTS.labels(env, "skipped" if audit["reason"].startswith("skipped") else "reverted").inc()
             return True
 
         return retry_on_conflict(attempt)
@@ -131,8 +133,11 @@ class Scheduler:
         except ProblemError as exc:  # reverted by hand already, or the playbook is gone
             log.info("scheduled revert of playbook %s skipped: %s", item["playbook"], exc.detail)
             self._redis.zrem(k.reverts, member)
+            REVERTS.labels(env, "skipped").inc()
+            return True
         except Conflict:
             return False
+        REVERTS.labels(env, "reverted").inc()
         return True
 
     def run_forever(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def run(host: str, port: int, data_dir: Path, workers: int | None, redis_url: st
         click.echo(f"flagsvc: first start: admin token (shown once, also in {data_dir / ADMIN_TOKEN_FILE}):")
         click.echo(f"    {secret}")
     click.echo(f"flagsvc: listening on http://{host}:{port}")
-    env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url)
+    metrics_dir = data_dir / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of a previous run's workers
+    metrics_dir.mkdir(parents=True)
+    env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     command = [
         sys.executable,
         "-m",

@@ -26,6 +26,7 @@ from flagsvc_client.engine import CompiledFlag, compile_flag
 
 from .flags import FlagStore
 from .keys import PREFIX, EnvKeys
+from .metrics import ENV_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class SnapshotCache:
             if current is None or current.version != entry.version:
                 self._entries[env] = entry
                 self._changed.notify_all()
+        ENV_VERSION.labels(env).set(entry.version)
         return entry
 
     def preload(self) -> None:

@@ -3,12 +3,15 @@ the Server-Sent Events stream of it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import require
 from ..extensions import stores
+from ..metrics import POLLS
 from ..schemas import SnapshotSchema
 from ..streaming import events
 from ..tokens import Role
@@ -35,7 +38,9 @@ class SnapshotResource(MethodView):
         if cache.stale:
             headers[STALE_HEADER] = "true"
         if if_none_match_version() == published.version:
+            POLLS.labels(env, "304").inc()
             return Response(status=304, headers=headers)
+        POLLS.labels(env, "200").inc()
         return Response(published.body, mimetype="application/json", headers=headers)
 
 
@@ -58,12 +63,17 @@ class StreamResource(MethodView):
         first = cache.get(env)
         last_event_id = _int_or_none(request.headers.get("Last-Event-ID"))
         response = Response(
-            events(cache, env, first, last_event_id),
+            events(cache, env, first, last_event_id, _client_socket()),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         response.direct_passthrough = True
         return response
+
+
+def _client_socket() -> Any:
+    """The connection's socket, where the server exposes it (gunicorn, werkzeug)."""
+    return request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
 
 
 def _int_or_none(value: str | None) -> int | None:

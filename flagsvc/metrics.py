@@ -1,0 +1,99 @@
+"""Prometheus metrics, correct across gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``flagsvc serve`` sets it, ``ops/gunicorn.conf.py``
+documents it) every worker writes its samples to files there and ``/metrics`` aggregates them
+(prometheus-client's multiprocess mode; gunicorn's ``child_exit`` hook marks dead workers).
+Without it - a single process - the default registry is used. SDK instances are counted from
+Redis when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REQUESTS = Counter("flagsvc_http_requests_total", "HTTP requests", ["route", "method", "status"])
+LATENCY = Histogram(
+    "flagsvc_http_request_duration_seconds",
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+FLAG_CHANGES = Counter("flagsvc_flag_changes_total", "Committed flag changes", ["env", "action"])
+ENV_VERSION = Gauge("flagsvc_env_version", "Environment version served", ["env"], multiprocess_mode="max")
+POLLS = Counter("flagsvc_snapshot_polls_total", "Snapshot polls", ["env", "outcome"])
+OPEN_STREAMS = Gauge("flagsvc_open_streams", "Open event streams", multiprocess_mode="livesum")
+REVERTS = Counter("flagsvc_scheduler_reverts_total", "Automatic reverts", ["env", "outcome"])
+REDIS_ERRORS = Counter("flagsvc_redis_errors_total", "Requests that failed because Redis was unavailable")
+
+
+class SdkInstancesCollector(Collector):
+    """Live SDK instances and how many run the current version, read at scrape time."""
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Any]:
+        live = GaugeMetricFamily(
+            "flagsvc_sdk_instances_live", "SDK instances that reported lately", labels=["env"]
+        )
+        current = GaugeMetricFamily(
+            "flagsvc_sdk_instances_current", "Live SDK instances running the current version", labels=["env"]
+        )
+        stores = self._app.extensions["flagsvc"]
+        try:
+            for env in stores.envs.list():
+                summary = stores.clients.view(env, stores.flags.version(env)).to_dict()["summary"]
+                live.add_metric([env], summary["live"])
+                current.add_metric([env], summary["applied_current"])
+        except Exception:  # noqa: BLE001 - a scrape during a Redis outage still returns the rest
+            REDIS_ERRORS.inc()
+        yield live
+        yield current
+
+
+def _route() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else "unmatched"
+
+
+def init_app(app: Flask) -> None:
+    @app.before_request
+    def _start_timer() -> None:
+        g.metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        start = g.pop("metrics_start", None)
+        if start is not None and request.path != "/metrics":
+            route = _route()
+            LATENCY.labels(route, request.method).observe(time.perf_counter() - start)
+            REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            from prometheus_client import REGISTRY as registry
+        scrape = CollectorRegistry()
+        scrape.register(SdkInstancesCollector(app))
+        body = generate_latest(registry) + generate_latest(scrape)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
