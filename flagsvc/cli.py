@@ -12,6 +12,7 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,10 +253,20 @@ def audit() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Archive files of earlier trims, oldest first: verify from the very first entry.",
 )
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the result for node_exporter's textfile collector (flagsvc_audit_chain_ok).",
+)
 @data_dir_option
 @redis_url_option
 def audit_verify(
-    env: str | None, system: bool, archives: tuple[Path, ...], data_dir: Path, redis_url: str | None
+    env: str | None,
+    system: bool,
+    archives: tuple[Path, ...],
+    textfile: Path | None,
+    data_dir: Path,
+    redis_url: str | None,
 ) -> None:
     """Walk the hash chain; exit 1 and name the first bad entry if one was edited or removed."""
     if bool(env) == system:
@@ -266,6 +277,18 @@ def audit_verify(
     with redis_for(redis_url, data_dir) as client:
         result = AuditLog(client, ns).verify([read_archive(a) for a in archives])
     label = "system log" if system else f"environment {env!r}"
+    if textfile is not None:
+        name = "_system" if system else env
+        tmp = textfile.with_suffix(".tmp")
+        tmp.write_text(
+            "# HELP flagsvc_audit_chain_ok 1 if the audit hash chain verified\n"
+            "# TYPE flagsvc_audit_chain_ok gauge\n"
+            f'flagsvc_audit_chain_ok{{env="{name}"}} {int(result.ok)}\n'
+            "# HELP flagsvc_audit_chain_verified_timestamp_seconds When the chain was last verified\n"
+            "# TYPE flagsvc_audit_chain_verified_timestamp_seconds gauge\n"
+            f'flagsvc_audit_chain_verified_timestamp_seconds{{env="{name}"}} {time.time():.0f}\n'
+        )
+        tmp.replace(textfile)
     if result.ok:
         click.echo(f"ok: {label}: {result.entries} entries, hash chain intact")
         return

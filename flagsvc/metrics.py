@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -49,6 +50,12 @@ class SdkInstancesCollector(Collector):
         self._app = app
 
     def collect(self) -> Iterator[Any]:
+        redis_up = GaugeMetricFamily("flagsvc_redis_up", "1 if Redis answered this scrape (readiness)")
+        disabled = GaugeMetricFamily(
+            "flagsvc_kill_switch_disabled_seconds",
+            "How long each disabled kill switch has been off",
+            labels=["env", "flag"],
+        )
         live = GaugeMetricFamily(
             "flagsvc_sdk_instances_live", "SDK instances that reported lately", labels=["env"]
         )
@@ -56,13 +63,22 @@ class SdkInstancesCollector(Collector):
             "flagsvc_sdk_instances_current", "Live SDK instances running the current version", labels=["env"]
         )
         stores = self._app.extensions["flagsvc"]
+        now = datetime.now(UTC)
         try:
             for env in stores.envs.list():
                 summary = stores.clients.view(env, stores.flags.version(env)).to_dict()["summary"]
                 live.add_metric([env], summary["live"])
                 current.add_metric([env], summary["applied_current"])
+                for flag in stores.flags.list(env):
+                    if flag["kind"] == "kill_switch" and not flag["enabled"]:
+                        since = datetime.fromisoformat(flag["updated_at"].replace("Z", "+00:00"))
+                        disabled.add_metric([env, flag["key"]], (now - since).total_seconds())
+            redis_up.add_metric([], 1)
         except Exception:  # noqa: BLE001 - a scrape during a Redis outage still returns the rest
             REDIS_ERRORS.inc()
+            redis_up.add_metric([], 0)
+        yield redis_up
+        yield disabled
         yield live
         yield current
 

@@ -146,6 +146,8 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
     body = {"reason": args.reason}
     if args.incident:
         body["incident"] = args.incident
+    if args.for_:
+        body["for"] = args.for_
     before = api.call("GET", api.env_path("flags", args.key)).json()
     # One idempotency key per invocation: the automatic retry cannot kill twice.
     headers = {"Idempotency-Key": f"flagctl-{uuid.uuid4()}"}
@@ -352,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("key")
         p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         p.add_argument("--incident", help="incident id, e.g. INC-42")
+        p.add_argument(
+            "--for", dest="for_", metavar="DURATION", help="temporary: revert by itself after 30m, 2h..."
+        )
         p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
         p.add_argument(
             "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
