@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, errors, extensions, metrics
+from . import api, errors, extensions, logs, metrics
 from .config import DEFAULTS
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     extensions.init_app(app)
     metrics.init_app(app)
+    logs.init_app(app)
     api.init_app(app)
     errors.init_app(app)
     return app

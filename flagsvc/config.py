@@ -13,6 +13,9 @@ DEFAULTS: dict[str, object] = {
     "TOKEN_CACHE_SECONDS": 1.0,
     # How long an Idempotency-Key is remembered.
     "IDEMPOTENCY_TTL_SECONDS": 24 * 3600,
+    # Request logs: "" (none beyond gunicorn's), "text" or "json" (one JSON object per line).
+    "LOG_FORMAT": "",
+    "LOG_LEVEL": "INFO",
     # Number of proxies in front of the service whose X-Forwarded-For is trusted.
     "TRUSTED_PROXIES": 0,
     # flask-smorest / OpenAPI

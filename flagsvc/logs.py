@@ -1,0 +1,87 @@
+"""Request logs: one line per request with its request id (the id that lands in the audit entry).
+
+``FLAGSVC_LOG_FORMAT=json`` makes every log record a JSON line (for Loki, Elasticsearch...);
+the default is plain text. Secrets never appear: tokens are logged by name only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+from flask import Flask, Response, g, request
+
+log = logging.getLogger("flagsvc.requests")
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object: time, level, logger, message and any ``extra`` fields."""
+
+    STANDARD = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            {k: v for k, v in vars(record).items() if k not in self.STANDARD and not k.startswith("_")}
+        )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class _FlagsvcHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installs, so that it is installed once."""
+
+
+def configure(fmt: str, level: str = "INFO") -> None:
+    """Log to stderr in ``fmt`` ("json" or "text"), once, next to any handler already there."""
+    root = logging.getLogger()
+    if any(isinstance(h, _FlagsvcHandler) for h in root.handlers):
+        return
+    handler = _FlagsvcHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def init_app(app: Flask) -> None:
+    fmt = str(app.config.get("LOG_FORMAT") or "")
+    if fmt:
+        configure(fmt, str(app.config.get("LOG_LEVEL") or "INFO"))
+
+    @app.before_request
+    def _start() -> None:
+        g.log_start = time.perf_counter()
+
+    @app.after_request
+    def _log(response: Response) -> Response:
+        if fmt and request.path not in ("/metrics", "/healthz"):
+            token = g.get("token")
+            log.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "request_id": getattr(request, "request_id", None),
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "duration_ms": round(
+                        (time.perf_counter() - g.get("log_start", time.perf_counter())) * 1000, 2
+                    ),
+                    "actor": token.name if token is not None else None,
+                    "remote": request.remote_addr,
+                },
+            )
+        return response
