@@ -158,7 +158,7 @@ def main() -> None:
 
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    client = FlagClient(url, "fsk_bench", "production", poll_interval=3600, init_timeout=5)
+    client = FlagClient(url, "fsk_bench", "production", mode="poll", poll_interval=3600, init_timeout=5)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     memory_kib = sum(s.size_diff for s in after.compare_to(before, "filename")) / 1024
