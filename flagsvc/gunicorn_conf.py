@@ -65,3 +65,14 @@ def child_exit(server: Any, worker: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """Yield to the other greenlets after every request. A busy keep-alive client (a poller that
+    sends its next request as soon as it has an answer) finds its next request already buffered,
+    and gevent reads it without switching: one connection could otherwise hold the worker for a
+    long time while a kill waits behind it."""
+    if worker_class == "gevent":
+        import gevent
+
+        gevent.sleep(0)
