@@ -5,10 +5,11 @@ Entries are written only by :mod:`flagsvc.commit`. The Stream is never trimmed b
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -55,9 +56,10 @@ class AuditFilter:
     def matches(self, fields: dict[str, str]) -> bool:
         if self.since or self.until:
             # The window applies to the entry's own time, which precedes its stream id by the
-            # commit's duration (ids are only used to narrow the read, with WINDOW_SLACK).
-            moment = datetime.fromisoformat(fields.get("time", "").replace("Z", "+00:00"))
-            if (self.since and moment < self.since) or (self.until and moment > self.until):
+            # commit's duration (ids only narrow the read, with WINDOW_SLACK_MS). Entry times are
+            # fixed-width UTC ISO 8601, so strings compare like the times they hold.
+            moment = fields.get("time", "")
+            if (self.since and moment < _iso(self.since)) or (self.until and moment > _iso(self.until)):
                 return False
         return all(
             value is None or fields.get(name) == value
@@ -70,8 +72,15 @@ class AuditFilter:
         )
 
 
-#: An entry's time is taken before its commit (retried for at most 5 s), its stream id after.
-WINDOW_SLACK_MS = 6000
+#: An entry's time is taken just before its commit (each retry takes a new one), its stream id
+#: by Redis during it: the id is later by one commit round trip. Generous for a slow Redis.
+WINDOW_SLACK_MS = 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _iso(moment: datetime) -> str:
+    """``moment`` written like an audit entry's ``time`` (see ``commit.utcnow_iso``)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _ms(moment: datetime) -> int:
@@ -105,40 +114,50 @@ class AuditLog:
         if criteria is None:
             criteria = AuditFilter(flag=flag)
         entries: list[dict[str, Any]] = []
-        for stream_id, fields in self.iter_matching(criteria, cursor=cursor, oldest_first=oldest_first):
+        rows = self.iter_matching(criteria, cursor=cursor, oldest_first=oldest_first, first_batch=limit + 1)
+        for stream_id, fields in rows:
             if len(entries) == limit:
                 return AuditPage(entries, entries[-1]["id"])
             entries.append(decode_entry(stream_id, fields))
         return AuditPage(entries, None)
 
     def iter_matching(
-        self, criteria: AuditFilter, *, cursor: str | None = None, oldest_first: bool = False
+        self,
+        criteria: AuditFilter,
+        *,
+        cursor: str | None = None,
+        oldest_first: bool = False,
+        first_batch: int = _BATCH,
     ) -> Iterator[tuple[str, dict[str, str]]]:
         """Matching entries in order, read in batches (an export never holds the whole log).
 
-        With a filter on an indexed field, the index of the most selective one is walked and
-        the entries fetched by id; otherwise the Stream itself is read within the time window.
+        With filters on indexed fields, the smallest of their indexes is walked and the entries
+        fetched by id; otherwise the Stream itself is read within the time window. The first
+        batch is ``first_batch`` (a page and one), later ones grow to 500.
         """
-        indexed = next(
-            (
-                (name, value)
-                for name, value in (
-                    ("incident", criteria.incident),
-                    ("flag", criteria.flag),
-                    ("actor", criteria.actor),
-                    ("action", criteria.action),
-                )
-                if value is not None
-            ),
-            None,
-        )
-        if indexed is None:
-            yield from self._scan_stream(criteria, cursor, oldest_first)
-        else:
-            yield from self._walk_index(self._ns.audit_index(*indexed), criteria, cursor, oldest_first)
+        candidates = [
+            self._ns.audit_index(name, value)
+            for name, value in (
+                ("incident", criteria.incident),
+                ("flag", criteria.flag),
+                ("actor", criteria.actor),
+                ("action", criteria.action),
+            )
+            if value is not None
+        ]
+        if not candidates:
+            yield from self._scan_stream(criteria, cursor, oldest_first, first_batch)
+            return
+        if len(candidates) > 1:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in candidates:
+                pipe.zcard(key)
+            sizes = pipe.execute()
+            candidates = [key for _, key in sorted(zip(sizes, candidates, strict=True))]
+        yield from self._walk_index(candidates[0], criteria, cursor, oldest_first, first_batch)
 
     def _walk_index(
-        self, key: str, criteria: AuditFilter, cursor: str | None, oldest_first: bool
+        self, key: str, criteria: AuditFilter, cursor: str | None, oldest_first: bool, batch: int
     ) -> Iterator[tuple[str, dict[str, str]]]:
         low: str = str(_ms(criteria.since) * 1000) if criteria.since else "-inf"
         high: str = str((_ms(criteria.until) + WINDOW_SLACK_MS) * 1000 + 999) if criteria.until else "+inf"
@@ -151,9 +170,9 @@ class AuditLog:
                 high = f"({_score(cursor)}"
         while True:
             if oldest_first:
-                ids = self._redis.zrangebyscore(key, low, high, start=0, num=_BATCH, withscores=True)
+                ids = self._redis.zrangebyscore(key, low, high, start=0, num=batch, withscores=True)
             else:
-                ids = self._redis.zrevrangebyscore(key, high, low, start=0, num=_BATCH, withscores=True)
+                ids = self._redis.zrevrangebyscore(key, high, low, start=0, num=batch, withscores=True)
             if not ids:
                 return
             pipe = self._redis.pipeline(transaction=False)
@@ -167,11 +186,12 @@ class AuditLog:
                 low = f"({last_score}"
             else:
                 high = f"({last_score}"
-            if len(ids) < _BATCH:
+            if len(ids) < batch:
                 return
+            batch = min(batch * 2, _BATCH)
 
     def _scan_stream(
-        self, criteria: AuditFilter, cursor: str | None, oldest_first: bool
+        self, criteria: AuditFilter, cursor: str | None, oldest_first: bool, size: int
     ) -> Iterator[tuple[str, dict[str, str]]]:
         low = f"{_ms(criteria.since)}-0" if criteria.since else "-"
         high = f"{_ms(criteria.until) + WINDOW_SLACK_MS}-{MAX_SEQ}" if criteria.until else "+"
@@ -184,14 +204,15 @@ class AuditLog:
                 high = f"({cursor}"
         while True:
             if oldest_first:
-                batch = self._redis.xrange(self._ns.audit, min=low, max=high, count=_BATCH)
+                batch = self._redis.xrange(self._ns.audit, min=low, max=high, count=size)
             else:
-                batch = self._redis.xrevrange(self._ns.audit, max=high, min=low, count=_BATCH)
+                batch = self._redis.xrevrange(self._ns.audit, max=high, min=low, count=size)
             for stream_id, fields in batch:
                 if criteria.matches(fields):
                     yield stream_id, fields
-            if len(batch) < _BATCH:
+            if len(batch) < size:
                 return
+            size = min(size * 2, _BATCH)
             if oldest_first:
                 low = f"({batch[-1][0]}"
             else:
