@@ -90,4 +90,7 @@ class Audit(MethodView):
         page = log.query(
             criteria, limit=query["limit"], cursor=query.get("cursor"), oldest_first=oldest_first
         )
-        return {"entries": page.entries, "next_cursor": page.next_cursor}
+        # Entries are already in their documented shape (decode_entry): serialize them directly,
+        # a schema dump of every field of 100 entries costs more than the Redis reads.
+        body = json.dumps({"entries": page.entries, "next_cursor": page.next_cursor})
+        return Response(body, mimetype="application/json")
