@@ -219,5 +219,13 @@ class SnapshotCache:
                 with contextlib.suppress(ValueError):
                     self._on_system_change(json.loads(str(message.get("data", "{}"))))
             return
-        if env in self._entries:
-            self._load(env)
+        cached = self._entries.get(env)
+        if cached is None:
+            return
+        try:
+            announced = int(json.loads(str(message.get("data", "{}"))).get("version", 0))
+        except (ValueError, TypeError, AttributeError):
+            announced = 0
+        if announced and announced <= cached.version:
+            return  # this process has it already (it made the write: read-your-writes reload)
+        self._load(env)
