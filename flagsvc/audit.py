@@ -107,12 +107,11 @@ class AuditLog:
         limit: int = 50,
         cursor: str | None = None,
         oldest_first: bool = False,
-        flag: str | None = None,
     ) -> AuditPage:
         """One page of matching entries, newest first unless ``oldest_first``; pass
         ``next_cursor`` back as ``cursor`` for the next page."""
         if criteria is None:
-            criteria = AuditFilter(flag=flag)
+            criteria = AuditFilter()
         entries: list[dict[str, Any]] = []
         rows = self.iter_matching(criteria, cursor=cursor, oldest_first=oldest_first, first_batch=limit + 1)
         for stream_id, fields in rows:

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import redis
 from . import embedded
 from . import serve as serve_mod
 from .audit import AuditLog
-from .durations import parse_duration
+from .durations import parse_duration, parse_moment
 from .envs import ENV_NAME
 from .errors import AlreadyExists, TokenNotFound
 from .extensions import connect
@@ -319,16 +318,11 @@ def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: 
     if not ENV_NAME.match(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:
-        cutoff = datetime.now(UTC) - parse_duration(before)
+        cutoff = parse_moment(before)
     except ValueError:
-        try:
-            cutoff = datetime.fromisoformat(before.replace("Z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(
-                "an ISO 8601 time or a duration such as 90d", param_hint="--before"
-            ) from None
-        if cutoff.tzinfo is None:
-            cutoff = cutoff.replace(tzinfo=UTC)
+        raise click.BadParameter(
+            "an ISO 8601 time or a duration such as 90d", param_hint="--before"
+        ) from None
     with redis_for(redis_url, data_dir) as client:
         try:
             result = trim(client, env, cutoff, archive, actor=cli_actor())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -15,3 +15,19 @@ def parse_duration(text: str) -> timedelta:
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a duration such as 90s, 30m, 2h, 30d or 2w")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def parse_moment(text: str) -> datetime:
+    """ISO 8601 (no zone means UTC) or a duration ago (``2h``). Raises ``ValueError``."""
+    text = text.strip()
+    try:
+        return datetime.now(UTC) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 time such as 2026-11-26T14:00:00Z, nor a duration ago such as 2h"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

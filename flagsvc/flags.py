@@ -56,6 +56,31 @@ def definition_of(flag: Flag) -> Flag:
     return {k: flag[k] for k in DEFINITION_FIELDS if k in flag}
 
 
+def new_record(
+    key: str, definition: Flag, stored: Flag | None, actor: str, now: str, archived: bool = False
+) -> Flag:
+    """The stored record of ``definition`` as the next version of ``stored`` (the flag as it is
+    in Redis, archived or not, or ``None``)."""
+    live = stored if stored and not stored.get("archived") else None
+    return {
+        "key": key,
+        **definition,
+        "version": (stored["version"] if stored else 0) + 1,
+        "created_at": live["created_at"] if live else now,
+        "updated_at": now,
+        "updated_by": actor,
+        "archived": archived,
+    }
+
+
+def next_version(flag: Flag, change: Flag, actor: str, now: str) -> Flag:
+    """``flag`` with ``change`` applied, as its next version. A pending ``revert_at`` no longer
+    applies: the scheduled revert will find the flag changed and skip."""
+    after = {k: v for k, v in flag.items() if k != "revert_at"}
+    after.update(change, version=flag["version"] + 1, updated_at=now, updated_by=actor)
+    return after
+
+
 @dataclass(frozen=True)
 class Mutation:
     """What a write does to a flag: ``definition`` is the new one, ``None`` means no change."""
@@ -189,15 +214,7 @@ class FlagStore:
                 assert live is not None, "a no-op needs an existing flag"
                 return self._remember_noop(live, idempotency, int(version or 0))
             now = utcnow_iso()
-            flag: Flag = {
-                "key": key,
-                **mutation.definition,
-                "version": (stored["version"] if stored else 0) + 1,
-                "created_at": live["created_at"] if live else now,
-                "updated_at": now,
-                "updated_by": ctx.actor,
-                "archived": mutation.archived,
-            }
+            flag = new_record(key, mutation.definition, stored, ctx.actor, now, mutation.archived)
             env_version = int(version or 0) + 1
             ops = [
                 Op("HSET", k.flags, (key, json.dumps(flag))),

@@ -19,7 +19,7 @@ import redis
 
 from .commit import Committed, Committer, Conflict, Op, retry_on_conflict, utcnow_iso
 from .errors import ProblemError, VersionMismatch
-from .flags import Flag, WriteContext, definition_of
+from .flags import Flag, WriteContext, definition_of, next_version
 from .keys import EnvKeys
 from .metrics import FLAG_CHANGES
 
@@ -44,14 +44,6 @@ def applied_key(env: str, name: str) -> str:
 
 def _state(flag: Flag) -> dict[str, Any]:
     return {k: flag[k] for k in CHANGEABLE}
-
-
-def _next_version(flag: Flag, change: dict[str, Any], actor: str, now: str) -> Flag:
-    """``flag`` with ``change`` applied, as its next version (a pending ``revert_at`` no longer
-    applies: the scheduled revert will find the flag changed and skip)."""
-    after = {k: v for k, v in flag.items() if k != "revert_at"}
-    after.update(change, version=flag["version"] + 1, updated_at=now, updated_by=actor)
-    return after
 
 
 def _count(env: str, entries: list[dict[str, str]]) -> None:
@@ -246,7 +238,7 @@ class PlaybookStore:
                 if definition == definition_of(flag):
                     outcome.unchanged.append(key)
                     continue
-                after = _next_version(flag, change, ctx.actor, now)
+                after = next_version(flag, change, ctx.actor, now)
                 outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
                 prior[key] = {"before": _state(flag), "version_after": after["version"]}
                 ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
@@ -359,7 +351,7 @@ class PlaybookStore:
                         }
                     )
                     continue
-                after = _next_version(flag, prior["before"], ctx.actor, now)
+                after = next_version(flag, prior["before"], ctx.actor, now)
                 outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
                 ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
                 entries.append(self._flag_entry(ctx, operation, name, flag, after, version + 1))

@@ -25,7 +25,7 @@ import redis
 from .commit import Committer, Conflict, Op, retry_on_conflict, utcnow_iso
 from .envs import EnvStore
 from .errors import ProblemError
-from .flags import WriteContext
+from .flags import WriteContext, next_version
 from .keys import EnvKeys
 from .metrics import REVERTS
 from .playbooks import PlaybookStore
@@ -98,9 +98,7 @@ class Scheduler:
                 audit["before"] = raw or ""
             else:
                 env_version = int(version or 0) + 1
-                after = {k2: v for k2, v in flag.items() if k2 != "revert_at"}
-                after.update(item["restore"])
-                after.update(version=flag["version"] + 1, updated_at=utcnow_iso(), updated_by=SYSTEM_ACTOR)
+                after = next_version(flag, item["restore"], SYSTEM_ACTOR, utcnow_iso())
                 ops += [
                     Op("HSET", k.flags, (item["flag"], json.dumps(after))),
                     Op("SET", k.version, (str(env_version),)),

@@ -8,7 +8,7 @@ values they can compare).
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import marshmallow as ma
@@ -16,7 +16,7 @@ from marshmallow import ValidationError, fields, validate
 
 from flagsvc_client.engine import compile_flag, is_number, is_semver, value_matches_type
 
-from .durations import parse_duration
+from .durations import parse_duration, parse_moment
 
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -243,18 +243,12 @@ class MomentField(fields.String):
     """ISO 8601 (``2026-11-26T14:00:00Z``; no zone means UTC) or relative to now (``2h``, ``30m``)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
-        text = super()._deserialize(value, attr, data, **kwargs).strip()
         try:
-            return datetime.now(UTC) - parse_duration(text)
-        except ValueError:
-            pass
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return parse_moment(super()._deserialize(value, attr, data, **kwargs))
         except ValueError:
             raise ValidationError(
                 "an ISO 8601 time such as 2026-11-26T14:00:00Z, or a duration ago: 2h"
             ) from None
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class AuditQuerySchema(Schema):

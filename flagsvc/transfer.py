@@ -13,7 +13,7 @@ from marshmallow import ValidationError
 
 from .commit import Committer, Op, retry_on_conflict, utcnow_iso
 from .envs import EnvStore
-from .flags import DEFINITION_FIELDS, Flag, definition_of, sort_flags
+from .flags import DEFINITION_FIELDS, Flag, definition_of, new_record, sort_flags
 from .keys import EnvKeys
 from .playbooks import playbooks_key
 from .schemas import FLAG_KEY, FlagDefinitionSchema, PlaybookDefinitionSchema
@@ -93,15 +93,7 @@ def import_env(client: redis.Redis, env: str, document: Any, *, actor: str, sour
             if live is not None and definition_of(live) == {f: definition.get(f) for f in DEFINITION_FIELDS}:
                 counts["unchanged"] += 1
                 continue
-            after = {
-                "key": key,
-                **definition,
-                "version": (before["version"] if before else 0) + 1,
-                "created_at": live["created_at"] if live else now,
-                "updated_at": now,
-                "updated_by": actor,
-                "archived": False,
-            }
+            after = new_record(key, definition, before, actor, now)
             ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
             action = "flag.update" if live else "flag.create"
             counts["flags_updated" if live else "flags_created"] += 1
