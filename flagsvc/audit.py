@@ -20,6 +20,7 @@ from .keys import Namespace
 _JSON_FIELDS = ("before", "after")
 _INT_FIELDS = ("seq", "env_version")
 _BATCH = 500
+_PROBE_BATCH = 1000
 MAX_SEQ = 2**64 - 1
 
 
@@ -55,9 +56,9 @@ class AuditFilter:
 
     def matches(self, fields: dict[str, str]) -> bool:
         if self.since or self.until:
-            # The window applies to the entry's own time, which precedes its stream id by the
-            # commit's duration (ids only narrow the read, with WINDOW_SLACK_MS). Entry times are
-            # fixed-width UTC ISO 8601, so strings compare like the times they hold.
+            # Stream ids carry the entry's time to the millisecond (see commit.lua), so the id
+            # range is the window; this compares the rest. Entry times are fixed-width UTC
+            # ISO 8601, so strings compare like the times they hold.
             moment = fields.get("time", "")
             if (self.since and moment < _iso(self.since)) or (self.until and moment > _iso(self.until)):
                 return False
@@ -71,15 +72,23 @@ class AuditFilter:
             )
         )
 
-
-#: An entry's time is taken just before its commit (each retry takes a new one), its stream id
-#: by Redis during it: the id is later by one commit round trip. Generous for a slow Redis.
-WINDOW_SLACK_MS = 1000
+    def indexed(self) -> list[tuple[str, str]]:
+        """``(field, value)`` of the filters on indexed fields."""
+        return [
+            (name, value)
+            for name, value in (
+                ("incident", self.incident),
+                ("flag", self.flag),
+                ("actor", self.actor),
+                ("action", self.action),
+            )
+            if value is not None
+        ]
 
 
 @functools.lru_cache(maxsize=64)
 def _iso(moment: datetime) -> str:
-    """``moment`` written like an audit entry's ``time`` (see ``commit.utcnow_iso``)."""
+    """``moment`` written like an audit entry's ``time`` (see ``commit.iso_from_ms``)."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -87,10 +96,48 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _score(stream_id: str) -> int:
-    """The index score of a stream id: ``ms * 1000 + sequence`` (see commit.lua)."""
+def _parse_id(stream_id: str) -> tuple[int, int]:
     ms, _, n = stream_id.partition("-")
-    return int(ms) * 1000 + int(n)
+    return int(ms), int(n)
+
+
+@dataclass(frozen=True)
+class _IdRange:
+    """The stream ids a query may return: ``low``..``high``, each bound inclusive or not."""
+
+    low: tuple[int, int] = (0, 0)
+    high: tuple[int, int] = (MAX_SEQ, MAX_SEQ)
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def of(cls, criteria: AuditFilter, cursor: str | None, oldest_first: bool) -> _IdRange | None:
+        """The range of ``criteria``'s window past ``cursor``; None when it is empty."""
+        low, high = cls.low, cls.high
+        low_open = high_open = False
+        if criteria.since:
+            low = (_ms(criteria.since), 0)
+        if criteria.until:
+            high = (_ms(criteria.until), MAX_SEQ)
+        if cursor:
+            at = _parse_id(cursor)
+            if oldest_first and at >= low:
+                low, low_open = at, True
+            elif not oldest_first and at <= high:
+                high, high_open = at, True
+        if low > high or (low == high and (low_open or high_open)):
+            return None
+        if (low_open and low == (MAX_SEQ, MAX_SEQ)) or (high_open and high == (0, 0)):
+            return None
+        return cls(low, high, low_open, high_open)
+
+    @property
+    def xmin(self) -> str:
+        return ("(" if self.low_open else "") + "{}-{}".format(*self.low)
+
+    @property
+    def xmax(self) -> str:
+        return ("(" if self.high_open else "") + "{}-{}".format(*self.high)
 
 
 class AuditLog:
@@ -130,77 +177,89 @@ class AuditLog:
     ) -> Iterator[tuple[str, dict[str, str]]]:
         """Matching entries in order, read in batches (an export never holds the whole log).
 
-        With filters on indexed fields, the smallest of their indexes is walked and the entries
-        fetched by id; otherwise the Stream itself is read within the time window. The first
-        batch is ``first_batch`` (a page and one), later ones grow to 500.
+        With filters on indexed fields, the smallest of their indexes is walked, each batch of
+        its ids is checked against the other indexes (``ZMSCORE``), and only the entries in all
+        of them are read from the Stream. Otherwise the Stream itself is read over the id range
+        of the time window. The first read is ``first_batch`` (a page and one), later ones
+        grow to 500.
         """
-        candidates = [
-            self._ns.audit_index(name, value)
-            for name, value in (
-                ("incident", criteria.incident),
-                ("flag", criteria.flag),
-                ("actor", criteria.actor),
-                ("action", criteria.action),
-            )
-            if value is not None
-        ]
-        if not candidates:
-            yield from self._scan_stream(criteria, cursor, oldest_first, first_batch)
+        ids = _IdRange.of(criteria, cursor, oldest_first)
+        if ids is None:
             return
-        if len(candidates) > 1:
+        indexes = [self._ns.audit_index(name, value) for name, value in criteria.indexed()]
+        if not indexes:
+            yield from self._scan_stream(criteria, ids, oldest_first, first_batch)
+            return
+        if len(indexes) > 1:
             pipe = self._redis.pipeline(transaction=False)
-            for key in candidates:
+            for key in indexes:
                 pipe.zcard(key)
             sizes = pipe.execute()
-            candidates = [key for _, key in sorted(zip(sizes, candidates, strict=True))]
-        yield from self._walk_index(candidates[0], criteria, cursor, oldest_first, first_batch)
+            indexes = [key for _, key in sorted(zip(sizes, indexes, strict=True))]
+            first_batch = _PROBE_BATCH  # most ids read will not be in every index
+        seqs = self._seq_range(ids)
+        if seqs is None:
+            return
+        yield from self._walk_index(indexes[0], indexes[1:], criteria, seqs, oldest_first, first_batch)
+
+    def _seq_range(self, ids: _IdRange) -> tuple[str, str] | None:
+        """The range of chain sequence numbers (the index scores) of the entries in ``ids``, as
+        ``ZRANGEBYSCORE`` bounds; None when no entry is in it."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrange(self._ns.audit, min=ids.xmin, max=ids.xmax, count=1)
+        pipe.xrevrange(self._ns.audit, max=ids.xmax, min=ids.xmin, count=1)
+        first, last = pipe.execute()
+        if not first:
+            # Nothing live in range; archived entries may still be indexed until the end of a
+            # trim, and are skipped when read.
+            return None
+        low = "-inf" if ids.low == (0, 0) and not ids.low_open else first[0][1]["seq"]
+        high = "+inf" if ids.high == (MAX_SEQ, MAX_SEQ) else last[0][1]["seq"]
+        return low, high
 
     def _walk_index(
-        self, key: str, criteria: AuditFilter, cursor: str | None, oldest_first: bool, batch: int
+        self,
+        key: str,
+        others: list[str],
+        criteria: AuditFilter,
+        seqs: tuple[str, str],
+        oldest_first: bool,
+        batch: int,
     ) -> Iterator[tuple[str, dict[str, str]]]:
-        low: str = str(_ms(criteria.since) * 1000) if criteria.since else "-inf"
-        high: str = str((_ms(criteria.until) + WINDOW_SLACK_MS) * 1000 + 999) if criteria.until else "+inf"
-        if cursor == "0-0" and not oldest_first:
-            return
-        if cursor:
-            if oldest_first:
-                low = f"({_score(cursor)}"
-            else:
-                high = f"({_score(cursor)}"
+        low, high = seqs
         while True:
             if oldest_first:
-                ids = self._redis.zrangebyscore(key, low, high, start=0, num=batch, withscores=True)
+                scored = self._redis.zrangebyscore(key, low, high, start=0, num=batch, withscores=True)
             else:
-                ids = self._redis.zrevrangebyscore(key, high, low, start=0, num=batch, withscores=True)
-            if not ids:
+                scored = self._redis.zrevrangebyscore(key, high, low, start=0, num=batch, withscores=True)
+            if not scored:
                 return
+            ids = [stream_id for stream_id, _ in scored]
+            if others:
+                pipe = self._redis.pipeline(transaction=False)
+                for other in others:
+                    pipe.zmscore(other, ids)
+                scores = pipe.execute()
+                ids = [i for n, i in enumerate(ids) if all(found[n] is not None for found in scores)]
             pipe = self._redis.pipeline(transaction=False)
-            for stream_id, _ in ids:
+            for stream_id in ids:
                 pipe.xrange(self._ns.audit, min=stream_id, max=stream_id)
             for found in pipe.execute():
                 if found and criteria.matches(found[0][1]):  # an archived entry is gone
                     yield found[0]
-            last_score = int(ids[-1][1])
+            last_seq = int(scored[-1][1])
             if oldest_first:
-                low = f"({last_score}"
+                low = f"({last_seq}"
             else:
-                high = f"({last_score}"
-            if len(ids) < batch:
+                high = f"({last_seq}"
+            if len(scored) < batch:
                 return
-            batch = min(batch * 2, _BATCH)
+            batch = max(min(batch * 2, _BATCH), batch)
 
     def _scan_stream(
-        self, criteria: AuditFilter, cursor: str | None, oldest_first: bool, size: int
+        self, criteria: AuditFilter, ids: _IdRange, oldest_first: bool, size: int
     ) -> Iterator[tuple[str, dict[str, str]]]:
-        low = f"{_ms(criteria.since)}-0" if criteria.since else "-"
-        high = f"{_ms(criteria.until) + WINDOW_SLACK_MS}-{MAX_SEQ}" if criteria.until else "+"
-        if cursor == "0-0" and not oldest_first:
-            return
-        if cursor:
-            if oldest_first:
-                low = f"({cursor}"
-            else:
-                high = f"({cursor}"
+        low, high = ids.xmin, ids.xmax
         while True:
             if oldest_first:
                 batch = self._redis.xrange(self._ns.audit, min=low, max=high, count=size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ INDEXED_FIELDS = ("flag", "actor", "action", "incident")
 _SCRIPT = resources.files(__package__).joinpath("lua/commit.lua").read_text()
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Conflict(Exception):
@@ -64,6 +66,11 @@ class Conflict(Exception):
 
 def utcnow_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_from_ms(ms: int) -> str:
+    """Milliseconds since the epoch written like an audit entry's ``time``."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def entry_hash(fields: Mapping[str, str]) -> str:
@@ -116,9 +123,11 @@ class Replayed:
 class Committer:
     """Commits audited changes to one Redis connection."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, clock_ms: Callable[[], int] | None = None) -> None:
+        """``clock_ms`` (milliseconds since the epoch) stands for another host's clock in tests."""
         self._redis = client
         self._script = client.register_script(_SCRIPT)
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
 
     def commit(
         self,
@@ -133,19 +142,11 @@ class Committer:
         """Commit ``ops`` and the audit entry ``audit`` (or several, chained in order) if the
         head is still ``head``.
 
-        Raises :class:`Conflict` if it moved.
+        Every entry of one commit gets the same ``time``, never earlier than the newest entry's
+        (a host whose clock lags commits at that time and logs a warning), and a stream id from
+        that time: ids and times agree, so a time window is an id range. Raises
+        :class:`Conflict` if the head moved.
         """
-        seq, prev_hash = parse_head(head)
-        now = utcnow_iso()
-        chained: list[dict[str, str]] = []
-        for fields in [audit] if isinstance(audit, Mapping) else audit:
-            seq += 1
-            entry = {name: "" for name in AUDIT_FIELDS}
-            entry.update({k: str(v) for k, v in fields.items()})
-            entry.update(seq=str(seq), time=now, prev_hash=prev_hash)
-            entry["hash"] = prev_hash = entry_hash(entry)
-            chained.append(entry)
-
         keys = [ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head]
 
         def key_index(key: str) -> int:
@@ -154,29 +155,60 @@ class Committer:
             return keys.index(key) + 1
 
         plan_ops = [[op.cmd, key_index(op.key), *op.args] for op in ops]
-        indexes = [
-            [key_index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]] for e in chained
-        ]
         plan: dict[str, Any] = {
             "expect_head": (head.decode() if isinstance(head, bytes) else head) or "",
-            "new_head": f"{seq}:{prev_hash}",
             "ops": plan_ops,
-            "entries": [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained],
-            "indexes": indexes,
         }
         if idempotency:
             plan["idempotency"] = {"value": idempotency.value, "ttl": idempotency.ttl}
         if notify is not None:
             plan["channel"] = ns.changes_channel
             plan["message"] = notify
-        status, value = self._script(keys=keys, args=[json.dumps(plan)])
-        status = status.decode() if isinstance(status, bytes) else status
-        value = value.decode() if isinstance(value, bytes) else value
-        if status == "conflict":
+        entries = [audit] if isinstance(audit, Mapping) else audit
+        time_ms = self._clock_ms()
+        for _ in range(2):  # with the head unchanged, the newest id is too: the second try fits
+            chained = _chain(head, entries, time_ms)
+            plan["time_ms"] = str(time_ms)
+            plan["new_head"] = f"{chained[-1]['seq']}:{chained[-1]['hash']}"
+            plan["entries"] = [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained]
+            plan["indexes"] = [
+                [key_index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]]
+                for e in chained
+            ]
+            status, value = self._script(keys=keys, args=[json.dumps(plan)])
+            status = status.decode() if isinstance(status, bytes) else status
+            value = value.decode() if isinstance(value, bytes) else value
+            if status != "clock":
+                break
+            log.warning(
+                "this host's clock is %d ms behind the newest audit entry of %s; "
+                "committing at that entry's time",
+                int(value) - time_ms,
+                ns.base,
+            )
+            time_ms = int(value)
+        if status in ("conflict", "clock"):
             raise Conflict(value)
         if status == "replay":
             return Replayed(value)
         return Committed(stream_id=value, entries=chained)
+
+
+def _chain(
+    head: str | bytes | None, entries: Sequence[Mapping[str, str]], time_ms: int
+) -> list[dict[str, str]]:
+    """The audit entries, numbered and hash-chained after ``head``, all at ``time_ms``."""
+    seq, prev_hash = parse_head(head)
+    now = iso_from_ms(time_ms)
+    chained: list[dict[str, str]] = []
+    for fields in entries:
+        seq += 1
+        entry = {name: "" for name in AUDIT_FIELDS}
+        entry.update({k: str(v) for k, v in fields.items()})
+        entry.update(seq=str(seq), time=now, prev_hash=prev_hash)
+        entry["hash"] = prev_hash = entry_hash(entry)
+        chained.append(entry)
+    return chained
 
 
 def retry_on_conflict(attempt: Callable[[], T], *, deadline_seconds: float = 5.0) -> T:

@@ -100,14 +100,14 @@ def trim(client: redis.Redis, env: str, before: datetime, archive: Path, *, acto
         )
 
     retry_on_conflict(attempt)
-    _drop_from_indexes(client, ns, cut)
+    _drop_from_indexes(client, ns, chain.seq)
     return TrimResult(count, last_id, archive, digest.hexdigest())
 
 
-def _drop_from_indexes(client: redis.Redis, ns: EnvKeys, cut: str) -> None:
-    """Index entries of trimmed ids (queries skip them anyway; this keeps the indexes small)."""
-    ms = int(cut.split("-")[0])
+def _drop_from_indexes(client: redis.Redis, ns: EnvKeys, through_seq: int) -> None:
+    """Index entries of the trimmed entries, scored by sequence number up to ``through_seq``
+    (queries skip them anyway; this keeps the indexes small)."""
     pipe = client.pipeline(transaction=False)
     for key in client.scan_iter(match=f"{ns.base}:audit:by-*", count=1000):
-        pipe.zremrangebyscore(key, "-inf", f"({ms * 1000}")
+        pipe.zremrangebyscore(key, "-inf", through_seq)
     pipe.execute()

@@ -8,13 +8,20 @@
 --   new_head     head after the last entry
 --   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM,
 --                XTRIM (MINID = the given id: the audit retention, see flagsvc/retention.py)
---   entries      list of audit entries, each a flat list of field/value strings, in chain order
+--   time_ms      the entries' time (their "time" field) in ms since the epoch, as a string
+--   entries      list of audit entries, each a flat list of field/value strings, in chain order,
+--                "seq" first
 --   indexes      per entry, the KEYS indexes of the sorted sets that index it (by flag, actor...);
---                each gets the entry's stream id, scored ms * 1000 + sequence of the id
+--                each gets the entry's stream id, scored by the entry's chain sequence number
 --   idempotency  optional {value, ttl}
 --   channel, message  optional pub/sub notification
 --
--- Returns {"ok", stream_id of the last entry} | {"conflict", head} | {"replay", stored value}.
+-- Stream ids are "<time_ms>-<n>", so an entry's id and its time agree and a time window is an id
+-- range. A time_ms before the newest id (this host's clock is behind another's) is refused with
+-- {"clock", newest ms}: the caller retakes the time from there and commits again.
+--
+-- Returns {"ok", stream_id of the last entry} | {"conflict", head} | {"replay", stored value}
+-- | {"clock", ms}.
 -- Nothing is written unless every check passes, and then everything is: the change, its
 -- audit entry, the new head, the idempotency record and the notification.
 local plan = cjson.decode(ARGV[1])
@@ -52,6 +59,25 @@ if stream_type ~= 'none' and stream_type ~= 'stream' then
   return redis.error_reply('commit.lua: ' .. KEYS[1] .. ' is not a stream')
 end
 
+local last_ms, last_n = 0, -1
+if stream_type == 'stream' then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local ms, n = string.match(info[i + 1], '^(%d+)-(%d+)$')
+      last_ms, last_n = tonumber(ms), tonumber(n)
+    end
+  end
+end
+local time_ms = tonumber(plan.time_ms)
+if time_ms < last_ms then
+  return {'clock', tostring(last_ms)}
+end
+local next_n = 0
+if time_ms == last_ms then
+  next_n = last_n + 1
+end
+
 for _, op in ipairs(plan.ops) do
   local cmd = op[1]
   local key = KEYS[op[2]]
@@ -76,11 +102,10 @@ end
 
 local id
 for i, entry in ipairs(plan.entries) do
-  id = redis.call('XADD', KEYS[1], '*', unpack(entry))
-  local ms, n = string.match(id, '^(%d+)-(%d+)$')
-  local score = tonumber(ms) * 1000 + tonumber(n)
+  id = redis.call('XADD', KEYS[1], plan.time_ms .. '-' .. string.format('%d', next_n), unpack(entry))
+  next_n = next_n + 1
   for _, ki in ipairs(plan.indexes[i]) do
-    redis.call('ZADD', KEYS[ki], score, id)
+    redis.call('ZADD', KEYS[ki], entry[2], id)
   end
 end
 redis.call('SET', KEYS[2], plan.new_head)
