@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, errors, extensions, logs, metrics
 from .config import DEFAULTS
+from .fastpath import SnapshotPolls
 
 __version__ = "0.1.0"
 
@@ -21,12 +22,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env("FLAGSVC")
     if config:
         app.config.from_mapping(config)
-    proxies = int(app.config["TRUSTED_PROXIES"])
-    if proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     extensions.init_app(app)
     metrics.init_app(app)
     logs.init_app(app)
     api.init_app(app)
     errors.init_app(app)
+    app.wsgi_app = SnapshotPolls(  # type: ignore[method-assign]
+        app.wsgi_app,
+        lambda: app.extensions["flagsvc"],
+        log_requests=bool(app.config.get("LOG_FORMAT")),
+    )
+    proxies = int(app.config["TRUSTED_PROXIES"])
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     return app

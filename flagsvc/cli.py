@@ -87,11 +87,21 @@ def main() -> None:
 @click.option("--host", envvar="FLAGSVC_HOST", default="127.0.0.1", show_default=True)
 @click.option("--port", envvar="FLAGSVC_PORT", default=8000, show_default=True, type=int)
 @click.option("--workers", envvar="FLAGSVC_WORKERS", default=None, type=int, help="gunicorn workers.")
+@click.option(
+    "--control-port",
+    envvar="FLAGSVC_CONTROL_PORT",
+    default=None,
+    type=int,
+    help="Also serve the API here with a worker of its own, for operators: "
+    "kills sent here do not queue behind SDK polls.",
+)
 @data_dir_option
 @redis_url_option
-def serve(host: str, port: int, workers: int | None, data_dir: Path, redis_url: str | None) -> None:
+def serve(
+    host: str, port: int, workers: int | None, control_port: int | None, data_dir: Path, redis_url: str | None
+) -> None:
     """Serve the API with gunicorn; with no Redis URL, on an embedded Redis in --data-dir."""
-    sys.exit(serve_mod.run(host, port, data_dir, workers, redis_url))
+    sys.exit(serve_mod.run(host, port, data_dir, workers, redis_url, control_port))
 
 
 @main.group()

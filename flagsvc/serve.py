@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -45,8 +46,21 @@ def bootstrap(client: redis.Redis, data_dir: Path) -> str | None:
     return secret
 
 
-def run(host: str, port: int, data_dir: Path, workers: int | None, redis_url: str | None) -> int:
-    """Start Redis if needed, bootstrap, run gunicorn in the foreground; its exit code."""
+def run(
+    host: str,
+    port: int,
+    data_dir: Path,
+    workers: int | None,
+    redis_url: str | None,
+    control_port: int | None = None,
+) -> int:
+    """Start Redis if needed, bootstrap, run gunicorn in the foreground; its exit code.
+
+    With ``control_port``, a second gunicorn with one worker serves the same API there: the
+    control listener for operators (``flagctl``, the nginx routes for writes). SDK polls and
+    streams keep the main workers busy; a kill sent to the control listener is answered by a
+    process that is otherwise idle, so it does not queue behind them (bench/propagation.py).
+    """
     server = None
     if not redis_url:
         server = embedded.start(data_dir)
@@ -59,30 +73,54 @@ def run(host: str, port: int, data_dir: Path, workers: int | None, redis_url: st
         click.echo(f"flagsvc: first start: admin token (shown once, also in {data_dir / ADMIN_TOKEN_FILE}):")
         click.echo(f"    {secret}")
     click.echo(f"flagsvc: listening on http://{host}:{port}")
+    if control_port:
+        click.echo(f"flagsvc: control listener (operators, one worker) on http://{host}:{control_port}")
     metrics_dir = data_dir / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of a previous run's workers
     metrics_dir.mkdir(parents=True)
     env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    command = [
+    procs = [subprocess.Popen(gunicorn_command(f"{host}:{port}", workers), env=env)]
+    if control_port:
+        procs.append(subprocess.Popen(gunicorn_command(f"{host}:{control_port}", 1), env=env))
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        return _wait_first(procs)
+    finally:
+        if server is not None:
+            embedded.stop(server)
+
+
+def gunicorn_command(bind: str, workers: int | None) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "gunicorn",
         "--config",
         "python:flagsvc.gunicorn_conf",
         "--bind",
-        f"{host}:{port}",
+        bind,
         *(["--workers", str(workers)] if workers else []),
         "flagsvc:create_app()",
     ]
-    proc = subprocess.Popen(command, env=env)
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    try:
-        return proc.wait()
-    finally:
-        if server is not None:
-            embedded.stop(server)
+def _wait_first(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Wait until one gunicorn exits, stop the others, and return the first exit code."""
+    while True:
+        for proc in procs:
+            code = proc.poll()
+            if code is not None:
+                for other in procs:
+                    if other.poll() is None:
+                        other.terminate()
+                for other in procs:
+                    other.wait()
+                return code
+        time.sleep(0.2)

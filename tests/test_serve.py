@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import sys
+import time
 
 import psutil
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from flagsvc import embedded
 from flagsvc.cli import main
 
+from .redis_server import free_port
 from .served import Served
 
 if sys.platform != "linux":  # pragma: no cover
@@ -120,6 +122,45 @@ def test_serve_with_external_redis(tmp_path, redis_url, r):
             f"{served.url}/api/v1/envs", headers={"Authorization": f"Bearer {token}"}, timeout=5
         )
         assert resp.json() == {"envs": ["production"]}
+    finally:
+        served.stop()
+
+
+def test_control_port_serves_the_same_api_from_its_own_gunicorn(tmp_path):
+    control_port = free_port()
+    served = Served(tmp_path / "data", "--control-port", str(control_port))
+    control = f"http://127.0.0.1:{control_port}"
+    try:
+        headers = {"Authorization": f"Bearer {served.admin_token()}"}
+        created = requests.put(
+            f"{control}/api/v1/envs/production/flags/exports",
+            json={"kind": "kill_switch", "enabled": True},
+            headers=headers,
+            timeout=5,
+        )
+        assert created.status_code == 201
+        killed = requests.post(
+            f"{control}/api/v1/envs/production/flags/exports/kill",
+            json={"reason": "INC-7"},
+            headers=headers,
+            timeout=5,
+        )
+        assert killed.status_code == 200
+        version = killed.headers["X-Flagsvc-Env-Version"]
+        # The main listener serves the kill at once (its workers hear it by pub/sub).
+        deadline = time.monotonic() + 2
+        while True:
+            snap = requests.get(f"{served.url}/api/v1/envs/production/snapshot", headers=headers, timeout=5)
+            if snap.headers["ETag"] == f'"{version}"':
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert snap.json()["flags"]["exports"]["enabled"] is False
+        # Two gunicorn masters: the main one with its workers, the control one with one worker.
+        masters = psutil.Process(served.proc.pid).children()
+        assert sorted(len(m.children()) for m in masters) == [1, 2]
+        assert served.stop() == 0
+        assert not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in masters)
     finally:
         served.stop()
 

@@ -29,8 +29,7 @@ _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
 def init_request_hooks(app: Flask) -> None:
     @app.before_request
     def _assign_request_id() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        request.request_id = request_id_for(request.headers.get("X-Request-ID", ""))  # type: ignore[attr-defined]
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:
@@ -38,6 +37,11 @@ def init_request_hooks(app: Flask) -> None:
         if request_id:
             response.headers["X-Request-ID"] = request_id
         return response
+
+
+def request_id_for(incoming: str) -> str:
+    """The client's ``X-Request-ID`` if it is a sane one, else a new id."""
+    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 
 def path_error(field: str, message: str) -> InvalidInput:
@@ -89,7 +93,11 @@ def if_none_match_any() -> bool:
 
 def if_none_match_version() -> int | None:
     """The version named by ``If-None-Match`` (snapshot polling), ``None`` if absent or unparsable."""
-    raw = request.headers.get("If-None-Match")
+    return version_named_by(request.headers.get("If-None-Match"))
+
+
+def version_named_by(raw: str | None) -> int | None:
+    """The version in an ``If-None-Match`` value (its first ETag), ``None`` if absent or unparsable."""
     if not raw:
         return None
     match = _ETAG.match(raw.split(",")[0].strip())

@@ -1,0 +1,154 @@
+"""Snapshot polls answered before Flask: the same answers as the Flask view, and only for
+requests the view would answer 200 or 304."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+from flagsvc.fastpath import SnapshotPolls
+from flagsvc.tokens import TokenStore
+
+SNAPSHOT = "/api/v1/envs/production/snapshot"
+
+
+@pytest.fixture
+def flask_calls(app: Any) -> list[str]:
+    """Paths of the requests that reached Flask."""
+    calls: list[str] = []
+
+    @app.before_request
+    def _count() -> None:
+        from flask import request
+
+        calls.append(request.path)
+
+    return calls
+
+
+@pytest.fixture
+def version(client: Any, auth: Any, flask_calls: list[str]) -> int:
+    """The current version, after a flag was created (these requests are not counted)."""
+    client.put(
+        "/api/v1/envs/production/flags/pay",
+        json={"kind": "kill_switch", "enabled": True},
+        headers=auth("admin"),
+    )
+    current = int(client.get(SNAPSHOT, headers=auth("sdk")).headers["ETag"].strip('"'))
+    flask_calls.clear()
+    return current
+
+
+def both(
+    app: Any, **request: Any
+) -> tuple[tuple[str, dict[str, str], bytes], tuple[str, dict[str, str], bytes]]:
+    """The answer of the middleware and of the Flask app behind it, to the same request."""
+    middleware = app.wsgi_app
+    assert isinstance(middleware, SnapshotPolls)
+    answers = []
+    for wsgi in (middleware, middleware.app):
+        environ = EnvironBuilder(**request).get_environ()
+        body, status, headers = run_wsgi_app(wsgi, environ, buffered=True)
+        answers.append((status, dict(headers), b"".join(body)))
+    return answers[0], answers[1]
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "status"),
+    [
+        ("current", 304),
+        ('W/"current"', 304),
+        ('"current", "1"', 304),
+        ("older", 200),
+        (None, 200),
+        ("not-an-etag", 200),
+    ],
+)
+def test_polls_get_the_flask_views_answer_without_reaching_flask(
+    app: Any, auth: Any, version: int, flask_calls: list[str], if_none_match: str | None, status: int
+) -> None:
+    headers = {**auth("sdk"), "X-Request-ID": "req-1"}
+    if if_none_match is not None:
+        tag = if_none_match.replace("current", str(version)).replace("older", f'"{version - 1}"')
+        headers["If-None-Match"] = tag if '"' in tag or tag.startswith("not") else f'"{tag}"'
+    fast, flask = both(app, path=SNAPSHOT, headers=headers)
+    assert fast == flask
+    assert fast[0].startswith(str(status))
+    assert fast[1]["ETag"] == f'"{version}"' and fast[1]["X-Request-ID"] == "req-1"
+    assert flask_calls == [SNAPSHOT]  # only the direct call to the Flask app reached it
+
+
+def test_a_bad_request_id_is_replaced_as_flask_replaces_it(app: Any, auth: Any, version: int) -> None:
+    fast, flask = both(app, path=SNAPSHOT, headers={**auth("sdk"), "X-Request-ID": "bad id\t!"})
+    assert len(fast[1]["X-Request-ID"]) == len(flask[1]["X-Request-ID"]) == 32
+    assert fast[1]["X-Request-ID"] != "bad id\t!"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status"),
+    [
+        ({"headers": {}}, 401),
+        ({"headers": {"Authorization": "Bearer fsk_nope_nope"}}, 401),
+        ({"headers": {"Authorization": "Basic abc"}}, 401),
+        ({"path": "/api/v1/envs/nowhere/snapshot"}, 404),
+        ({"path": "/api/v1/envs/Bad!/snapshot"}, 422),
+        ({"method": "POST"}, 405),
+        ({"query_string": "x=1"}, 200),
+    ],
+)
+def test_anything_else_is_answered_by_flask(
+    app: Any, auth: Any, version: int, flask_calls: list[str], request_kwargs: dict[str, Any], status: int
+) -> None:
+    request = {"path": SNAPSHOT, "headers": auth("sdk"), **request_kwargs}
+    resp = app.test_client().open(**request)
+    assert resp.status_code == status
+    assert flask_calls == [request["path"]]
+    if status >= 400:
+        assert resp.content_type == "application/problem+json"
+
+
+def test_a_token_of_another_environment_is_refused(
+    app: Any, make_token: Any, version: int, flask_calls: list[str]
+) -> None:
+    staging_only = make_token("sdk", envs=["staging"])
+    resp = app.test_client().get(SNAPSHOT, headers={"Authorization": f"Bearer {staging_only}"})
+    assert resp.status_code == 403 and flask_calls == [SNAPSHOT]
+
+
+def test_a_revoked_token_stops_polling_within_a_second(
+    r: Any, client: Any, make_token: Any, version: int
+) -> None:
+    secret = make_token("sdk", name="soon-revoked")
+    headers = {"Authorization": f"Bearer {secret}", "If-None-Match": f'"{version}"'}
+    assert client.get(SNAPSHOT, headers=headers).status_code == 304
+    TokenStore(r).revoke("soon-revoked", actor="test")
+    deadline = time.monotonic() + 2.0
+    while client.get(SNAPSHOT, headers=headers).status_code == 304:
+        assert time.monotonic() < deadline, "a revoked token still polls after 2 s"
+        time.sleep(0.05)
+    assert client.get(SNAPSHOT, headers=headers).status_code == 401
+
+
+def test_polls_are_counted_as_before(app: Any, auth: Any, version: int) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(outcome: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "flagsvc_snapshot_polls_total", {"env": "production", "outcome": outcome}
+        )
+        return value or 0.0
+
+    before = count("304"), count("200")
+    client = app.test_client()
+    for _ in range(3):
+        client.get(SNAPSHOT, headers={**auth("sdk"), "If-None-Match": f'"{version}"'})
+    client.get(SNAPSHOT, headers=auth("sdk"))
+    assert (count("304") - before[0], count("200") - before[1]) == (3, 1)
+    requests = REGISTRY.get_sample_value(
+        "flagsvc_http_requests_total",
+        {"route": "/api/v1/envs/<env>/snapshot", "method": "GET", "status": "304"},
+    )
+    assert requests and requests >= 3
