@@ -220,12 +220,16 @@ def flagsvc_command() -> list[str]:
 class Server:
     """``flagsvc serve`` on a fresh data folder under ``root`` and a free port."""
 
-    def __init__(self, root: Path, workers: int | None, threads: int | None) -> None:
+    def __init__(
+        self, root: Path, workers: int | None, threads: int | None, *, control: bool = False
+    ) -> None:
+        """``control``: also a control listener (``--control-port``) on another free port."""
         self.root = root
         self.data_dir = root / "data"
         self.log_path = root / "server.log"
         self.port = free_port()
         self.base = f"http://{HOST}:{self.port}"
+        self.control_port = free_port() if control else None
         self.workers = workers
         self.threads = threads
         self.proc: subprocess.Popen[bytes] | None = None
@@ -238,6 +242,8 @@ class Server:
         cmd += ["--host", HOST, "--port", str(self.port)]
         if self.workers:
             cmd += ["--workers", str(self.workers)]
+        if self.control_port:
+            cmd += ["--control-port", str(self.control_port)]
         return cmd
 
     def __enter__(self) -> Server:
@@ -306,11 +312,12 @@ class Server:
         return procs
 
     def worker_pids(self) -> list[int]:
-        """gunicorn worker processes (children of the gunicorn master)."""
+        """gunicorn worker processes of the main listener (children of its gunicorn master)."""
         assert self.proc is not None
         with contextlib.suppress(psutil.Error):
             for master in psutil.Process(self.proc.pid).children():
-                return [w.pid for w in master.children()]
+                if f"{HOST}:{self.port}" in master.cmdline():
+                    return [w.pid for w in master.children()]
         return []
 
     def connections_by_worker(self) -> dict[int, set[int]]:

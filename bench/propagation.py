@@ -494,7 +494,7 @@ def run_phase(server: Server, args: argparse.Namespace, sdk_token: str, mode: st
         connect_s = time.monotonic() - t_connect
         spread = sorted((len(p) for p in server.connections_by_worker().values()), reverse=True)
         log(f"{tag} {connected}/{n} clients have a snapshot after {connect_s:.1f} s; conns/worker {spread}")
-        flipper = Flipper(server.port, server.token, PROD)
+        flipper = Flipper(server.control_port or server.port, server.token, PROD)
         etag = flipper.request("GET", f"/api/v1/envs/{PROD}/snapshot")[2]["ETag"]
         start = (int(etag.strip('"')), flipper.enabled)  # the version before the first flip
         flips: list[Flip] = []
@@ -620,7 +620,8 @@ def run_ceiling(server: Server, args: argparse.Namespace, sdk_token: str, load_s
     url, auth = f"{server.base}/api/v1/envs/{PROD}/snapshot", {"Authorization": f"Bearer {sdk_token}"}
     with requests.get(url, headers=auth, timeout=10) as response:
         etag = response.headers["ETag"]
-    flipper, meter, flips = Flipper(server.port, server.token, FLIP_ENV), Meter(server), []
+    flipper = Flipper(server.control_port or server.port, server.token, FLIP_ENV)
+    meter, flips = Meter(server), []
     with meter:
         load = PollLoad(LoadSpec(server.port, sdk_token, etag, args.duration, int(conns), 2, 2, root), rate)
         try:
@@ -747,6 +748,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="wrk poll loads: C (closed loop, C connections) or C@R (paced, R polls/s in all); '' skips",
     )
     p.add_argument("--ceiling-flip-gap", type=float, default=0.1, help="s between flips during wrk")
+    p.add_argument(
+        "--flip-via",
+        choices=("control", "main"),
+        default="control",
+        help="send kill/restore to the control listener (flagsvc serve --control-port, the "
+        "operators' port) or to the main one that SDKs poll",
+    )
     p.add_argument("--client-procs", type=int, default=2, help="processes for the simulated clients")
     p.add_argument("--idle", type=float, default=2.0, help="s with clients connected before the flips")
     p.add_argument("--flags", type=int, default=50, help="flags besides the kill switch")
@@ -769,14 +777,16 @@ def main(argv: list[str] | None = None) -> int:
     log(f"command : cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *sys.argv])}")
     log(
         f"setup   : flagsvc serve --data-dir <tmp> --host {HOST} --port <free> "
-        f"{f'--workers {args.workers}' if args.workers else '(default workers)'}; {args.flags + 1} flags; "
+        f"{f'--workers {args.workers}' if args.workers else '(default workers)'}"
+        f"{' --control-port <free> (kill/restore sent there)' if args.flip_via == 'control' else ''}; "
+        f"{args.flags + 1} flags; "
         f"{args.client_procs} client processes (asyncio); RLIMIT_NOFILE {fd_limit}; wrk {shutil.which('wrk')}"
     )
     root = Path(tempfile.mkdtemp(prefix="flagsvc-prop-"))
     phases: list[dict[str, Any]] = []
     ceil: list[dict[str, Any]] = []
     try:
-        with Server(root, args.workers, None) as server:
+        with Server(root, args.workers, None, control=args.flip_via == "control") as server:
             with requests.Session() as admin:
                 admin.headers["Authorization"] = f"Bearer {server.token}"
                 size, version = api.setup_flags(server, admin, args.flags)
