@@ -117,3 +117,32 @@ def test_a_window_just_past_the_newest_entry_is_empty(client, auth, spread):
     after = datetime.fromisoformat(spread[-1]["time"].replace("Z", "+00:00")) + timedelta(milliseconds=1)
     resp = client.get(f"{ENV}/audit?since={after.isoformat().replace('+', '%2B')}", headers=auth("reader"))
     assert resp.json == {"entries": [], "next_cursor": None}
+
+
+def test_an_intersection_spanning_many_index_reads_returns_exactly_the_matches(r, app):
+    """Two large indexes that overlap little: the walk reads past the per-call budget."""
+    committer = Committer(r)
+    for start in range(0, 5000, 1000):
+        entries = [
+            {
+                "actor": "x" if n < 2600 or 2990 <= n < 3000 else f"other-{n % 7}",
+                "action": "y" if n >= 2400 else "z",
+                "reason": str(n),
+            }
+            for n in range(start, start + 1000)
+        ]
+        committer.commit(NS, r.get(NS.audit_head), ops=[], audit=entries)
+    everything = all_entries(r)
+    expected = [e["seq"] for e in everything if e["actor"] == "x" and e["action"] == "y"]
+    assert len(expected) == 210
+    log = AuditLog(r, NS)
+    for oldest_first in (True, False):
+        got, cursor = [], None
+        while True:
+            page = log.query(
+                AuditFilter(actor="x", action="y"), limit=64, cursor=cursor, oldest_first=oldest_first
+            )
+            got += [e["seq"] for e in page.entries]
+            if not (cursor := page.next_cursor):
+                break
+        assert got == (expected if oldest_first else expected[::-1])
