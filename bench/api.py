@@ -2,7 +2,7 @@
 
 The service is started exactly as an operator starts it: ``flagsvc serve`` on a fresh data
 folder and a free port (embedded Redis, append-only with ``appendfsync always``; gunicorn
-gthread workers; the first admin token read from ``<data-dir>/admin-token``). The benchmark
+gevent workers; the first admin token read from ``<data-dir>/admin-token``). The benchmark
 creates the kill switch ``bench.kill`` and ~50 realistic flags (rules, rollouts, ops values)
 in ``production`` and measures:
 
@@ -13,9 +13,11 @@ in ``production`` and measures:
    with ``wrk`` when it is on PATH (a Lua ``response`` hook counts every status code, so a
    figure made of errors or unexpected 200s is flagged), else a Python load generator
    (processes x threads, one keep-alive ``http.client`` connection each);
-3. kill/restore latency while the conditional-poll load of 2 runs. These flips go to the same
-   kill switch in a second environment, ``bench`` (same flags, same write path), so the polled
-   ``production`` version does not move and the load stays the 100 % 304 load of 2.
+3. kill/restore latency while the conditional-poll load of 2 runs, sent to the same listener
+   as the polls, or with ``--control`` to the control listener (``flagsvc serve --control-port``).
+   These flips go to the same kill switch in a second environment, ``bench`` (same flags, same
+   write path), so the polled ``production`` version does not move and the load stays the
+   100 % 304 load of 2.
 
 Everything targets 127.0.0.1. ``--repeat K`` runs the whole measurement K times, each on a
 fresh server, and the summary reports medians across runs. Example::
@@ -501,16 +503,20 @@ def setup_flags(server: Server, session: requests.Session, n_flags: int) -> tupl
 
 
 def current_version(server: Server, session: requests.Session) -> int:
-    response = call(session, "GET", f"{server.base}/api/v1/envs/{PROD}/snapshot", {200})
-    version = int(response.headers["ETag"].strip('"'))
-    call(
-        session,
-        "GET",
-        f"{server.base}/api/v1/envs/{PROD}/snapshot",
-        {304},
-        headers={"If-None-Match": f'"{version}"'},
-    )
-    return version
+    """The production version, once two polls in a row agree on it: right after a write, the
+    workers that did not take it may still be a few milliseconds behind."""
+    url = f"{server.base}/api/v1/envs/{PROD}/snapshot"
+    deadline = time.monotonic() + 5.0
+    while True:
+        version = int(call(session, "GET", url, {200}).headers["ETag"].strip('"'))
+        again = call(session, "GET", url, {200, 304}, headers={"If-None-Match": f'"{version}"'})
+        if again.status_code == 304:
+            return version
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the workers do not agree on the version: {version} then {again.headers['ETag']}"
+            )
+        time.sleep(0.05)
 
 
 # -- kill / restore ----------------------------------------------------------------------------
@@ -866,13 +872,14 @@ def run_once(
 ) -> RunResult:
     root = Path(tempfile.mkdtemp(prefix="flagsvc-bench-", dir=args.tmp_dir))
     try:
-        with Server(root, workers, args.server_threads) as server:
+        with Server(root, workers, args.server_threads, control=args.control) as server:
             admin = requests.Session()
             admin.headers["Authorization"] = f"Bearer {server.token}"
             snapshot_bytes, _ = setup_flags(server, admin, args.flags)
             n_workers = len(server.worker_pids())
             log(
-                f"{tag} server up on :{server.port}: {n_workers} gunicorn gthread workers, "
+                f"{tag} server up on :{server.port}: {n_workers} gunicorn workers"
+                f"{f', control listener :{server.control_port}' if server.control_port else ''}, "
                 f"{args.flags + 1} flags, snapshot {snapshot_bytes} bytes"
             )
 
@@ -910,7 +917,8 @@ def run_once(
 
             # 3. kill/restore (env ``bench``) during the conditional-poll load (env ``production``)
             admin.close()  # from here on, the flipper holds this process's only connection
-            flipper = Flipper(server.base, server.token, FLIP_ENV)
+            control = f"http://{HOST}:{server.control_port}" if server.control_port else server.base
+            flipper = Flipper(control, server.token, FLIP_ENV)
             flipper.run(max(2, args.warmup_flips // 5))
             with CpuMeter(server) as meter:
                 load = make_load(spec(etag, args.duration))
@@ -1273,6 +1281,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="FLAGSVC_THREADS for the server; none: the service default",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="flagsvc serve --control-port: the flips of phase 3 go to the control listener",
     )
     parser.add_argument(
         "--tmp-dir", default=None, help="where the data folders go; none: the system temp dir"

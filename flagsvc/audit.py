@@ -183,9 +183,9 @@ class AuditLog:
 
         With filters on indexed fields, the smallest of their indexes is walked and, with more
         than one, intersected with the others inside Redis (``audit_intersect.lua``); only the
-        entries in all of them are read from the Stream. Otherwise the Stream itself is read over the id range
-        of the time window. The first read is ``first_batch`` (a page and one), later ones
-        grow to 500.
+        entries in all of them are read from the Stream. Otherwise the Stream itself is read
+        over the id range of the time window. The first read is ``first_batch`` (a page and
+        one), later ones grow to 500.
         """
         ids = _IdRange.of(criteria, cursor, oldest_first)
         if ids is None:

@@ -77,6 +77,7 @@ class SnapshotCache:
         self._list_envs = list_envs
         self._also_refresh = also_refresh
         self._entries: dict[str, Published] = {}
+        self._written: dict[str, int] = {}  # env -> newest version this process committed
         self._changed = threading.Condition()
         self._last_ok = time.monotonic()
         self._started_pid: int | None = None
@@ -86,11 +87,16 @@ class SnapshotCache:
     # -- the request path ------------------------------------------------------------------------
 
     def get(self, env: str) -> Published:
-        """The current snapshot of ``env`` (loads it from Redis the first time)."""
+        """The current snapshot of ``env`` (loads it from Redis the first time, and after a write
+        of this process that it does not hold yet)."""
         self._ensure_started()
         entry = self._entries.get(env)
-        if entry is None:
-            entry = self._load(env)
+        if entry is None or entry.version < self._written.get(env, 0):
+            try:
+                entry = self._load(env)
+            except redis.RedisError:
+                if entry is None:
+                    raise
         return entry
 
     @property
@@ -111,14 +117,13 @@ class SnapshotCache:
                     return None
                 self._changed.wait(remaining)
 
-    def reload_after_write(self, env: str) -> None:
-        """Read-your-writes in this process: reload ``env`` now (other processes hear the change
-        by pub/sub). Never fails the write that was already committed."""
-        try:
-            self._load(env)
-        except redis.RedisError:
-            with self._changed:
-                self._entries.pop(env, None)
+    def reload_after_write(self, env: str, version: int) -> None:
+        """Read-your-writes in this process: ``env`` is at ``version`` or later now. The next
+        :meth:`get` here reloads it if the background thread has not yet (it does on the write's
+        notification, after the write's response is on its way: the reload is not on the
+        write's path)."""
+        if version > self._written.get(env, 0):
+            self._written[env] = version
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -173,6 +178,7 @@ class SnapshotCache:
                 return
             # First use in this process (a forked worker never inherits a running thread).
             self._entries.clear()
+            self._written.clear()
             self._changed = threading.Condition()
             self._started_pid = os.getpid()
             thread = threading.Thread(target=self._run, name="flagsvc-snapshot-cache", daemon=True)
@@ -227,5 +233,5 @@ class SnapshotCache:
         except (ValueError, TypeError, AttributeError):
             announced = 0
         if announced and announced <= cached.version:
-            return  # this process has it already (it made the write: read-your-writes reload)
+            return  # this process has it already (a read after its own write loaded it)
         self._load(env)

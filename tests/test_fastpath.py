@@ -152,3 +152,24 @@ def test_polls_are_counted_as_before(app: Any, auth: Any, version: int) -> None:
         {"route": "/api/v1/envs/<env>/snapshot", "method": "GET", "status": "304"},
     )
     assert requests and requests >= 3
+
+
+def test_a_read_right_after_a_write_in_the_same_process_sees_the_write(
+    app: Any, client: Any, auth: Any
+) -> None:
+    """Read-your-writes: the snapshot a process serves right after its own write includes it,
+    without waiting for the change notification."""
+    client.put(
+        "/api/v1/envs/production/flags/pay",
+        json={"kind": "kill_switch", "enabled": True},
+        headers=auth("admin"),
+    )
+    for n in range(50):
+        action = "kill" if n % 2 == 0 else "restore"
+        done = client.post(
+            f"/api/v1/envs/production/flags/pay/{action}", json={"reason": "r"}, headers=auth("operator")
+        )
+        version = done.headers["X-Flagsvc-Env-Version"]
+        snap = client.get(SNAPSHOT, headers=auth("sdk"))
+        assert snap.headers["ETag"] == f'"{version}"'
+        assert snap.json["flags"]["pay"]["enabled"] is (action == "restore")

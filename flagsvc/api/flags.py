@@ -48,7 +48,7 @@ def _check(env: str, key: str | None = None) -> None:
 
 def _respond(env: str, result: WriteResult, *, created_status: int = 200) -> tuple[Flag, int, dict[str, str]]:
     if result.changed and not result.replayed:
-        stores().snapshots.reload_after_write(env)
+        stores().snapshots.reload_after_write(env, result.env_version)
     headers = {"ETag": etag(result.flag["version"]), ENV_VERSION_HEADER: str(result.env_version)}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"

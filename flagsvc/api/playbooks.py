@@ -40,7 +40,7 @@ def _answer(env: str, outcome: Outcome) -> dict[str, Any]:
             c["flag"]: seen.get(c["flag"], {"evaluations": 0, "apps": {}}) for c in outcome.changed
         }
     elif outcome.changed:
-        stores().snapshots.reload_after_write(env)
+        stores().snapshots.reload_after_write(env, outcome.env_version)
     return body
 
 
