@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import requests
+
+from .redis_server import free_port
+from .served import Served
 
 PROMETHEUS = Path(__file__).parent.parent / "ops/prometheus"
 promtool = shutil.which("promtool")
@@ -28,3 +33,125 @@ def test_alert_rule_unit_tests_pass():
         [promtool, "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+NGINX_SITE = Path(__file__).parent.parent / "ops/nginx/flagsvc.conf"
+nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+openssl = shutil.which("openssl")
+needs_nginx = pytest.mark.skipif(
+    nginx is None or openssl is None, reason="nginx or openssl not installed (.ci/run installs nginx)"
+)
+
+
+def _nginx_conf(tmp_path: Path, site: str, extra_http: str = "") -> Path:
+    """A main nginx.conf around ``site`` that keeps every file nginx writes under ``tmp_path``."""
+    (tmp_path / "site.conf").write_text(site)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\ndaemon off;\nevents {{}}\n"
+        f"http {{\n  client_body_temp_path {tmp_path}/body;\n  proxy_temp_path {tmp_path}/proxy;\n"
+        f"  {extra_http}\n  include {tmp_path}/site.conf;\n}}\n"
+    )
+    return conf
+
+
+@needs_nginx
+def test_nginx_site_is_valid(tmp_path):
+    key, cert = str(tmp_path / "privkey.pem"), str(tmp_path / "fullchain.pem")
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=flags",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    site = NGINX_SITE.read_text().replace("/etc/ssl/flagsvc", str(tmp_path))
+    conf = _nginx_conf(tmp_path, site)
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_nginx
+def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_control_one(tmp_path):
+    """The site as shipped, minus TLS, in front of `flagsvc serve --control-port`: nginx's own
+    access log names the upstream that served each request."""
+    control_port, nginx_port = free_port(), free_port()
+    served = Served(tmp_path / "data", "--control-port", str(control_port))
+    proc = None
+    try:
+        site = NGINX_SITE.read_text()
+        site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{nginx_port};")
+        site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
+        site = site.replace("127.0.0.1:8000", f"127.0.0.1:{served.port}")
+        site = site.replace("127.0.0.1:8001", f"127.0.0.1:{control_port}")
+        conf = _nginx_conf(
+            tmp_path,
+            site,
+            "log_format upstream '$request_method $uri $upstream_addr';\n"
+            f"  access_log {tmp_path}/access.log upstream;",
+        )
+        proc = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{nginx_port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                requests.get(f"{base}/healthz", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+                time.sleep(0.05)
+        admin = {"Authorization": f"Bearer {served.admin_token()}"}
+        env = f"{base}/api/v1/envs/production"
+        calls = [
+            ("PUT", f"{env}/flags/exports", {"kind": "kill_switch", "enabled": True}, 201),
+            ("POST", f"{env}/flags/exports/kill", {"reason": "INC-9"}, 200),
+            ("GET", f"{env}/snapshot", None, 200),
+            ("POST", f"{env}/clients/web-1", {"app": "web", "applied_version": 1}, 204),
+            ("GET", f"{env}/clients", None, 200),
+            ("GET", f"{env}/audit", None, 200),
+            # OFREP wants a token of one environment: the refusal still shows who answered.
+            ("POST", f"{base}/ofrep/v1/evaluate/flags/exports", {"context": {}}, 403),
+        ]
+        for method, url, body, status in calls:
+            resp = requests.request(method, url, json=body, headers=admin, timeout=5)
+            assert resp.status_code == status, (method, url, resp.text)
+        time.sleep(0.2)  # nginx writes its access log line after the response
+        served_by = {}
+        for line in (tmp_path / "access.log").read_text().splitlines():
+            method, uri, upstream = line.split(" ", 2)
+            served_by[(method, uri)] = upstream.split(",")[0].strip()
+        main, control = f"127.0.0.1:{served.port}", f"127.0.0.1:{control_port}"
+        path = "/api/v1/envs/production"
+        assert served_by[("PUT", f"{path}/flags/exports")] == control
+        assert served_by[("POST", f"{path}/flags/exports/kill")] == control
+        assert served_by[("GET", f"{path}/clients")] == control
+        assert served_by[("GET", f"{path}/audit")] == control
+        assert served_by[("GET", f"{path}/snapshot")] == main
+        assert served_by[("POST", f"{path}/clients/web-1")] == main
+        assert served_by[("POST", "/ofrep/v1/evaluate/flags/exports")] == main
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        served.stop()
