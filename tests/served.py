@@ -18,11 +18,20 @@ class Served:
     """`flagsvc serve` on a free (or given) port, ready when /readyz answers 200."""
 
     def __init__(
-        self, data_dir: Path, *extra: str, env: dict[str, str] | None = None, port: int | None = None
+        self,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        control_port: int | None = None,
     ) -> None:
+        """``control_port``: also the control listener (``--control-port``), ready too."""
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.control_url = f"http://127.0.0.1:{control_port}" if control_port else None
+        if control_port:
+            extra = (*extra, "--control-port", str(control_port))
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self._log_file = self.log.open("a")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
@@ -46,15 +55,16 @@ class Served:
             env=environ,
         )
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+        for url in filter(None, (self.url, self.control_url)):
+            while True:
+                try:
+                    if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
+                time.sleep(0.1)
 
     def output(self) -> str:
         return self.log.read_text()

@@ -93,7 +93,7 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
     """The site as shipped, minus TLS, in front of `flagsvc serve --control-port`: nginx's own
     access log names the upstream that served each request."""
     control_port, nginx_port = free_port(), free_port()
-    served = Served(tmp_path / "data", "--control-port", str(control_port))
+    served = Served(tmp_path / "data", control_port=control_port)
     proc = None
     try:
         site = NGINX_SITE.read_text()

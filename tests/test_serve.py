@@ -128,7 +128,7 @@ def test_serve_with_external_redis(tmp_path, redis_url, r):
 
 def test_control_port_serves_the_same_api_from_its_own_gunicorn(tmp_path):
     control_port = free_port()
-    served = Served(tmp_path / "data", "--control-port", str(control_port))
+    served = Served(tmp_path / "data", control_port=control_port)
     control = f"http://127.0.0.1:{control_port}"
     try:
         headers = {"Authorization": f"Bearer {served.admin_token()}"}
