@@ -124,10 +124,15 @@ class Committer:
     """Commits audited changes to one Redis connection."""
 
     def __init__(self, client: redis.Redis, *, clock_ms: Callable[[], int] | None = None) -> None:
-        """``clock_ms`` (milliseconds since the epoch) stands for another host's clock in tests."""
+        """Entry times come from Redis' clock (``TIME``), the one clock every host of the service
+        shares; ``clock_ms`` (milliseconds since the epoch) replaces it in tests."""
         self._redis = client
         self._script = client.register_script(_SCRIPT)
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or self._redis_ms
+
+    def _redis_ms(self) -> int:
+        seconds, micros = self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def commit(
         self,
@@ -143,9 +148,9 @@ class Committer:
         head is still ``head``.
 
         Every entry of one commit gets the same ``time``, never earlier than the newest entry's
-        (a host whose clock lags commits at that time and logs a warning), and a stream id from
-        that time: ids and times agree, so a time window is an id range. Raises
-        :class:`Conflict` if the head moved.
+        (should the clock go back, after a Redis failover say, the commit takes that time and
+        logs a warning), and a stream id from that time: ids and times agree, so a time window is
+        an id range. Raises :class:`Conflict` if the head moved.
         """
         keys = [ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head]
 
@@ -181,8 +186,7 @@ class Committer:
             if status != "clock":
                 break
             log.warning(
-                "this host's clock is %d ms behind the newest audit entry of %s; "
-                "committing at that entry's time",
+                "the clock is %d ms behind the newest audit entry of %s; committing at that entry's time",
                 int(value) - time_ms,
                 ns.base,
             )

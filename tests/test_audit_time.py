@@ -47,9 +47,9 @@ def test_every_stream_id_carries_its_entry_time(client, auth, r):
     assert len({e["time"] for e in applied}) == 1  # one commit, one time
 
 
-def test_a_host_whose_clock_lags_commits_at_the_newest_time_and_the_chain_holds(r, app, caplog):
+def test_a_clock_behind_the_newest_entry_commits_at_the_newest_time_and_the_chain_holds(r, app, caplog):
     ahead_ms = time.time_ns() // 1_000_000 + 5_000
-    ahead = Committer(r, clock_ms=lambda: ahead_ms)
+    ahead = Committer(r, clock_ms=lambda: ahead_ms)  # e.g. a primary's clock, before a failover
     behind = Committer(r)
     head = r.get(NS.audit_head)
     ahead.commit(NS, head, ops=[], audit={"actor": "host-a", "action": "test.write"})

@@ -17,7 +17,7 @@
 --   channel, message  optional pub/sub notification
 --
 -- Stream ids are "<time_ms>-<n>", so an entry's id and its time agree and a time window is an id
--- range. A time_ms before the newest id (this host's clock is behind another's) is refused with
+-- range. A time_ms before the newest id (the clock went back, e.g. after a failover) is refused with
 -- {"clock", newest ms}: the caller retakes the time from there and commits again.
 --
 -- Returns {"ok", stream_id of the last entry} | {"conflict", head} | {"replay", stored value}
