@@ -79,9 +79,9 @@ def run(
     shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of a previous run's workers
     metrics_dir.mkdir(parents=True)
     env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    procs = [subprocess.Popen(gunicorn_command(f"{host}:{port}", workers), env=env)]
+    procs = [subprocess.Popen(_gunicorn_command(f"{host}:{port}", workers), env=env)]
     if control_port:
-        procs.append(subprocess.Popen(gunicorn_command(f"{host}:{control_port}", 1), env=env))
+        procs.append(subprocess.Popen(_gunicorn_command(f"{host}:{control_port}", 1), env=env))
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for proc in procs:
@@ -97,7 +97,7 @@ def run(
             embedded.stop(server)
 
 
-def gunicorn_command(bind: str, workers: int | None) -> list[str]:
+def _gunicorn_command(bind: str, workers: int | None) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -112,7 +112,8 @@ def gunicorn_command(bind: str, workers: int | None) -> list[str]:
 
 
 def _wait_first(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait until one gunicorn exits, stop the others, and return the first exit code."""
+    """Wait until one gunicorn exits, stop the others, and return the first exit code: a
+    listener that is gone takes the service down with it, for the supervisor to restart."""
     while True:
         for proc in procs:
             code = proc.poll()

@@ -97,6 +97,7 @@ class SnapshotCache:
             except redis.RedisError:
                 if entry is None:
                     raise
+                self._written.pop(env, None)  # not on every poll of an outage; refresh() heals
         return entry
 
     @property
