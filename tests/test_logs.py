@@ -41,3 +41,25 @@ def test_json_request_log_carries_the_request_id_of_the_audit_entry(app, redis_u
         json_app.extensions["flagsvc"].snapshots.stop()
         root = logging.getLogger()
         root.handlers[:] = [h for h in root.handlers if type(h).__name__ != "_FlagsvcHandler"]
+
+
+def test_polls_answered_before_flask_log_the_same_fields(app, redis_url, auth, caplog):
+    json_app = create_app({"REDIS_URL": redis_url, "LOG_FORMAT": "json"})
+    client = json_app.test_client()
+    try:
+        version = client.get("/api/v1/envs/production/snapshot", headers=auth("sdk")).headers["ETag"]
+        with caplog.at_level(logging.INFO, logger="flagsvc.requests"):
+            resp = client.get(
+                "/api/v1/envs/production/snapshot",
+                headers={**auth("sdk"), "If-None-Match": version, "X-Request-ID": "poll-7"},
+            )
+        assert resp.status_code == 304
+        [record] = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "poll-7"]
+        line = json.loads(JsonFormatter().format(record))
+        assert line["request_id"] == "poll-7" and line["status"] == 304 and line["actor"] == "sdk"
+        assert line["path"] == "/api/v1/envs/production/snapshot" and line["method"] == "GET"
+        assert line["duration_ms"] >= 0 and "fsk_" not in json.dumps(line)
+    finally:
+        json_app.extensions["flagsvc"].snapshots.stop()
+        root = logging.getLogger()
+        root.handlers[:] = [h for h in root.handlers if type(h).__name__ != "_FlagsvcHandler"]
