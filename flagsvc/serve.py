@@ -22,6 +22,8 @@ from .tokens import Role, TokenStore
 DEFAULT_ENV = "production"
 ADMIN_TOKEN_FILE = "admin-token"
 BOOTSTRAP_ACTOR = "flagsvc-bootstrap"
+#: With a control listener, the main gunicorn runs at this niceness (the control one at 0).
+SDK_NICENESS = 5
 
 
 def bootstrap(client: redis.Redis, data_dir: Path) -> str | None:
@@ -79,7 +81,12 @@ def run(
     shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of a previous run's workers
     metrics_dir.mkdir(parents=True)
     env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    procs = [subprocess.Popen(_gunicorn_command(f"{host}:{port}", workers), env=env)]
+    main = _gunicorn_command(f"{host}:{port}", workers)
+    if control_port:
+        # SDK traffic yields the CPU to operators when both want it: the SDKs evaluate locally
+        # and barely notice a slower poll; a kill must get through.
+        main = ["nice", "-n", str(SDK_NICENESS), *main]
+    procs = [subprocess.Popen(main, env=env)]
     if control_port:
         procs.append(subprocess.Popen(_gunicorn_command(f"{host}:{control_port}", 1), env=env))
 

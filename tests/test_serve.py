@@ -159,6 +159,9 @@ def test_control_port_serves_the_same_api_from_its_own_gunicorn(tmp_path):
         # Two gunicorn masters: the main one with its workers, the control one with one worker.
         masters = psutil.Process(served.proc.pid).children()
         assert sorted(len(m.children()) for m in masters) == [1, 2]
+        # The operators' listener wins the CPU over SDK traffic when both want it.
+        niceness = {len(m.children()): {w.nice() for w in m.children()} for m in masters}
+        assert niceness == {1: {0}, 2: {5}}
         assert served.stop() == 0
         assert not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in masters)
     finally:
