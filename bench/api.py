@@ -222,9 +222,7 @@ def flagsvc_command() -> list[str]:
 class Server:
     """``flagsvc serve`` on a fresh data folder under ``root`` and a free port."""
 
-    def __init__(
-        self, root: Path, workers: int | None, threads: int | None, *, control: bool = False
-    ) -> None:
+    def __init__(self, root: Path, workers: int | None, *, control: bool = False) -> None:
         """``control``: also a control listener (``--control-port``) on another free port."""
         self.root = root
         self.data_dir = root / "data"
@@ -233,7 +231,6 @@ class Server:
         self.base = f"http://{HOST}:{self.port}"
         self.control_port = free_port() if control else None
         self.workers = workers
-        self.threads = threads
         self.proc: subprocess.Popen[bytes] | None = None
         self.redis: psutil.Process | None = None
         self.token = ""
@@ -261,8 +258,6 @@ class Server:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in CONFLICTING_ENV}
-        if self.threads:
-            env["FLAGSVC_THREADS"] = str(self.threads)
         with open(self.log_path, "wb") as out:
             # Own session: a Ctrl-C in the terminal reaches the benchmark, which then stops the
             # server the way an operator does (SIGTERM, wait).
@@ -323,8 +318,8 @@ class Server:
         return []
 
     def connections_by_worker(self) -> dict[int, set[int]]:
-        """Per gunicorn worker, the client ports of the connections it holds (gthread: a
-        keep-alive connection stays on the worker that accepted it)."""
+        """Per gunicorn worker, the client ports of the connections it holds (a keep-alive
+        connection stays on the worker that accepted it)."""
         spread: dict[int, set[int]] = {}
         for pid in self.worker_pids():
             with contextlib.suppress(psutil.Error):
@@ -872,7 +867,7 @@ def run_once(
 ) -> RunResult:
     root = Path(tempfile.mkdtemp(prefix="flagsvc-bench-", dir=args.tmp_dir))
     try:
-        with Server(root, workers, args.server_threads, control=args.control) as server:
+        with Server(root, workers, control=args.control) as server:
             admin = requests.Session()
             admin.headers["Authorization"] = f"Bearer {server.token}"
             snapshot_bytes, _ = setup_flags(server, admin, args.flags)
@@ -1204,8 +1199,8 @@ def print_header(args: argparse.Namespace, tool: str, wrk: str | None) -> None:
     server = [*flagsvc_command(), "serve", "--data-dir", f"{tmp}/flagsvc-bench-XXXX/data"]
     server += ["--host", HOST, "--port", "<free port>", "[--workers N]"]
     log(f"server  : {' '.join(server)}  (fresh data dir per run, {filesystem_of(tmp)}; AOF fsync always)")
-    threads = f"FLAGSVC_THREADS={args.server_threads}" if args.server_threads else "threads: service default"
-    log(f"          workers: {args.workers or 'service default'}; {threads}")
+    control = "; --control-port <free port> (flips of phase 3 go there)" if args.control else ""
+    log(f"          workers: {args.workers or 'service default'}{control}")
     if tool == "wrk":
         log(
             f"load    : wrk -t{min(args.threads, args.connections)} -c{args.connections} "
@@ -1256,7 +1251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers",
         default="",
         help="gunicorn workers: N or a list such as 2,3,4 (each gets its own servers and runs); "
-        "empty: the service default, min(2 x CPUs, 8)",
+        "empty: the service default, one per core (at least 2)",
     )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds per poll phase (wrk: whole seconds)"
@@ -1276,12 +1271,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured poll load first")
     parser.add_argument("--flags", type=int, default=50, help="flags besides the kill switch")
-    parser.add_argument(
-        "--server-threads",
-        type=int,
-        default=None,
-        help="FLAGSVC_THREADS for the server; none: the service default",
-    )
     parser.add_argument(
         "--control",
         action="store_true",

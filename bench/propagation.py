@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     phases: list[dict[str, Any]] = []
     ceil: list[dict[str, Any]] = []
     try:
-        with Server(root, args.workers, None, control=args.flip_via == "control") as server:
+        with Server(root, args.workers, control=args.flip_via == "control") as server:
             with requests.Session() as admin:
                 admin.headers["Authorization"] = f"Bearer {server.token}"
                 size, version = api.setup_flags(server, admin, args.flags)

@@ -1,7 +1,8 @@
 """gunicorn config for production: ``gunicorn -c ops/gunicorn.conf.py wsgi:app``.
 
 The settings are flagsvc's own (``flagsvc/gunicorn_conf.py``, the ones ``flagsvc serve`` uses);
-override any of them below or with ``FLAGSVC_BIND``, ``FLAGSVC_WORKERS``, ``FLAGSVC_THREADS``.
+override any of them below or with ``FLAGSVC_BIND``, ``FLAGSVC_WORKERS``,
+``FLAGSVC_WORKER_CONNECTIONS``.
 """
 
 from flagsvc.gunicorn_conf import *  # noqa: F403
