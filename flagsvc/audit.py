@@ -65,15 +65,7 @@ class AuditFilter:
             moment = fields.get("time", "")
             if (self.since and moment < _iso(self.since)) or (self.until and moment > _iso(self.until)):
                 return False
-        return all(
-            value is None or fields.get(name) == value
-            for name, value in (
-                ("flag", self.flag),
-                ("actor", self.actor),
-                ("action", self.action),
-                ("incident", self.incident),
-            )
-        )
+        return all(fields.get(name) == value for name, value in self.indexed())
 
     def indexed(self) -> list[tuple[str, str]]:
         """``(field, value)`` of the filters on indexed fields."""

@@ -13,24 +13,24 @@ still comes from the one place that makes problem+json.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .api.common import STALE_HEADER, request_id_for, version_named_by
+from .api.common import request_id_for, version_named_by
+from .api.snapshot import poll_answer
 from .envs import ENV_NAME
-from .metrics import LATENCY, POLLS, REQUESTS
+from .logs import log_request
+from .metrics import observe_request
 from .tokens import Role
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-log = logging.getLogger("flagsvc.requests")
-
 #: The Flask route of the snapshot, as metrics label it.
 ROUTE = "/api/v1/envs/<env>/snapshot"
+_STATUS_LINES = {200: "200 OK", 304: "304 NOT MODIFIED"}  # as werkzeug writes them
 _PATH = re.compile(rf"^/api/v1/envs/({ENV_NAME.pattern.strip('^$')})/snapshot$")
 
 
@@ -65,6 +65,7 @@ class SnapshotPolls:
         if scheme.lower() != "bearer" or not secret.strip():
             return None
         env = match.group(1)
+        known_version = version_named_by(environ.get("HTTP_IF_NONE_MATCH"))
         stores = self._stores()
         try:
             token = stores.tokens.authenticate(secret.strip())
@@ -72,45 +73,23 @@ class SnapshotPolls:
                 return None
             if not stores.envs.exists(env):
                 return None
-            cache = stores.snapshots
-            published = cache.get(env)
+            status, headers, body = poll_answer(stores.snapshots, env, known_version)
         except Exception:  # noqa: BLE001 - Redis trouble and the like: Flask answers and reports it
             return None
-        headers = [("ETag", f'"{published.version}"'), ("Cache-Control", "no-cache")]
-        if cache.stale:
-            headers.append((STALE_HEADER, "true"))
-        if version_named_by(environ.get("HTTP_IF_NONE_MATCH")) == published.version:
-            status, body, outcome = "304 NOT MODIFIED", b"", "304"
-        else:
-            status, body, outcome = "200 OK", published.body, "200"
-            headers.append(("Content-Type", "application/json"))
-            headers.append(("Content-Length", str(len(body))))
+        if status == 200:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID", ""))
         headers.append(("X-Request-ID", request_id))
-        POLLS.labels(env, outcome).inc()
-        elapsed = time.perf_counter() - started
-        LATENCY.labels(ROUTE, "GET").observe(elapsed)
-        REQUESTS.labels(ROUTE, "GET", outcome).inc()
+        seconds = time.perf_counter() - started
+        observe_request(ROUTE, "GET", status, seconds)
         if self._log_requests:
-            _log_poll(environ, int(outcome), request_id, elapsed, token.name)
-        return status, headers, body
-
-
-def _log_poll(environ: dict[str, Any], status: int, request_id: str, elapsed: float, actor: str) -> None:
-    """The request log line, as ``flagsvc.logs`` writes it for the other routes."""
-    path = environ.get("PATH_INFO", "")
-    log.info(
-        "%s %s %s",
-        "GET",
-        path,
-        status,
-        extra={
-            "request_id": request_id,
-            "method": "GET",
-            "path": path,
-            "status": status,
-            "duration_ms": round(elapsed * 1000, 2),
-            "actor": actor,
-            "remote": environ.get("REMOTE_ADDR"),
-        },
-    )
+            log_request(
+                "GET",
+                environ.get("PATH_INFO", ""),
+                status,
+                request_id=request_id,
+                seconds=seconds,
+                actor=token.name,
+                remote=environ.get("REMOTE_ADDR"),
+            )
+        return _STATUS_LINES[status], headers, body

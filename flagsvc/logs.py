@@ -67,21 +67,41 @@ def init_app(app: Flask) -> None:
     def _log(response: Response) -> Response:
         if fmt and request.path not in ("/metrics", "/healthz"):
             token = g.get("token")
-            log.info(
-                "%s %s %s",
+            log_request(
                 request.method,
                 request.path,
                 response.status_code,
-                extra={
-                    "request_id": getattr(request, "request_id", None),
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status_code,
-                    "duration_ms": round(
-                        (time.perf_counter() - g.get("log_start", time.perf_counter())) * 1000, 2
-                    ),
-                    "actor": token.name if token is not None else None,
-                    "remote": request.remote_addr,
-                },
+                request_id=getattr(request, "request_id", None),
+                seconds=time.perf_counter() - g.get("log_start", time.perf_counter()),
+                actor=token.name if token is not None else None,
+                remote=request.remote_addr,
             )
         return response
+
+
+def log_request(
+    method: str,
+    path: str,
+    status: int,
+    *,
+    request_id: str | None,
+    seconds: float,
+    actor: str | None,
+    remote: str | None,
+) -> None:
+    """The one log line of a request (also written by :mod:`flagsvc.fastpath` for polls)."""
+    log.info(
+        "%s %s %s",
+        method,
+        path,
+        status,
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "actor": actor,
+            "remote": remote,
+        },
+    )

@@ -83,6 +83,12 @@ class SdkInstancesCollector(Collector):
         yield current
 
 
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count a request and its latency (also called by :mod:`flagsvc.fastpath` for polls)."""
+    LATENCY.labels(route, method).observe(seconds)
+    REQUESTS.labels(route, method, str(status)).inc()
+
+
 def _route() -> str:
     rule = request.url_rule
     return rule.rule if rule is not None else "unmatched"
@@ -97,9 +103,7 @@ def init_app(app: Flask) -> None:
     def _observe(response: Response) -> Response:
         start = g.pop("metrics_start", None)
         if start is not None and request.path != "/metrics":
-            route = _route()
-            LATENCY.labels(route, request.method).observe(time.perf_counter() - start)
-            REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+            observe_request(_route(), request.method, response.status_code, time.perf_counter() - start)
         return response
 
     @app.get("/metrics")

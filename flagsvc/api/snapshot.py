@@ -13,6 +13,7 @@ from ..auth import require
 from ..extensions import stores
 from ..metrics import POLLS
 from ..schemas import SnapshotSchema
+from ..snapshots import SnapshotCache
 from ..streaming import events
 from ..tokens import Role
 from .common import STALE_HEADER, check_env, etag, if_none_match_version
@@ -32,16 +33,24 @@ class SnapshotResource(MethodView):
         Redis could not confirm it recently (the last known snapshot keeps serving).
         """
         check_env(env)
-        cache = stores().snapshots
-        published = cache.get(env)
-        headers = {"ETag": etag(published.version), "Cache-Control": "no-cache"}
-        if cache.stale:
-            headers[STALE_HEADER] = "true"
-        if if_none_match_version() == published.version:
-            POLLS.labels(env, "304").inc()
+        status, headers, body = poll_answer(stores().snapshots, env, if_none_match_version())
+        if status == 304:
             return Response(status=304, headers=headers)
-        POLLS.labels(env, "200").inc()
-        return Response(published.body, mimetype="application/json", headers=headers)
+        return Response(body, mimetype="application/json", headers=headers)
+
+
+def poll_answer(
+    cache: SnapshotCache, env: str, known_version: int | None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A snapshot poll's status, headers and body (``304`` when ``known_version`` is current),
+    counted in the poll metrics; shared by this view and :mod:`flagsvc.fastpath`."""
+    published = cache.get(env)
+    headers = [("ETag", etag(published.version)), ("Cache-Control", "no-cache")]
+    if cache.stale:
+        headers.append((STALE_HEADER, "true"))
+    status, body = (304, b"") if known_version == published.version else (200, published.body)
+    POLLS.labels(env, str(status)).inc()
+    return status, headers, body
 
 
 @blp.route("/stream")
