@@ -1,12 +1,12 @@
-"""The one write path: a change, its chained audit entry and its notification, atomically.
+"""The commit: a change, its chained audit entries and its notification, atomically.
 
-Every change of flagsvc state goes through :meth:`Committer.commit`. The caller reads the
-state it needs *together with the audit head* (``<seq>:<hash>`` of the newest entry) in one
-MULTI/EXEC, computes the change, and commits it with ``commit.lua``, which re-checks the head:
-since every change appends an audit entry, an unchanged head proves that nothing in the
-namespace changed in between. On a conflict the caller reads again and retries
-(:func:`retry_on_conflict`). The SHA-256 chain hash is computed here, in Python, from the
-previous head; Redis only checks and stores.
+Every change of flagsvc state is committed by :meth:`Committer.commit`, called by the write
+skeleton (:mod:`flagsvc.writes`). The caller reads the state it needs *together with the audit
+head* (``<seq>:<hash>`` of the newest entry) in one MULTI/EXEC, computes the change, and commits
+it with ``commit.lua``, which re-checks the head: since every change appends an audit entry, an
+unchanged head proves that nothing in the namespace changed in between; on a :class:`Conflict`
+the caller reads again. The SHA-256 chain hash is computed here, in Python, from the previous
+head; Redis only checks and stores.
 
 A process dying anywhere leaves either nothing or everything: the Lua script is one atomic
 Redis command, written to the append-only file as a whole.
@@ -17,17 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
-from .errors import WriteContention
 from .keys import Namespace
 
 #: Audit fields, in the order they are written to the stream.
@@ -56,16 +53,11 @@ INDEXED_FIELDS = ("flag", "actor", "action", "incident")
 
 _SCRIPT = resources.files(__package__).joinpath("lua/commit.lua").read_text()
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
 class Conflict(Exception):
     """The audit head moved between read and commit: read again and retry."""
-
-
-def utcnow_iso() -> str:
-    return iso_from_ms(time.time_ns() // 1_000_000)
 
 
 def iso_from_ms(ms: int) -> str:
@@ -100,11 +92,14 @@ class Op:
 
 @dataclass(frozen=True)
 class Idempotency:
-    """Remember this commit's result under ``key`` (a Redis key) for ``ttl`` seconds."""
+    """Remember this commit's result under ``key`` (a Redis key) for ``ttl`` seconds, listed in the
+    sorted set ``index`` that keeps a token's newest ``cap`` records (older ones are dropped)."""
 
     key: str
     value: str
     ttl: int
+    index: str
+    cap: int
 
 
 @dataclass(frozen=True)
@@ -143,9 +138,11 @@ class Committer:
         audit: Mapping[str, str] | Sequence[Mapping[str, str]],
         idempotency: Idempotency | None = None,
         notify: str | None = None,
+        time_ms: int | None = None,
     ) -> Committed | Replayed:
         """Commit ``ops`` and the audit entry ``audit`` (or several, chained in order) if the
-        head is still ``head``.
+        head is still ``head``; with no entries, only the idempotency record (a decision that
+        changes nothing). ``time_ms`` is the entries' time (default: this committer's clock).
 
         Every entry of one commit gets the same ``time``, never earlier than the newest entry's
         (should the clock go back, after a Redis failover say, the commit takes that time and
@@ -164,17 +161,25 @@ class Committer:
             "expect_head": (head.decode() if isinstance(head, bytes) else head) or "",
             "ops": plan_ops,
         }
+        entries = [audit] if isinstance(audit, Mapping) else audit
+        time_ms = self._clock_ms() if time_ms is None else time_ms
         if idempotency:
-            plan["idempotency"] = {"value": idempotency.value, "ttl": idempotency.ttl}
+            plan["idempotency"] = {
+                "value": idempotency.value,
+                "ttl": idempotency.ttl,
+                "index": key_index(idempotency.index),
+                "cap": idempotency.cap,
+                "now": time_ms // 1000,
+            }
         if notify is not None:
             plan["channel"] = ns.changes_channel
             plan["message"] = notify
-        entries = [audit] if isinstance(audit, Mapping) else audit
-        time_ms = self._clock_ms()
         for _ in range(2):  # with the head unchanged, the newest id is too: the second try fits
             chained = _chain(head, entries, time_ms)
             plan["time_ms"] = str(time_ms)
-            plan["new_head"] = f"{chained[-1]['seq']}:{chained[-1]['hash']}"
+            plan["new_head"] = (
+                f"{chained[-1]['seq']}:{chained[-1]['hash']}" if chained else plan["expect_head"]
+            )
             plan["entries"] = [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained]
             plan["indexes"] = [
                 [key_index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]]
@@ -213,21 +218,3 @@ def _chain(
         entry["hash"] = prev_hash = entry_hash(entry)
         chained.append(entry)
     return chained
-
-
-def retry_on_conflict(attempt: Callable[[], T], *, deadline_seconds: float = 5.0) -> T:
-    """Run ``attempt`` (read, decide, commit) until it does not raise :class:`Conflict`.
-
-    Some writer wins every round, so this ends; the deadline bounds the wait of one request
-    under extreme contention (503, nothing written).
-    """
-    deadline = time.monotonic() + deadline_seconds
-    delay = 0.0005
-    while True:
-        try:
-            return attempt()
-        except Conflict:
-            if time.monotonic() > deadline:
-                raise WriteContention("the environment kept changing; nothing was written") from None
-            time.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 0.02)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import redis
 
-from .commit import Committer, Op, retry_on_conflict
+from .commit import Op
 from .errors import EnvNotFound
 from .keys import SystemKeys
+from .writes import Change, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
 
 ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -20,7 +20,7 @@ class EnvStore:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._keys = SystemKeys()
-        self._committer = Committer(client)
+        self._writer = Writer(client)
         self._known: set[str] = set()
 
     def list(self) -> list[str]:
@@ -40,31 +40,25 @@ class EnvStore:
         if not self.exists(env):
             raise EnvNotFound(f"environment {env!r} does not exist")
 
-    def create(self, env: str, *, actor: str, source: str = "", request_id: str = "") -> bool:
+    def create(
+        self,
+        env: str,
+        *,
+        actor: str,
+        source: str = "",
+        request_id: str = "",
+        idempotency: IdempotencyRequest | None = None,
+    ) -> Done[bool]:
         """Create ``env``; ``False`` if it already existed (nothing written then)."""
         k = self._keys
+        ctx = WriteContext(actor=actor, source=source, request_id=request_id)
 
-        def attempt() -> bool:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
-            pipe.sismember(k.envs, env)
-            head, exists = pipe.execute()
-            if exists:
-                return False
-            self._committer.commit(
-                k,
-                head,
-                ops=[Op("SADD", k.envs, (env,))],
-                audit={
-                    "actor": actor,
-                    "action": "env.create",
-                    "after": json.dumps({"env": env}),
-                    "source": source,
-                    "request_id": request_id,
-                },
-            )
-            return True
+        def decide(state: State) -> Change[bool]:
+            if state.values[0]:
+                return Change(False)
+            entry = audit_entry(ctx, "env.create", after={"env": env})
+            return Change(True, ops=[Op("SADD", k.envs, (env,))], audit=[entry])
 
-        created = retry_on_conflict(attempt)
+        done = self._writer.run(k, lambda pipe: pipe.sismember(k.envs, env), decide, idempotency=idempotency)
         self._known.add(env)
-        return created
+        return done

@@ -88,6 +88,12 @@ class WriteContention(ProblemError):
     status, slug, title = 503, "write-contention", "Too many concurrent writes, retry"
 
 
+class OutcomeUnknown(ProblemError):
+    """Redis failed while a commit was in flight: it may or may not have been applied."""
+
+    status, slug, title = 503, "outcome-unknown", "The change may or may not have been applied"
+
+
 class StoreUnavailable(ProblemError):
     status, slug, title = 503, "store-unavailable", "Flag store (Redis) unavailable"
 
@@ -192,9 +198,11 @@ REDIS_UNAVAILABLE = (
 
 
 def handle_redis_error(error: redis.RedisError) -> Response:
+    """503. The client learns the kind of failure, never its text (addresses, socket paths):
+    that goes to the log."""
     log.error("redis unavailable: %s", error)
     REDIS_ERRORS.inc()
-    return handle_problem(StoreUnavailable(f"Redis: {type(error).__name__}: {error}"))
+    return handle_problem(StoreUnavailable(f"Redis is unavailable ({type(error).__name__}); retry later"))
 
 
 def handle_unexpected(error: Exception) -> Response:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
 
-from .commit import Committed, Committer, Idempotency, Op, Replayed, retry_on_conflict, utcnow_iso
-from .errors import FlagNotFound, IdempotencyKeyReused, VersionMismatch
+from .commit import Op
+from .errors import FlagNotFound, VersionMismatch
 from .keys import EnvKeys
-from .metrics import FLAG_CHANGES
+from .reverts import revert_at, schedule
+from .writes import Change, Codec, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
 
 #: Fields a client defines; everything else on a flag is owned by the server.
 DEFINITION_FIELDS = (
@@ -61,7 +61,7 @@ def new_record(
 ) -> Flag:
     """The stored record of ``definition`` as the next version of ``stored`` (the flag as it is
     in Redis, archived or not, or ``None``)."""
-    live = stored if stored and not stored.get("archived") else None
+    live = live_flag(stored)
     return {
         "key": key,
         **definition,
@@ -81,6 +81,47 @@ def next_version(flag: Flag, change: Flag, actor: str, now: str) -> Flag:
     return after
 
 
+def live_flag(stored: Flag | None) -> Flag | None:
+    """``stored`` unless it is absent or archived."""
+    return stored if stored and not stored.get("archived") else None
+
+
+def parse_flag(raw: str | None) -> Flag | None:
+    return json.loads(raw) if raw else None
+
+
+def switch_action(before: Flag | None, after: Flag) -> str:
+    """The audit action of a change from ``before`` to ``after`` that is not a create or delete."""
+    if before is not None and before["enabled"] and not after["enabled"]:
+        return "flag.kill"
+    if before is not None and not before["enabled"] and after["enabled"]:
+        return "flag.restore"
+    return "flag.update"
+
+
+def flag_change(
+    keys: EnvKeys,
+    before: Flag | None,
+    after: Flag,
+    ctx: WriteContext,
+    action: str,
+    env_version: int,
+    **extra: str,
+) -> tuple[Op, dict[str, str]]:
+    """The one way a flag changes: the write of its next record ``after`` and the audit entry of
+    the change from ``before`` (the live flag, or ``None``). ``extra``: operation, playbook, reason."""
+    op = Op("HSET", keys.flags, (after["key"], json.dumps(after)))
+    entry = audit_entry(
+        ctx, action, flag=after["key"], before=before, after=after, env_version=env_version, **extra
+    )
+    return op, entry
+
+
+def bump_version(keys: EnvKeys, env_version: int) -> Op:
+    """The environment's new version, set in the commit of its flag changes."""
+    return Op("SET", keys.version, (str(env_version),))
+
+
 @dataclass(frozen=True)
 class Mutation:
     """What a write does to a flag: ``definition`` is the new one, ``None`` means no change."""
@@ -91,31 +132,24 @@ class Mutation:
 
 
 @dataclass(frozen=True)
-class WriteContext:
-    """Who writes, from where and why: what the audit entry records."""
-
-    actor: str
-    source: str = ""
-    request_id: str = ""
-    reason: str = ""
-    incident: str = ""
-
-
-@dataclass(frozen=True)
-class IdempotencyRequest:
-    key: str
-    fingerprint: str
-    ttl: int
-
-
-@dataclass(frozen=True)
 class WriteResult:
     flag: Flag
     changed: bool
     created: bool = False
-    replayed: bool = False
     #: The environment version that includes this write (what SDKs must apply); 0 if unknown.
     env_version: int = 0
+
+
+#: How a write's result is kept in its idempotency record.
+WRITE_RESULT = Codec(
+    encode=lambda r: {
+        "flag": r.flag,
+        "changed": r.changed,
+        "created": r.created,
+        "env_version": r.env_version,
+    },
+    decode=lambda d: WriteResult(d["flag"], d["changed"], d["created"], env_version=d.get("env_version", 0)),
+)
 
 
 @dataclass(frozen=True)
@@ -129,11 +163,11 @@ class Snapshot:
 
 
 class FlagStore:
-    """Flags of every environment. Reads are plain; writes go through :class:`Committer`."""
+    """Flags of every environment. Reads are plain; writes go through :class:`~flagsvc.writes.Writer`."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._committer = Committer(client)
+        self._writer = Writer(client)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -178,7 +212,7 @@ class FlagStore:
         if_none_match_any: bool = False,
         idempotency: IdempotencyRequest | None = None,
         revert_in: timedelta | None = None,
-    ) -> WriteResult:
+    ) -> Done[WriteResult]:
         """Apply ``mutate`` to the current flag (``None`` if absent or archived) atomically.
 
         ``revert_in`` makes the change temporary: the flag gets ``revert_at`` and a revert is
@@ -189,120 +223,65 @@ class FlagStore:
         the same request replays the first result without a second change.
         """
         k = EnvKeys(env)
-        if idempotency:
-            prior = self._redis.get(idempotency.key)
-            if prior:
-                return self._replay(prior, idempotency)
 
-        def attempt() -> WriteResult:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
+        def read(pipe: Any) -> None:
             pipe.get(k.version)
             pipe.hget(k.flags, key)
-            head, version, raw = pipe.execute()
-            stored = json.loads(raw) if raw else None
-            live = stored if stored and not stored.get("archived") else None
-            if if_match is not None and (live is None or live["version"] != if_match):
-                have = live["version"] if live else "none"
-                raise VersionMismatch(f"If-Match wants version {if_match}, the flag is at {have}")
-            if if_none_match_any and live is not None:
-                raise VersionMismatch(f"If-None-Match: * but flag {key!r} exists")
+
+        def decide(state: State) -> Change[WriteResult]:
+            version, raw = int(state.values[0] or 0), state.values[1]
+            stored = parse_flag(raw)
+            live = live_flag(stored)
+            _check_preconditions(key, live, if_match, if_none_match_any)
             mutation = mutate(live)
-            if mutation.definition is None or (
-                live is not None and not mutation.archived and definition_of(live) == mutation.definition
-            ):
+            if _is_noop(live, mutation):
                 assert live is not None, "a no-op needs an existing flag"
-                return self._remember_noop(live, idempotency, int(version or 0))
-            now = utcnow_iso()
-            flag = new_record(key, mutation.definition, stored, ctx.actor, now, mutation.archived)
-            env_version = int(version or 0) + 1
-            ops = [
-                Op("HSET", k.flags, (key, json.dumps(flag))),
-                Op("SET", k.version, (str(env_version),)),
-            ]
-            if revert_in is not None and live is not None:
-                due = datetime.now(UTC) + revert_in
-                flag["revert_at"] = due.isoformat(timespec="seconds").replace("+00:00", "Z")
-                ops[0] = Op("HSET", k.flags, (key, json.dumps(flag)))
-                scheduled = {
-                    "id": uuid.uuid4().hex,
-                    "kind": "flag",
-                    "flag": key,
-                    "restore": {"enabled": live["enabled"]},
-                    "expect_version": flag["version"],
-                    "original": {"action": mutation.action, "actor": ctx.actor, "time": now,
-                                 "reason": ctx.reason, "incident": ctx.incident},
-                }  # fmt: skip
-                ops.append(Op("ZADD", k.reverts, (str(due.timestamp()), json.dumps(scheduled))))
-            result = WriteResult(flag, changed=True, created=live is None, env_version=env_version)
-            idem = None
-            if idempotency:
-                idem = Idempotency(idempotency.key, self._idem_value(idempotency, result), idempotency.ttl)
-            outcome = self._committer.commit(
-                k,
-                head,
-                ops=ops,
-                audit={
-                    "actor": ctx.actor,
-                    "action": mutation.action,
-                    "flag": key,
-                    "before": json.dumps(live) if live else "",
-                    "after": json.dumps(flag),
-                    "reason": ctx.reason,
-                    "incident": ctx.incident,
-                    "request_id": ctx.request_id,
-                    "source": ctx.source,
-                    "env_version": str(env_version),
-                },
-                idempotency=idem,
-                notify=json.dumps(
-                    {"env": env, "version": env_version, "flag": key, "action": mutation.action}
-                ),
-            )
-            if isinstance(outcome, Replayed):
-                assert idempotency is not None
-                return self._replay(outcome.value, idempotency)
-            assert isinstance(outcome, Committed)
-            FLAG_CHANGES.labels(env, mutation.action).inc()
-            return result
+                return Change(WriteResult(live, changed=False, env_version=version))
+            return _flag_write(k, key, stored, mutation, ctx, state, version + 1, revert_in)
 
-        return retry_on_conflict(attempt)
+        return self._writer.run(k, read, decide, idempotency=idempotency, codec=WRITE_RESULT)
 
-    # -- idempotency -------------------------------------------------------------------------
 
-    @staticmethod
-    def _idem_value(idempotency: IdempotencyRequest, result: WriteResult) -> str:
-        return json.dumps(
-            {
-                "fingerprint": idempotency.fingerprint,
-                "flag": result.flag,
-                "changed": result.changed,
-                "created": result.created,
-                "env_version": result.env_version,
-            }
-        )
+def _check_preconditions(key: str, live: Flag | None, if_match: int | None, if_none_match_any: bool) -> None:
+    if if_match is not None and (live is None or live["version"] != if_match):
+        have = live["version"] if live else "none"
+        raise VersionMismatch(f"If-Match wants version {if_match}, the flag is at {have}")
+    if if_none_match_any and live is not None:
+        raise VersionMismatch(f"If-None-Match: * but flag {key!r} exists")
 
-    @staticmethod
-    def _replay(stored: str, idempotency: IdempotencyRequest) -> WriteResult:
-        record = json.loads(stored)
-        if record["fingerprint"] != idempotency.fingerprint:
-            raise IdempotencyKeyReused("this Idempotency-Key was used for a different request; use a new key")
-        return WriteResult(
-            record["flag"],
-            record["changed"],
-            record["created"],
-            replayed=True,
-            env_version=record.get("env_version", 0),
-        )
 
-    def _remember_noop(
-        self, live: Flag, idempotency: IdempotencyRequest | None, env_version: int
-    ) -> WriteResult:
-        result = WriteResult(live, changed=False, env_version=env_version)
-        if idempotency:
-            value = self._idem_value(idempotency, result)
-            if not self._redis.set(idempotency.key, value, nx=True, ex=idempotency.ttl):
-                prior = self._redis.get(idempotency.key)
-                if prior:
-                    return self._replay(prior, idempotency)
-        return result
+def _is_noop(live: Flag | None, mutation: Mutation) -> bool:
+    if mutation.definition is None:
+        return True
+    return live is not None and not mutation.archived and definition_of(live) == mutation.definition
+
+
+def _flag_write(
+    k: EnvKeys,
+    key: str,
+    stored: Flag | None,
+    mutation: Mutation,
+    ctx: WriteContext,
+    state: State,
+    env_version: int,
+    revert_in: timedelta | None,
+) -> Change[WriteResult]:
+    """The commit of one flag's next record; temporary (``revert_in``) when it has a live flag."""
+    assert mutation.definition is not None
+    live = live_flag(stored)
+    flag = new_record(key, mutation.definition, stored, ctx.actor, state.now, mutation.archived)
+    ops = []
+    if revert_in is not None and live is not None:
+        due, flag["revert_at"] = revert_at(state, revert_in)
+        op, _ = schedule(
+            k, due, ctx, mutation.action, state,
+            kind="flag", flag=key, restore={"enabled": live["enabled"]}, expect_version=flag["version"],
+        )  # fmt: skip
+        ops.append(op)
+    write, entry = flag_change(k, live, flag, ctx, mutation.action, env_version)
+    return Change(
+        WriteResult(flag, changed=True, created=live is None, env_version=env_version),
+        ops=[write, bump_version(k, env_version), *ops],
+        audit=[entry],
+        notify={"env": k.name, "version": env_version, "flag": key, "action": mutation.action},
+    )

@@ -49,7 +49,12 @@ class Namespace:
         return f"{self.base}:audit:by-{field}:{value}"
 
     def idempotency(self, actor: str, key: str) -> str:
+        """An ``Idempotency-Key`` record: the result of the request that first used it."""
         return f"{self.base}:idem:{actor}:{key}"
+
+    def idempotency_index(self, actor: str) -> str:
+        """Sorted set of a token's idempotency records (score: when), kept to the newest ones."""
+        return f"{self.base}:idem-index:{actor}"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,47 @@ class EnvKeys(Namespace):
     def reverts(self) -> str:
         """Sorted set of scheduled automatic reverts (score: when, epoch seconds)."""
         return f"{self.base}:reverts"
+
+    @property
+    def playbooks(self) -> str:
+        """Hash: playbook name -> playbook record JSON."""
+        return f"{self.base}:playbooks"
+
+    def playbook_applied(self, name: str) -> str:
+        """The current application of a playbook (what a revert restores); absent if not applied."""
+        return f"{self.base}:playbook-applied:{name}"
+
+    @property
+    def clients(self) -> str:
+        """Hash: SDK instance id -> its last heartbeat record JSON."""
+        return f"{self.base}:clients"
+
+    @property
+    def clients_seen(self) -> str:
+        """Sorted set of SDK instance ids by when they last reported (epoch seconds)."""
+        return f"{self.base}:clients:seen"
+
+    @property
+    def clients_applied(self) -> str:
+        """Sorted set of SDK instance ids by the environment version they applied last."""
+        return f"{self.base}:clients:applied"
+
+    @property
+    def clients_summary(self) -> str:
+        """Hash: live and current instance counts, as the last housekeeping pass found them."""
+        return f"{self.base}:clients:summary"
+
+    def heartbeats(self, minute: int) -> str:
+        """Hash: SDK instance id -> how many heartbeats it sent in that minute (the rate limit)."""
+        return f"{self.base}:clients:heartbeats:{minute}"
+
+    def clients_of_token(self, token_id: str) -> str:
+        """Sorted set of the SDK instance ids one token reported, by when (the per-token cap)."""
+        return f"{self.base}:clients:token:{token_id}"
+
+    def evaluations(self, minute: int) -> str:
+        """Hash of evaluation counts in one minute: ``flag|app|instance`` -> count."""
+        return f"{self.base}:evals:{minute}"
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,30 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
 
-from .commit import Committed, Committer, Conflict, Op, retry_on_conflict, utcnow_iso
+from .commit import Conflict, Op
 from .errors import ProblemError, VersionMismatch
-from .flags import Flag, WriteContext, definition_of, next_version
+from .flags import (
+    Flag,
+    bump_version,
+    definition_of,
+    flag_change,
+    live_flag,
+    next_version,
+    parse_flag,
+    switch_action,
+)
 from .keys import EnvKeys
-from .metrics import FLAG_CHANGES
+from .reverts import revert_at, schedule
+from .writes import Change, Codec, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
 
 CHANGEABLE = ("enabled", "default_variant")
+#: The fields of a playbook that its author defines.
+DEFINITION_FIELDS = ("description", "changes")
 
 
 class PlaybookNotFound(ProblemError):
@@ -34,29 +46,26 @@ class PlaybookConflict(ProblemError):
     status, slug, title = 409, "playbook-conflict", "The playbook cannot be applied as it stands"
 
 
-def playbooks_key(env: str) -> str:
-    return f"{EnvKeys(env).base}:playbooks"
-
-
-def applied_key(env: str, name: str) -> str:
-    return f"{EnvKeys(env).base}:playbook-applied:{name}"
+class PlaybookNotApplied(ProblemError):
+    status, slug, title = 409, "playbook-not-applied", "The playbook is not applied"
 
 
 def _state(flag: Flag) -> dict[str, Any]:
     return {k: flag[k] for k in CHANGEABLE}
 
 
-def _count(env: str, entries: list[dict[str, str]]) -> None:
-    for entry in entries:
-        FLAG_CHANGES.labels(env, entry["action"]).inc()
-
-
-def _flag_action(before: Flag, after: Flag) -> str:
-    if before["enabled"] and not after["enabled"]:
-        return "flag.kill"
-    if not before["enabled"] and after["enabled"]:
-        return "flag.restore"
-    return "flag.update"
+def playbook_record(
+    name: str, definition: dict[str, Any], before: dict[str, Any] | None, actor: str, now: str
+) -> dict[str, Any]:
+    """The stored record of ``definition`` as the next version of ``before`` (or the first)."""
+    return {
+        "name": name,
+        **definition,
+        "version": (before["version"] if before else 0) + 1,
+        "created_at": before["created_at"] if before else now,
+        "updated_at": now,
+        "updated_by": actor,
+    }
 
 
 @dataclass
@@ -82,115 +91,130 @@ class Outcome:
             "skipped": self.skipped,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        return cls(**data)
+
+
+OUTCOME = Codec(encode=Outcome.to_dict, decode=Outcome.from_dict)
+SAVED = Codec(
+    encode=lambda r: {"record": r[0], "created": r[1]}, decode=lambda d: (d["record"], d["created"])
+)
+
+
+@dataclass
+class _Plan:
+    """The flag writes of an apply or revert, as they are decided one flag at a time."""
+
+    keys: EnvKeys
+    ctx: WriteContext
+    operation: str
+    playbook: str
+    state: State
+    env_version: int
+    outcome: Outcome
+    ops: list[Op] = field(default_factory=list)
+    entries: list[dict[str, str]] = field(default_factory=list)
+
+    def write(self, flag: Flag, change: dict[str, Any]) -> Flag:
+        """Give ``flag`` the ``change``, audited as part of this operation."""
+        after = next_version(flag, change, self.ctx.actor, self.state.now)
+        self.outcome.changed.append({"flag": flag["key"], "before": _state(flag), "after": _state(after)})
+        op, entry = flag_change(
+            self.keys, flag, after, self.ctx, switch_action(flag, after), self.env_version,
+            operation=self.operation, playbook=self.playbook,
+        )  # fmt: skip
+        self.ops.append(op)
+        self.entries.append(entry)
+        return after
+
+    def finish(self, summary: dict[str, str], *tail: Op) -> Change[Outcome]:
+        """The commit: the flag writes, the new environment version if any, ``tail`` ops, and the
+        ``summary`` entry before the flags' entries."""
+        self.outcome.env_version = self.env_version if self.ops else self.env_version - 1
+        summary["env_version"] = str(self.outcome.env_version)
+        version = [bump_version(self.keys, self.env_version)] if self.ops else []
+        return Change(
+            self.outcome,
+            ops=[*self.ops, *version, *tail],
+            audit=[summary, *self.entries],
+            notify={"env": self.keys.name, "version": self.outcome.env_version, "playbook": self.playbook},
+        )
+
 
 class PlaybookStore:
     """Playbooks of every environment, and their application state."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
-        self._committer = Committer(client)
+        self._writer = Writer(client)
 
     # -- definitions -----------------------------------------------------------------------------
 
     def list(self, env: str) -> list[dict[str, Any]]:
-        raw = self._redis.hgetall(playbooks_key(env))
-        applied = {n for n in raw if self._redis.exists(applied_key(env, n))}
+        k = EnvKeys(env)
+        raw = self._redis.hgetall(k.playbooks)
+        applied = {n for n in raw if self._redis.exists(k.playbook_applied(n))}
         return [{**json.loads(v), "applied": n in applied} for n, v in sorted(raw.items())]
 
     def get(self, env: str, name: str) -> dict[str, Any]:
+        k = EnvKeys(env)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hget(playbooks_key(env), name)
-        pipe.get(applied_key(env, name))
+        pipe.hget(k.playbooks, name)
+        pipe.get(k.playbook_applied(name))
         raw, applied = pipe.execute()
         if raw is None:
             raise PlaybookNotFound(f"playbook {name!r} does not exist in {env!r}")
         return {**json.loads(raw), "applied": json.loads(applied) if applied else None}
 
     def put(
-        self, env: str, name: str, definition: dict[str, Any], ctx: WriteContext
-    ) -> tuple[dict[str, Any], bool]:
+        self,
+        env: str,
+        name: str,
+        definition: dict[str, Any],
+        ctx: WriteContext,
+        *,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> Done[tuple[dict[str, Any], bool]]:
         """Create or replace a playbook definition (audited); ``(record, created)``."""
         k = EnvKeys(env)
 
-        def attempt() -> tuple[dict[str, Any], bool]:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
-            pipe.hget(playbooks_key(env), name)
-            head, raw = pipe.execute()
-            before = json.loads(raw) if raw else None
-            now = utcnow_iso()
-            record = {
-                "name": name,
-                **definition,
-                "version": (before["version"] if before else 0) + 1,
-                "created_at": before["created_at"] if before else now,
-                "updated_at": now,
-                "updated_by": ctx.actor,
-            }
-            self._committer.commit(
-                k,
-                head,
-                ops=[Op("HSET", playbooks_key(env), (name, json.dumps(record)))],
-                audit={
-                    "actor": ctx.actor,
-                    "action": "playbook.update" if before else "playbook.create",
-                    "playbook": name,
-                    "before": json.dumps(before) if before else "",
-                    "after": json.dumps(record),
-                    "request_id": ctx.request_id,
-                    "source": ctx.source,
-                },
+        def decide(state: State) -> Change[tuple[dict[str, Any], bool]]:
+            before = json.loads(state.values[0]) if state.values[0] else None
+            record = playbook_record(name, definition, before, ctx.actor, state.now)
+            action = "playbook.update" if before else "playbook.create"
+            return Change(
+                (record, before is None),
+                ops=[Op("HSET", k.playbooks, (name, json.dumps(record)))],
+                audit=[audit_entry(ctx, action, playbook=name, before=before, after=record)],
             )
-            return record, before is None
 
-        return retry_on_conflict(attempt)
+        return self._writer.run(
+            k, lambda pipe: pipe.hget(k.playbooks, name), decide, idempotency=idempotency, codec=SAVED
+        )
 
-    def delete(self, env: str, name: str, ctx: WriteContext) -> None:
+    def delete(
+        self, env: str, name: str, ctx: WriteContext, *, idempotency: IdempotencyRequest | None = None
+    ) -> Done[None]:
+        """Delete a playbook that is not applied (audited)."""
         k = EnvKeys(env)
 
-        def attempt() -> None:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
-            pipe.hget(playbooks_key(env), name)
-            pipe.exists(applied_key(env, name))
-            head, raw, applied = pipe.execute()
+        def read(pipe: Any) -> None:
+            pipe.hget(k.playbooks, name)
+            pipe.exists(k.playbook_applied(name))
+
+        def decide(state: State) -> Change[None]:
+            raw, applied = state.values
             if raw is None:
                 raise PlaybookNotFound(f"playbook {name!r} does not exist in {env!r}")
             if applied:
                 raise PlaybookConflict(f"playbook {name!r} is applied: revert it before deleting it")
-            self._committer.commit(
-                k,
-                head,
-                ops=[Op("HDEL", playbooks_key(env), (name,))],
-                audit={
-                    "actor": ctx.actor,
-                    "action": "playbook.delete",
-                    "playbook": name,
-                    "before": raw,
-                    "request_id": ctx.request_id,
-                    "source": ctx.source,
-                },
-            )
+            entry = audit_entry(ctx, "playbook.delete", playbook=name, before=json.loads(raw))
+            return Change(None, ops=[Op("HDEL", k.playbooks, (name,))], audit=[entry])
 
-        retry_on_conflict(attempt)
+        return self._writer.run(k, read, decide, idempotency=idempotency)
 
     # -- apply and revert ------------------------------------------------------------------------
-
-    def _read(
-        self, env: str, name: str, flag_keys: list[str]
-    ) -> tuple[Any, int, str | None, str | None, list]:
-        k = EnvKeys(env)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.get(k.audit_head)
-        pipe.get(k.version)
-        pipe.hget(playbooks_key(env), name)
-        pipe.get(applied_key(env, name))
-        if flag_keys:
-            pipe.hmget(k.flags, flag_keys)
-        results = pipe.execute()
-        head, version, raw, applied = results[:4]
-        flags = results[4] if flag_keys else []
-        return head, int(version or 0), raw, applied, flags
 
     def apply(
         self,
@@ -201,108 +225,32 @@ class PlaybookStore:
         dry_run: bool = False,
         if_match: int | None = None,
         revert_in: timedelta | None = None,
-    ) -> Outcome:
+        idempotency: IdempotencyRequest | None = None,
+    ) -> Done[Outcome]:
         """Apply every change of ``name`` atomically, or nothing (409 naming what is in the way)."""
         k = EnvKeys(env)
         operation = uuid.uuid4().hex
+        seen: dict[str, Any] = {}
 
-        def attempt() -> Outcome:
-            playbook = self.get(env, name)
-            keys = sorted(playbook["changes"])
-            head, version, raw, applied, raw_flags = self._read(env, name, keys)
+        def read(pipe: Any) -> None:
+            seen["playbook"] = playbook = self.get(env, name)  # which flags to read
+            _read_playbook(pipe, k, name, sorted(playbook["changes"]))
+
+        def decide(state: State) -> Change[Outcome]:
+            playbook = seen["playbook"]
+            version, raw, applied, flags = _unpack(state)
             if raw is None or json.loads(raw)["version"] != playbook["version"]:
                 raise Conflict("the playbook changed while it was read")
-            if if_match is not None and playbook["version"] != if_match:
-                raise VersionMismatch(
-                    f"If-Match wants playbook version {if_match}, it is at {playbook['version']}"
-                )
-            if applied:
-                info = json.loads(applied)
-                raise PlaybookConflict(
-                    f"playbook {name!r} is already applied (operation {info['operation']}, "
-                    f"{info['applied_at']} by {info['applied_by']}); revert it first"
-                )
-            outcome = Outcome(operation, name, dry_run, version)
-            problems, ops, entries, prior = [], [], [], {}
-            now = utcnow_iso()
-            for key, raw_flag in zip(keys, raw_flags, strict=True):
-                flag = json.loads(raw_flag) if raw_flag else None
-                if flag is None or flag.get("archived"):
-                    problems.append(f"flag {key!r} does not exist")
-                    continue
-                change = playbook["changes"][key]
-                if "default_variant" in change and change["default_variant"] not in flag["variants"]:
-                    problems.append(f"flag {key!r} has no variant {change['default_variant']!r}")
-                    continue
-                definition = {**definition_of(flag), **change}
-                if definition == definition_of(flag):
-                    outcome.unchanged.append(key)
-                    continue
-                after = next_version(flag, change, ctx.actor, now)
-                outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
-                prior[key] = {"before": _state(flag), "version_after": after["version"]}
-                ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
-                entries.append(self._flag_entry(ctx, operation, name, flag, after, version + 1))
-            if problems:
-                raise PlaybookConflict("; ".join(problems) + ": nothing was applied")
-            if dry_run:
-                return outcome
-            outcome.env_version = version + 1 if ops else version
-            record = {
-                "operation": operation,
-                "applied_at": now,
-                "applied_by": ctx.actor,
-                "reason": ctx.reason,
-                "incident": ctx.incident,
-                "env_version": outcome.env_version,
-                "flags": prior,
-            }
-            summary = {
-                "actor": ctx.actor,
-                "action": "playbook.apply",
-                "playbook": name,
-                "operation": operation,
-                "after": json.dumps({"changed": outcome.changed, "unchanged": outcome.unchanged}),
-                "reason": ctx.reason,
-                "incident": ctx.incident,
-                "request_id": ctx.request_id,
-                "source": ctx.source,
-                "env_version": str(outcome.env_version),
-            }
-            if revert_in is not None:
-                due = datetime.now(UTC) + revert_in
-                record["revert_at"] = due.isoformat(timespec="seconds").replace("+00:00", "Z")
-                record["scheduled"] = json.dumps(
-                    {
-                        "id": uuid.uuid4().hex,
-                        "kind": "playbook",
-                        "playbook": name,
-                        "operation": operation,
-                        "original": {
-                            "action": "playbook.apply",
-                            "actor": ctx.actor,
-                            "time": now,
-                            "reason": ctx.reason,
-                            "incident": ctx.incident,
-                        },
-                    }
-                )
-                ops.append(Op("ZADD", k.reverts, (str(due.timestamp()), record["scheduled"])))
-            if ops:
-                ops.append(Op("SET", k.version, (str(version + 1),)))
-            ops.append(Op("SET", applied_key(env, name), (json.dumps(record),)))
-            result = self._committer.commit(
-                k,
-                head,
-                ops=ops,
-                audit=[summary, *entries],
-                notify=json.dumps({"env": env, "version": outcome.env_version, "playbook": name}),
+            _check_applicable(name, playbook, applied, if_match)
+            plan = _Plan(
+                k, ctx, operation, name, state, version + 1, Outcome(operation, name, dry_run, version)
             )
-            assert isinstance(result, Committed)
-            _count(env, entries)
-            return outcome
+            prior = _plan_apply(plan, playbook["changes"], flags)
+            if dry_run:
+                return Change(plan.outcome)
+            return _finish_apply(plan, prior, revert_in)
 
-        return retry_on_conflict(attempt)
+        return self._writer.run(k, read, decide, idempotency=idempotency, codec=OUTCOME)
 
     def revert(
         self,
@@ -312,97 +260,140 @@ class PlaybookStore:
         *,
         dry_run: bool = False,
         only_operation: str | None = None,
-    ) -> Outcome:
+        idempotency: IdempotencyRequest | None = None,
+    ) -> Done[Outcome]:
         """Restore the prior state of every flag the apply changed and nobody changed since.
 
         ``only_operation``: revert only that application (a scheduled revert must not undo a
         later, manual re-application)."""
         k = EnvKeys(env)
         operation = uuid.uuid4().hex
+        seen: dict[str, Any] = {}
 
-        def attempt() -> Outcome:
-            self.get(env, name)  # 404 for an unknown playbook
-            head, version, _, applied, _ = self._read(env, name, [])
-            if not applied:
-                raise PlaybookConflict(f"playbook {name!r} is not applied")
-            record = json.loads(applied)
-            if only_operation is not None and record["operation"] != only_operation:
-                raise PlaybookConflict(
-                    f"playbook {name!r} was re-applied since (operation {record['operation']})"
+        def read(pipe: Any) -> None:
+            seen["applied"] = applied = self.get(env, name)["applied"]  # 404 for an unknown playbook
+            _read_playbook(pipe, k, name, sorted(applied["flags"]) if applied else [])
+
+        def decide(state: State) -> Change[Outcome]:
+            version, _, raw_applied, flags = _unpack(state)
+            applied = seen["applied"]
+            if applied is None:
+                raise PlaybookNotApplied(f"playbook {name!r} is not applied: there is nothing to revert")
+            if raw_applied is None or json.loads(raw_applied) != applied:
+                raise Conflict("the playbook's application changed while it was read")
+            if only_operation is not None and applied["operation"] != only_operation:
+                raise PlaybookNotApplied(
+                    f"playbook {name!r} was re-applied since (operation {applied['operation']})"
                 )
-            keys = sorted(record["flags"])
-            head, version, _, applied_again, raw_flags = self._read(env, name, keys)
-            if applied_again != applied:
-                raise Conflict("the playbook changed while it was read")
-            outcome = Outcome(operation, name, dry_run, version)
-            ops, entries, now = [], [], utcnow_iso()
-            for key, raw_flag in zip(keys, raw_flags, strict=True):
-                prior = record["flags"][key]
-                flag = json.loads(raw_flag) if raw_flag else None
-                if flag is None or flag.get("archived") or flag["version"] != prior["version_after"]:
-                    have = (
-                        "deleted" if flag is None or flag.get("archived") else f"at version {flag['version']}"
-                    )
-                    outcome.skipped.append(
-                        {
-                            "flag": key,
-                            "reason": f"changed since the apply (expected version "
-                            f"{prior['version_after']}, {have})",
-                        }
-                    )
-                    continue
-                after = next_version(flag, prior["before"], ctx.actor, now)
-                outcome.changed.append({"flag": key, "before": _state(flag), "after": _state(after)})
-                ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
-                entries.append(self._flag_entry(ctx, operation, name, flag, after, version + 1))
-            if dry_run:
-                return outcome
-            outcome.env_version = version + 1 if ops else version
-            summary = {
-                "actor": ctx.actor,
-                "action": "playbook.revert",
-                "playbook": name,
-                "operation": operation,
-                "before": json.dumps({"applied_operation": record["operation"]}),
-                "after": json.dumps({"reverted": outcome.changed, "skipped": outcome.skipped}),
-                "reason": ctx.reason,
-                "incident": ctx.incident or record.get("incident", ""),
-                "request_id": ctx.request_id,
-                "source": ctx.source,
-                "env_version": str(outcome.env_version),
-            }
-            if ops:
-                ops.append(Op("SET", k.version, (str(version + 1),)))
-            ops.append(Op("DEL", applied_key(env, name), ()))
-            if record.get("scheduled"):
-                ops.append(Op("ZREM", k.reverts, (record["scheduled"],)))
-            self._committer.commit(
-                k,
-                head,
-                ops=ops,
-                audit=[summary, *entries],
-                notify=json.dumps({"env": env, "version": outcome.env_version, "playbook": name}),
+            plan = _Plan(
+                k, ctx, operation, name, state, version + 1, Outcome(operation, name, dry_run, version)
             )
-            _count(env, entries)
-            return outcome
+            _plan_revert(plan, applied["flags"], flags)
+            if dry_run:
+                return Change(plan.outcome)
+            return _finish_revert(plan, applied)
 
-        return retry_on_conflict(attempt)
+        return self._writer.run(k, read, decide, idempotency=idempotency, codec=OUTCOME)
 
-    @staticmethod
-    def _flag_entry(
-        ctx: WriteContext, operation: str, playbook: str, before: Flag, after: Flag, env_version: int
-    ) -> dict[str, str]:
-        return {
-            "actor": ctx.actor,
-            "action": _flag_action(before, after),
-            "flag": before["key"],
-            "before": json.dumps(before),
-            "after": json.dumps(after),
-            "reason": ctx.reason,
-            "incident": ctx.incident,
-            "request_id": ctx.request_id,
-            "source": ctx.source,
-            "env_version": str(env_version),
-            "operation": operation,
-            "playbook": playbook,
-        }
+
+def _read_playbook(pipe: Any, k: EnvKeys, name: str, flag_keys: list[str]) -> None:
+    pipe.get(k.version)
+    pipe.hget(k.playbooks, name)
+    pipe.get(k.playbook_applied(name))
+    if flag_keys:
+        pipe.hmget(k.flags, flag_keys)
+
+
+def _unpack(state: State) -> tuple[int, str | None, str | None, list[str | None]]:
+    """The environment version, the playbook, its application and the flags of ``_read_playbook``."""
+    version, raw, applied, *rest = state.values
+    return int(version or 0), raw, applied, rest[0] if rest else []
+
+
+def _check_applicable(name: str, playbook: dict[str, Any], applied: str | None, if_match: int | None) -> None:
+    if if_match is not None and playbook["version"] != if_match:
+        raise VersionMismatch(f"If-Match wants playbook version {if_match}, it is at {playbook['version']}")
+    if applied:
+        info = json.loads(applied)
+        raise PlaybookConflict(
+            f"playbook {name!r} is already applied (operation {info['operation']}, "
+            f"{info['applied_at']} by {info['applied_by']}); revert it first"
+        )
+
+
+def _plan_apply(plan: _Plan, changes: dict[str, Any], raw_flags: list[str | None]) -> dict[str, Any]:
+    """Decide each flag's change; the prior state of each changed flag (what a revert restores).
+    Raises 409, nothing applied, if any flag is missing or lacks a variant."""
+    problems, prior = [], {}
+    for key, raw in zip(sorted(changes), raw_flags, strict=True):
+        flag, change = live_flag(parse_flag(raw)), changes[key]
+        if flag is None:
+            problems.append(f"flag {key!r} does not exist")
+        elif "default_variant" in change and change["default_variant"] not in flag["variants"]:
+            problems.append(f"flag {key!r} has no variant {change['default_variant']!r}")
+        elif {**definition_of(flag), **change} == definition_of(flag):
+            plan.outcome.unchanged.append(key)
+        else:
+            after = plan.write(flag, change)
+            prior[key] = {"before": _state(flag), "version_after": after["version"]}
+    if problems:
+        raise PlaybookConflict("; ".join(problems) + ": nothing was applied")
+    return prior
+
+
+def _finish_apply(plan: _Plan, prior: dict[str, Any], revert_in: timedelta | None) -> Change[Outcome]:
+    """The commit of an apply: its flag writes, its application record, its scheduled revert."""
+    ctx, outcome = plan.ctx, plan.outcome
+    record: dict[str, Any] = {
+        "operation": plan.operation,
+        "applied_at": plan.state.now,
+        "applied_by": ctx.actor,
+        "reason": ctx.reason,
+        "incident": ctx.incident,
+        "flags": prior,
+    }
+    tail = []
+    if revert_in is not None:
+        due, record["revert_at"] = revert_at(plan.state, revert_in)
+        op, record["scheduled"] = schedule(
+            plan.keys, due, ctx, "playbook.apply", plan.state,
+            kind="playbook", playbook=plan.playbook, operation=plan.operation,
+        )  # fmt: skip
+        tail.append(op)
+    summary = audit_entry(
+        ctx, "playbook.apply", playbook=plan.playbook, operation=plan.operation,
+        after={"changed": outcome.changed, "unchanged": outcome.unchanged},
+    )  # fmt: skip
+    change = plan.finish(summary, *tail)
+    record["env_version"] = outcome.env_version
+    applied = Op("SET", plan.keys.playbook_applied(plan.playbook), (json.dumps(record),))
+    return Change(change.result, ops=[*change.ops, applied], audit=change.audit, notify=change.notify)
+
+
+def _plan_revert(plan: _Plan, prior: dict[str, Any], raw_flags: list[str | None]) -> None:
+    """Restore each flag nobody changed since the apply; skip the others, saying why."""
+    for key, raw in zip(sorted(prior), raw_flags, strict=True):
+        flag = live_flag(parse_flag(raw))
+        expected = prior[key]["version_after"]
+        if flag is None or flag["version"] != expected:
+            have = "deleted" if flag is None else f"at version {flag['version']}"
+            plan.outcome.skipped.append(
+                {"flag": key, "reason": f"changed since the apply (expected version {expected}, {have})"}
+            )
+        else:
+            plan.write(flag, prior[key]["before"])
+
+
+def _finish_revert(plan: _Plan, applied: dict[str, Any]) -> Change[Outcome]:
+    """The commit of a revert: its flag writes, the end of the application, its revert unscheduled."""
+    outcome, k = plan.outcome, plan.keys
+    summary = audit_entry(
+        plan.ctx, "playbook.revert", playbook=plan.playbook, operation=plan.operation,
+        before={"applied_operation": applied["operation"]},
+        after={"reverted": outcome.changed, "skipped": outcome.skipped},
+        incident=plan.ctx.incident or applied.get("incident", ""),
+    )  # fmt: skip
+    tail = [Op("DEL", k.playbook_applied(plan.playbook), ())]
+    if applied.get("scheduled"):
+        tail.append(Op("ZREM", k.reverts, (applied["scheduled"],)))
+    return plan.finish(summary, *tail)

@@ -17,8 +17,9 @@ from pathlib import Path
 import redis
 
 from .audit import AuditLog, ChainWalk
-from .commit import Committer, Op, retry_on_conflict
+from .commit import Op
 from .keys import EnvKeys
+from .writes import Change, WriteContext, Writer, audit_entry
 
 _BATCH = 1000
 
@@ -71,35 +72,23 @@ def trim(client: redis.Redis, env: str, before: datetime, archive: Path, *, acto
     if count == 0:
         archive.unlink()
         return TrimResult(0, None, archive, "")
-    committer = Committer(client)
-
-    def attempt() -> None:
-        head = client.get(ns.audit_head)
-        committer.commit(
-            ns,
-            head,
-            ops=[
-                Op("XTRIM", ns.audit, (cut,)),
-                Op("SET", ns.audit_base, (f"{chain.seq}:{chain.prev_hash}",)),
-            ],
-            audit={
-                "actor": actor,
-                "action": "audit.trim",
-                "after": json.dumps(
-                    {
-                        "archived": count,
-                        "through_seq": chain.seq,
-                        "through_id": last_id,
-                        "before": before.isoformat(),
-                        "archive": archive.name,
-                        "sha256": digest.hexdigest(),
-                    }
-                ),
-                "reason": f"retention: entries before {before.isoformat()} archived to {archive.name}",
-            },
-        )
-
-    retry_on_conflict(attempt)
+    summary = {
+        "archived": count,
+        "through_seq": chain.seq,
+        "through_id": last_id,
+        "before": before.isoformat(),
+        "archive": archive.name,
+        "sha256": digest.hexdigest(),
+    }
+    ctx = WriteContext(
+        actor=actor, reason=f"retention: entries before {before.isoformat()} archived to {archive.name}"
+    )
+    ops = [Op("XTRIM", ns.audit, (cut,)), Op("SET", ns.audit_base, (f"{chain.seq}:{chain.prev_hash}",))]
+    Writer(client).run(
+        ns,
+        lambda pipe: None,
+        lambda state: Change(None, ops=ops, audit=[audit_entry(ctx, "audit.trim", after=summary)]),
+    )
     _drop_from_indexes(client, ns, chain.seq)
     return TrimResult(count, last_id, archive, digest.hexdigest())
 
@@ -108,6 +97,6 @@ def _drop_from_indexes(client: redis.Redis, ns: EnvKeys, through_seq: int) -> No
     """Index entries of the trimmed entries, scored by sequence number up to ``through_seq``
     (queries skip them anyway; this keeps the indexes small)."""
     pipe = client.pipeline(transaction=False)
-    for key in client.scan_iter(match=f"{ns.base}:audit:by-*", count=1000):
+    for key in client.scan_iter(match=ns.audit_index("*", "*"), count=1000):
         pipe.zremrangebyscore(key, "-inf", through_seq)
     pipe.execute()

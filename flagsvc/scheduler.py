@@ -1,4 +1,5 @@
-"""Automatic reverts of temporary changes (``for`` on kill, restore and playbook apply).
+"""Automatic reverts of temporary changes (``for`` on kill, restore and playbook apply), and the
+housekeeping of SDK instance records (:meth:`Scheduler.housekeep`).
 
 A temporary change schedules its revert in the same commit: a member of the environment's
 ``reverts`` sorted set, scored by when it is due. Any number of schedulers may run - in every
@@ -19,21 +20,29 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
-from .commit import Committer, Conflict, Op, retry_on_conflict, utcnow_iso
+from .clients import ClientRegistry
+from .commit import Op
 from .envs import EnvStore
-from .errors import ProblemError
-from .flags import WriteContext, next_version
+from .errors import OutcomeUnknown, WriteContention
+from .flags import bump_version, flag_change, live_flag, next_version, parse_flag
 from .keys import EnvKeys
 from .metrics import REVERTS
-from .playbooks import PlaybookStore
+from .playbooks import PlaybookNotApplied, PlaybookNotFound, PlaybookStore
+from .writes import Change, State, WriteContext, Writer, audit_entry
 
 log = logging.getLogger(__name__)
 
 SYSTEM_ACTOR = "system"
 BATCH = 50
+#: How often the housekeeping pass runs (purge of silent SDK instances, their counts).
+HOUSEKEEPING_SECONDS = 5.0
+#: What a revert attempt did: "reverted", "skipped" (changed by hand since), or None (not done:
+#: another scheduler did it, or it will be tried again on the next pass).
+Result = str | None
 
 
 class Scheduler:
@@ -42,107 +51,110 @@ class Scheduler:
     def __init__(self, client: redis.Redis, *, interval: float = 1.0) -> None:
         self._redis = client
         self._envs = EnvStore(client)
-        self._committer = Committer(client)
+        self._writer = Writer(client)
         self._playbooks = PlaybookStore(client)
+        self._clients = ClientRegistry(client)
         self._interval = interval
         self._stop = threading.Event()
 
     def run_once(self, now: float | None = None) -> int:
-        """Perform every revert due at ``now``; the number of reverts performed or skipped."""
-        now = time.time() if now is None else now
+        """Perform every revert due at ``now`` (default: Redis' clock, the one every host shares);
+        the number of reverts performed or skipped."""
+        if now is None:
+            seconds, micros = self._redis.time()
+            now = int(seconds) + int(micros) / 1e6
         done = 0
         for env in self._envs.list():
             due = self._redis.zrangebyscore(EnvKeys(env).reverts, "-inf", now, start=0, num=BATCH)
             for member in due:
-                if self._revert(env, member):
+                outcome = self._revert(env, member)
+                if outcome is not None:
+                    REVERTS.labels(env, outcome).inc()
                     done += 1
         return done
 
-    def _revert(self, env: str, member: str) -> bool:
+    def _revert(self, env: str, member: str) -> Result:
+        """One due revert. Contention or a Redis failure leaves it scheduled, for the next pass."""
         item = json.loads(member)
         original = item["original"]
-        reason = (
-            f"automatic revert of {original['action']} by {original['actor']} at {original['time']}"
-            f" (reason: {original['reason']})"
+        ctx = WriteContext(
+            actor=SYSTEM_ACTOR,
+            reason=f"automatic revert of {original['action']} by {original['actor']} at {original['time']}"
+            f" (reason: {original['reason']})",
+            incident=original.get("incident", ""),
         )
-        if item["kind"] == "playbook":
-            return self._revert_playbook(env, member, item, reason)
-        return self._revert_flag(env, member, item, reason)
+        try:
+            if item["kind"] == "playbook":
+                return self._revert_playbook(env, member, item, ctx)
+            return self._revert_flag(env, member, item, ctx)
+        except (WriteContention, OutcomeUnknown, redis.RedisError) as exc:
+            log.warning("scheduled revert in %s not done (%s); it stays scheduled and is retried", env, exc)
+            return None
 
-    def _revert_flag(self, env: str, member: str, item: dict, reason: str) -> bool:
+    def _revert_flag(self, env: str, member: str, item: dict[str, Any], ctx: WriteContext) -> Result:
         k = EnvKeys(env)
+        key = item["flag"]
 
-        def attempt() -> bool:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
+        def read(pipe: Any) -> None:
             pipe.get(k.version)
-            pipe.hget(k.flags, item["flag"])
+            pipe.hget(k.flags, key)
             pipe.zscore(k.reverts, member)
-            head, version, raw, scheduled = pipe.execute()
+
+        def decide(state: State) -> Change[Result]:
+            version, raw, scheduled = state.values
             if scheduled is None:
-                return False  # another scheduler did it
-            flag = json.loads(raw) if raw else None
-            audit = {
-                "actor": SYSTEM_ACTOR,
-                "action": "flag.auto_revert",
-                "flag": item["flag"],
-                "incident": item["original"].get("incident", ""),
-            }
-            ops = [Op("ZREM", k.reverts, (member,))]
-            if flag is None or flag.get("archived") or flag["version"] != item["expect_version"]:
-                have = "deleted" if flag is None or flag.get("archived") else f"at version {flag['version']}"
-                audit["reason"] = (
+                return Change(None)  # another scheduler did it
+            unschedule = Op("ZREM", k.reverts, (member,))
+            flag = live_flag(parse_flag(raw))
+            if flag is None or flag["version"] != item["expect_version"]:
+                have = "deleted" if flag is None else f"at version {flag['version']}"
+                reason = (
                     f"skipped: changed by hand since (expected version {item['expect_version']}, {have}); "
-                    + reason
                 )
-                audit["before"] = raw or ""
-            else:
-                env_version = int(version or 0) + 1
-                after = next_version(flag, item["restore"], SYSTEM_ACTOR, utcnow_iso())
-                ops += [
-                    Op("HSET", k.flags, (item["flag"], json.dumps(after))),
-                    Op("SET", k.version, (str(env_version),)),
-                ]
-                audit.update(reason=reason, before=raw, after=json.dumps(after), env_version=str(env_version))
-            self._committer.commit(
-                k,
-                head,
-                ops=ops,
-                audit=audit,
-                notify=json.dumps({"env": env, "flag": item["flag"], "action": "flag.auto_revert"}),
+                entry = audit_entry(
+                    ctx, "flag.auto_revert", flag=key, before=parse_flag(raw), reason=reason + ctx.reason
+                )
+                return Change("skipped", ops=[unschedule], audit=[entry])
+            env_version = int(version or 0) + 1
+            after = next_version(flag, item["restore"], SYSTEM_ACTOR, state.now)
+            write, entry = flag_change(k, flag, after, ctx, "flag.auto_revert", env_version)
+            return Change(
+                "reverted",
+                ops=[write, bump_version(k, env_version), unschedule],
+                audit=[entry],
+                notify={"env": env, "version": env_version, "flag": key, "action": "flag.auto_revert"},
             )
-            REVERTS.labels(env, "skipped" if audit["reason"].startswith("skipped") else "reverted").inc()
-            return True
 
-        return retry_on_conflict(attempt)
+        return self._writer.run(k, read, decide).result
 
-    def _revert_playbook(self, env: str, member: str, item: dict, reason: str) -> bool:
+    def _revert_playbook(self, env: str, member: str, item: dict[str, Any], ctx: WriteContext) -> Result:
         k = EnvKeys(env)
         if self._redis.zscore(k.reverts, member) is None:
-            return False
-        ctx = WriteContext(actor=SYSTEM_ACTOR, reason=reason, incident=item["original"].get("incident", ""))
+            return None
         try:
-            self._playbooks.revert(
-                env,
-                item["playbook"],
-                ctx,
-                only_operation=item["operation"],
-            )
-        except ProblemError as exc:  # reverted by hand already, or the playbook is gone
+            self._playbooks.revert(env, item["playbook"], ctx, only_operation=item["operation"])
+        except (PlaybookNotApplied, PlaybookNotFound) as exc:  # reverted by hand already, or gone
+            if not self._redis.zrem(k.reverts, member):
+                return None  # another scheduler got there first
             log.info("scheduled revert of playbook %s skipped: %s", item["playbook"], exc.detail)
-            self._redis.zrem(k.reverts, member)
-            REVERTS.labels(env, "skipped").inc()
-            return True
-        except Conflict:
-            return False
-        REVERTS.labels(env, "reverted").inc()
-        return True
+            return "skipped"
+        return "reverted"
+
+    def housekeep(self) -> None:
+        """Forget SDK instances silent for a day and count the live ones, in every environment."""
+        for env in self._envs.list():
+            self._clients.housekeep(env, int(self._redis.get(EnvKeys(env).version) or 0))
 
     def run_forever(self) -> None:
-        """Loop until :meth:`stop`; Redis errors are logged and retried."""
+        """Loop until :meth:`stop`: due reverts every interval, housekeeping every few seconds.
+        Redis errors are logged and retried."""
+        next_housekeeping = 0.0
         while not self._stop.is_set():
             try:
                 self.run_once()
+                if time.monotonic() >= next_housekeeping:
+                    self.housekeep()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             except redis.RedisError as exc:
                 log.warning("scheduler: Redis unavailable (%s); retrying", exc)
             except Exception:

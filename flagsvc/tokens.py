@@ -13,14 +13,15 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import redis
 
-from .commit import Committed, Committer, Op, retry_on_conflict, utcnow_iso
-from .errors import AlreadyExists, TokenNotFound
+from .commit import Op, iso_from_ms
+from .errors import AlreadyExists, StoreUnavailable, TokenNotFound
 from .keys import SystemKeys
+from .writes import Change, State, WriteContext, Writer, audit_entry
 
 TOKEN_PREFIX = "fsk_"
 ALL_ENVS = "*"
@@ -100,15 +101,31 @@ def split_token(token: str) -> str | None:
     return token_id
 
 
+@dataclass
+class _Cached:
+    """A token record as this process last read it (``None``: no such token)."""
+
+    record: Token | None
+    loaded: float  # time.monotonic()
+
+
 class TokenStore:
-    """Tokens in Redis, with a short in-process cache for the request path."""
+    """Tokens in Redis, with an in-process cache that a background refresh keeps current.
+
+    The SDK's read paths (snapshot, stream, OFREP) authenticate from the cache alone: a hung
+    Redis never holds them up. The cache is refreshed every second (:meth:`refresh`, from the
+    process's change listener) and a revocation is announced and applied at once
+    (:meth:`reload`). Token expiry is judged on Redis' clock, shared by every host.
+    """
 
     def __init__(self, client: redis.Redis, cache_seconds: float = 1.0) -> None:
         self._redis = client
         self._keys = SystemKeys()
-        self._committer = Committer(client)
+        self._writer = Writer(client)
         self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Token | None]] = {}
+        self._cache: dict[str, _Cached] = {}
+        self._clock_offset = 0.0  # Redis' clock minus this host's, in seconds
+        self._unreachable = False  # the last Redis read of this store failed
 
     def create(
         self,
@@ -124,48 +141,36 @@ class TokenStore:
         """Create a token; returns the record and the secret, which is shown only this once."""
         token_id = secrets.token_hex(6)
         secret = f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
-        expires_at = None
-        if expires_in is not None:
-            expires_at = (datetime.now(UTC) + expires_in).isoformat(timespec="seconds").replace("+00:00", "Z")
-        record = Token(
-            id=token_id,
-            name=name,
-            role=str(role),
-            envs=sorted(set(envs)) or [ALL_ENVS],
-            created_at=utcnow_iso(),
-            created_by=actor,
-            sha256=_digest(secret),
-            expires_at=expires_at,
-        )
         k = self._keys
+        ctx = WriteContext(actor=actor, source=source, request_id=request_id)
 
-        def attempt() -> Committed:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
-            pipe.hexists(k.token_names, name)
-            head, exists = pipe.execute()
-            if exists:
+        def decide(state: State) -> Change[Token]:
+            if state.values[0]:
                 raise AlreadyExists(f"a token named {name!r} exists")
-            result = self._committer.commit(
-                k,
-                head,
+            expires_at = None
+            if expires_in is not None:
+                expires_at = iso_from_ms(state.now_ms + int(expires_in.total_seconds() * 1000))
+            record = Token(
+                id=token_id,
+                name=name,
+                role=str(role),
+                envs=sorted(set(envs)) or [ALL_ENVS],
+                created_at=state.now,
+                created_by=actor,
+                sha256=_digest(secret),
+                expires_at=expires_at,
+            )
+            return Change(
+                record,
                 ops=[
                     Op("HSET", k.tokens, (token_id, json.dumps(asdict(record)))),
                     Op("HSET", k.token_names, (name, token_id)),
                 ],
-                audit={
-                    "actor": actor,
-                    "action": "token.create",
-                    "token": name,
-                    "after": json.dumps(record.public()),
-                    "source": source,
-                    "request_id": request_id,
-                },
+                audit=[audit_entry(ctx, "token.create", token=name, after=record.public())],
+                notify={"type": "token.create", "id": token_id},
             )
-            assert isinstance(result, Committed)
-            return result
 
-        retry_on_conflict(attempt)
+        record = self._writer.run(k, lambda pipe: pipe.hexists(k.token_names, name), decide).result
         return record, secret
 
     def list(self) -> list[Token]:
@@ -182,76 +187,117 @@ class TokenStore:
     ) -> Token:
         """Revoke a token by name or id. Idempotent: revoking a revoked token changes nothing."""
         k = self._keys
+        ctx = WriteContext(actor=actor, source=source, request_id=request_id, reason=reason)
+        token_id = self._redis.hget(k.token_names, name_or_id) or name_or_id
 
-        def attempt() -> Token:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.get(k.audit_head)
-            pipe.hget(k.token_names, name_or_id)
-            pipe.hget(k.tokens, name_or_id)
-            head, by_name, by_id = pipe.execute()
-            token_id = by_name or (name_or_id if by_id else None)
-            raw = self._redis.hget(k.tokens, token_id) if token_id else None
-            if not raw:
+        def decide(state: State) -> Change[Token]:
+            if not state.values[0]:
                 raise TokenNotFound(f"no token named or with id {name_or_id!r}")
-            before = Token.from_json(raw)
+            before = Token.from_json(state.values[0])
             if before.revoked_at:
-                return before
-            after = Token(**{**asdict(before), "revoked_at": utcnow_iso(), "revoked_by": actor})
-            self._committer.commit(
-                k,
-                head,
+                return Change(before)
+            after = replace(before, revoked_at=state.now, revoked_by=actor)
+            return Change(
+                after,
                 ops=[Op("HSET", k.tokens, (before.id, json.dumps(asdict(after))))],
-                audit={
-                    "actor": actor,
-                    "action": "token.revoke",
-                    "token": before.name,
-                    "before": json.dumps(before.public()),
-                    "after": json.dumps(after.public()),
-                    "reason": reason,
-                    "source": source,
-                    "request_id": request_id,
-                },
-                notify=json.dumps({"type": "token.revoke", "id": before.id}),
+                audit=[
+                    audit_entry(
+                        ctx, "token.revoke", token=before.name, before=before.public(), after=after.public()
+                    )
+                ],
+                notify={"type": "token.revoke", "id": before.id},
             )
-            return after
 
-        return retry_on_conflict(attempt)
+        revoked = self._writer.run(k, lambda pipe: pipe.hget(k.tokens, token_id), decide).result
+        self._remember(revoked.id, revoked)
+        return revoked
 
-    def preload(self) -> None:
-        """Cache every token at once (one command): requests then rarely need Redis to
-        authenticate, and a Redis outage finds every token of this process already here."""
-        expires = time.monotonic() + self._cache_seconds
-        records = {tid: Token.from_json(raw) for tid, raw in self._redis.hgetall(self._keys.tokens).items()}
-        if len(records) < _CACHE_MAX:
-            self._cache.update({tid: (expires, record) for tid, record in records.items()})
+    # -- the cache -------------------------------------------------------------------------------
 
-    def forget(self, token_id: str) -> None:
-        """Drop a cached token (its revocation was announced)."""
-        self._cache.pop(token_id, None)
+    def refresh(self) -> None:
+        """Re-read every token and Redis' clock (the change listener calls this every second):
+        the request path then rarely needs Redis, and an outage finds every token here."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self._keys.tokens)
+        try:
+            (seconds, micros), records = pipe.execute()
+        except redis.RedisError:
+            self._unreachable = True
+            raise
+        self._unreachable = False
+        self._clock_offset = int(seconds) + int(micros) / 1e6 - time.time()
+        now = time.monotonic()
+        negatives = {tid: c for tid, c in self._cache.items() if c.record is None}
+        vanished = {
+            tid: _Cached(None, now) for tid, c in self._cache.items() if c.record and tid not in records
+        }
+        self._cache = {tid: _Cached(Token.from_json(raw), now) for tid, raw in records.items()}
+        self._cache.update(vanished)  # gone from Redis: no longer valid, not "not yet read"
+        if len(negatives) < _CACHE_MAX:  # unknown ids stay unknown until they expire from it
+            self._cache.update(
+                {tid: c for tid, c in negatives.items() if now - c.loaded < self._cache_seconds}
+            )
 
-    def authenticate(self, presented: str) -> Token | None:
-        """The active token matching ``presented``, or ``None``. Constant-time comparison."""
+    def reload(self, token_id: str) -> None:
+        """Re-read one token now (its change was announced: a revocation, a new token)."""
+        self._remember(token_id, self._lookup(token_id))
+
+    def now(self) -> datetime:
+        """Redis' time, as measured at the last refresh (expiry is judged on it)."""
+        return datetime.fromtimestamp(time.time() + self._clock_offset, UTC)
+
+    def authenticate(self, presented: str, *, may_wait: bool = True) -> Token | None:
+        """The active token matching ``presented``, or ``None``. Constant-time comparison.
+
+        With ``may_wait=False`` (the SDK's read paths) a token this process knows is judged from
+        the cache whatever its age, never waiting on Redis; an unknown one is looked up unless
+        Redis is known to be unreachable (then :class:`~flagsvc.errors.StoreUnavailable`)."""
         token_id = split_token(presented)
         if token_id is None:
             return None
-        now = time.monotonic()
-        cached = self._cache.get(token_id)
-        if cached and cached[0] > now:
-            record = cached[1]
-        else:
-            try:
-                raw = self._redis.hget(self._keys.tokens, token_id)
-            except redis.RedisError:
-                if cached is None:
-                    raise
-                # Redis is down: a token verified before keeps working for the reads that are
-                # still served (snapshot, stream); it cannot have been revoked meanwhile.
-                record = cached[1]
-            else:
-                record = Token.from_json(raw) if raw else None
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.clear()
-                self._cache[token_id] = (now + self._cache_seconds, record)
+        record = self._cached_or_read(token_id, may_wait)
         if record is None or not hmac.compare_digest(record.sha256, _digest(presented)):
             return None
-        return record if record.is_active() else None
+        return record if record.is_active(self.now()) else None
+
+    def still_valid(self, token: Token) -> bool:
+        """Whether ``token`` (authenticated earlier) is still active, from the cache alone: an open
+        stream checks this every second and ends once its token is revoked or expired."""
+        cached = self._cache.get(token.id)
+        if cached is None:
+            return True  # not re-read yet: as valid as when it was authenticated
+        record = cached.record
+        return record is not None and record.sha256 == token.sha256 and record.is_active(self.now())
+
+    def _cached_or_read(self, token_id: str, may_wait: bool) -> Token | None:
+        cached = self._cache.get(token_id)
+        fresh = cached is not None and time.monotonic() - cached.loaded <= self._cache_seconds
+        if cached is not None and (fresh or not may_wait):
+            return cached.record
+        if cached is None and not may_wait and self._unreachable:
+            raise StoreUnavailable("tokens cannot be checked while Redis is unreachable; retry")
+        try:
+            record = self._lookup(token_id)
+        except redis.RedisError:
+            if cached is None:
+                raise
+            # Redis is down: a token verified before keeps working for the reads that are
+            # still served (snapshot, stream); it cannot have been revoked meanwhile.
+            return cached.record
+        self._remember(token_id, record)
+        return record
+
+    def _lookup(self, token_id: str) -> Token | None:
+        try:
+            raw = self._redis.hget(self._keys.tokens, token_id)
+        except redis.RedisError:
+            self._unreachable = True
+            raise
+        self._unreachable = False
+        return Token.from_json(raw) if raw else None
+
+    def _remember(self, token_id: str, record: Token | None) -> None:
+        if record is None and len(self._cache) >= 2 * _CACHE_MAX:
+            return  # a flood of made-up ids: look them up each time rather than grow
+        self._cache[token_id] = _Cached(record, time.monotonic())

@@ -11,15 +11,26 @@ from typing import Any
 import redis
 from marshmallow import ValidationError
 
-from .commit import Committer, Op, retry_on_conflict, utcnow_iso
+from .commit import Op
 from .envs import EnvStore
-from .flags import DEFINITION_FIELDS, Flag, definition_of, new_record, sort_flags
+from .flags import (
+    DEFINITION_FIELDS,
+    Flag,
+    bump_version,
+    definition_of,
+    flag_change,
+    live_flag,
+    new_record,
+    parse_flag,
+    sort_flags,
+)
 from .keys import EnvKeys
-from .playbooks import playbooks_key
+from .playbooks import DEFINITION_FIELDS as PLAYBOOK_FIELDS
+from .playbooks import playbook_record
 from .schemas import FLAG_KEY, FlagDefinitionSchema, PlaybookDefinitionSchema
+from .writes import Change, State, WriteContext, Writer, audit_entry
 
 FORMAT = "flagsvc-export/1"
-PLAYBOOK_FIELDS = ("description", "changes")
 
 
 class ImportRefused(Exception):
@@ -32,7 +43,7 @@ def export_env(client: redis.Redis, env: str) -> dict[str, Any]:
     pipe = client.pipeline(transaction=True)
     pipe.get(k.version)
     pipe.hvals(k.flags)
-    pipe.hvals(playbooks_key(env))
+    pipe.hvals(k.playbooks)
     version, raw_flags, raw_playbooks = pipe.execute()
     flags = sort_flags([json.loads(r) for r in raw_flags])
     return {
@@ -53,7 +64,7 @@ def _validated(document: Any) -> tuple[dict[str, Flag], dict[str, dict[str, Any]
         raise ImportRefused(f"not a flagsvc export (format {FORMAT!r} expected)")
     flags, playbooks, problems = {}, {}, []
     for key, definition in (document.get("flags") or {}).items():
-        if not FLAG_KEY.match(str(key)):
+        if not FLAG_KEY.fullmatch(str(key)):
             problems.append(f"flag {key!r}: not a valid key")
             continue
         try:
@@ -75,75 +86,70 @@ def import_env(client: redis.Redis, env: str, document: Any, *, actor: str, sour
     flags, playbooks = _validated(document)
     EnvStore(client).create(env, actor=actor)
     k = EnvKeys(env)
-    committer = Committer(client)
+    ctx = WriteContext(actor=actor, reason=f"import from {source}")
 
-    def attempt() -> dict[str, int]:
-        pipe = client.pipeline(transaction=True)
-        pipe.get(k.audit_head)
+    def read(pipe: Any) -> None:
         pipe.get(k.version)
         pipe.hgetall(k.flags)
-        pipe.hgetall(playbooks_key(env))
-        head, version, stored_flags, stored_playbooks = pipe.execute()
-        now, ops, entries = utcnow_iso(), [], []
+        pipe.hgetall(k.playbooks)
+
+    def decide(state: State) -> Change[dict[str, int]]:
+        version, stored_flags, stored_playbooks = state.values
         counts = {"flags_created": 0, "flags_updated": 0, "playbooks_written": 0, "unchanged": 0}
         env_version = int(version or 0) + 1
-        for key, definition in flags.items():
-            before = json.loads(stored_flags[key]) if key in stored_flags else None
-            live = before if before and not before.get("archived") else None
-            if live is not None and definition_of(live) == {f: definition.get(f) for f in DEFINITION_FIELDS}:
-                counts["unchanged"] += 1
-                continue
-            after = new_record(key, definition, before, actor, now)
-            ops.append(Op("HSET", k.flags, (key, json.dumps(after))))
-            action = "flag.update" if live else "flag.create"
-            counts["flags_updated" if live else "flags_created"] += 1
-            entries.append(
-                {
-                    "actor": actor,
-                    "action": action,
-                    "flag": key,
-                    "before": json.dumps(live) if live else "",
-                    "after": json.dumps(after),
-                    "reason": f"import from {source}",
-                    "env_version": str(env_version),
-                }
-            )
-        for name, definition in playbooks.items():
-            before = json.loads(stored_playbooks[name]) if name in stored_playbooks else None
-            if before and {f: before.get(f) for f in PLAYBOOK_FIELDS} == definition:
-                counts["unchanged"] += 1
-                continue
-            record = {
-                "name": name,
-                **definition,
-                "version": (before["version"] if before else 0) + 1,
-                "created_at": before["created_at"] if before else now,
-                "updated_at": now,
-                "updated_by": actor,
-            }
-            ops.append(Op("HSET", playbooks_key(env), (name, json.dumps(record))))
-            counts["playbooks_written"] += 1
-            entries.append(
-                {
-                    "actor": actor,
-                    "action": "playbook.update" if before else "playbook.create",
-                    "playbook": name,
-                    "before": json.dumps(before) if before else "",
-                    "after": json.dumps(record),
-                    "reason": f"import from {source}",
-                }
-            )
-        if not entries:
-            return counts
-        if any(op.key == k.flags for op in ops):
-            ops.append(Op("SET", k.version, (str(env_version),)))
-        committer.commit(
-            k,
-            head,
-            ops=ops,
-            audit=entries,
-            notify=json.dumps({"env": env, "version": env_version, "action": "import"}),
-        )
-        return counts
+        ops, entries = _import_flags(k, ctx, state, flags, stored_flags, env_version, counts)
+        if ops:
+            ops.append(bump_version(k, env_version))
+        more_ops, more_entries = _import_playbooks(k, ctx, state, playbooks, stored_playbooks, counts)
+        notify = {"env": env, "version": env_version, "action": "import"} if entries else None
+        return Change(counts, ops=[*ops, *more_ops], audit=[*entries, *more_entries], notify=notify)
 
-    return retry_on_conflict(attempt, deadline_seconds=30)
+    return Writer(client).run(k, read, decide, deadline_seconds=30).result
+
+
+def _import_flags(
+    k: EnvKeys,
+    ctx: WriteContext,
+    state: State,
+    flags: dict[str, Flag],
+    stored: dict[str, str],
+    env_version: int,
+    counts: dict[str, int],
+) -> tuple[list[Op], list[dict[str, str]]]:
+    """The writes and audit entries that give each flag of the file its definition."""
+    ops, entries = [], []
+    for key, definition in flags.items():
+        before = parse_flag(stored.get(key))
+        live = live_flag(before)
+        if live is not None and definition_of(live) == {f: definition.get(f) for f in DEFINITION_FIELDS}:
+            counts["unchanged"] += 1
+            continue
+        after = new_record(key, definition, before, ctx.actor, state.now)
+        op, entry = flag_change(k, live, after, ctx, "flag.update" if live else "flag.create", env_version)
+        ops.append(op)
+        entries.append(entry)
+        counts["flags_updated" if live else "flags_created"] += 1
+    return ops, entries
+
+
+def _import_playbooks(
+    k: EnvKeys,
+    ctx: WriteContext,
+    state: State,
+    playbooks: dict[str, dict[str, Any]],
+    stored: dict[str, str],
+    counts: dict[str, int],
+) -> tuple[list[Op], list[dict[str, str]]]:
+    """The writes and audit entries that give each playbook of the file its definition."""
+    ops, entries = [], []
+    for name, definition in playbooks.items():
+        before = json.loads(stored[name]) if name in stored else None
+        if before and {f: before.get(f) for f in PLAYBOOK_FIELDS} == definition:
+            counts["unchanged"] += 1
+            continue
+        record = playbook_record(name, definition, before, ctx.actor, state.now)
+        ops.append(Op("HSET", k.playbooks, (name, json.dumps(record))))
+        action = "playbook.update" if before else "playbook.create"
+        entries.append(audit_entry(ctx, action, playbook=name, before=before, after=record))
+        counts["playbooks_written"] += 1
+    return ops, entries

@@ -1,12 +1,14 @@
-"""Idempotency-Key on POST actions: a retry replays the first answer, nothing happens twice."""
+"""Idempotency-Key on every write: a retry replays the first answer, nothing happens twice."""
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+import pytest
 import requests
 
-from flagsvc.keys import EnvKeys
+from flagsvc.keys import EnvKeys, SystemKeys
 
 BASE = "/api/v1/envs/production/flags"
 
@@ -97,3 +99,76 @@ def test_malformed_key_is_rejected(client, auth, snapshot_redis):
     )
     assert resp.status_code == 422 and resp.json["errors"][0]["field"] == "Idempotency-Key"
     assert snapshot_redis() == before
+
+
+#: Every kind of write: (role, method, path, body). The flag ``a`` and playbook ``p`` exist first.
+WRITES = {
+    "flag-put": ("admin", "PUT", f"{BASE}/b", {"kind": "kill_switch", "enabled": True}),
+    "flag-patch": ("admin", "PATCH", f"{BASE}/a", {"description": "recommendations"}),
+    "flag-delete": ("admin", "DELETE", f"{BASE}/a", None),
+    "playbook-put": (
+        "admin",
+        "PUT",
+        "/api/v1/envs/production/playbooks/q",
+        {"changes": {"a": {"enabled": False}}},
+    ),
+    "playbook-delete": ("admin", "DELETE", "/api/v1/envs/production/playbooks/p", None),
+    "playbook-apply": (
+        "operator",
+        "POST",
+        "/api/v1/envs/production/playbooks/p/apply",
+        {"reason": "r", "incident": "INC-1"},
+    ),
+    "env-put": ("admin", "PUT", "/api/v1/envs/staging", None),
+}
+
+
+def audit_length(r: Any) -> int:
+    return r.xlen(EnvKeys("production").audit) + r.xlen(SystemKeys().audit)
+
+
+@pytest.mark.parametrize("write", WRITES, ids=list(WRITES))
+def test_every_write_replays_a_retry_with_the_same_key(client, auth, r, write):
+    setup_flag(client, auth)
+    client.put(
+        "/api/v1/envs/production/playbooks/p",
+        json={"changes": {"a": {"enabled": False}}},
+        headers=auth("admin"),
+    )
+    role, method, path, body = WRITES[write]
+    headers = {**auth(role), "Idempotency-Key": f"once-{write}"}
+    first = client.open(path, method=method, json=body, headers=headers)
+    assert first.status_code in (200, 201, 204), first.get_data(as_text=True)
+    entries = audit_length(r)
+    second = client.open(path, method=method, json=body, headers=headers)
+    assert (second.status_code, second.get_data()) == (first.status_code, first.get_data())
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert audit_length(r) == entries, "nothing happened twice"
+    if body is not None:
+        changed = (
+            {**body, "description": "another"} if write != "playbook-apply" else {**body, "reason": "other"}
+        )
+        reused = client.open(path, method=method, json=changed, headers=headers)
+        assert reused.status_code == 422 and reused.json["type"].endswith("idempotency-key-reused")
+
+
+def test_a_playbook_revert_is_replayed_too(client, auth, r):
+    setup_flag(client, auth)
+    client.put(
+        "/api/v1/envs/production/playbooks/p",
+        json={"changes": {"a": {"enabled": False}}},
+        headers=auth("admin"),
+    )
+    client.post(
+        "/api/v1/envs/production/playbooks/p/apply",
+        json={"reason": "r", "incident": "I"},
+        headers=auth("operator"),
+    )
+    headers = {**auth("operator"), "Idempotency-Key": "revert-once"}
+    path = "/api/v1/envs/production/playbooks/p/revert"
+    first = client.post(path, json={"reason": "fixed"}, headers=headers)
+    second = client.post(path, json={"reason": "fixed"}, headers=headers)
+    assert first.status_code == second.status_code == 200 and first.json == second.json
+    assert second.headers["Idempotent-Replayed"] == "true"
+    reused = client.post(path, json={"reason": "another"}, headers=headers)
+    assert reused.status_code == 422 and reused.json["type"].endswith("idempotency-key-reused")

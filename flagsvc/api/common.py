@@ -8,14 +8,13 @@ import re
 import uuid
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 
 from ..envs import ENV_NAME
 from ..errors import InvalidInput
 from ..extensions import stores
-from ..flags import IdempotencyRequest, WriteContext
-from ..keys import EnvKeys
 from ..schemas import FLAG_KEY
+from ..writes import Done, IdempotencyRequest, WriteContext
 
 #: Set on answers served from memory that Redis could not confirm recently.
 STALE_HEADER = "X-Flagsvc-Stale"
@@ -23,7 +22,7 @@ STALE_HEADER = "X-Flagsvc-Stale"
 ENV_VERSION_HEADER = "X-Flagsvc-Env-Version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+_ETAG = re.compile(r'^(?:W/)?"?([0-9]{1,18})"?$')
 
 
 def init_request_hooks(app: Flask) -> None:
@@ -41,7 +40,7 @@ def init_request_hooks(app: Flask) -> None:
 
 def request_id_for(incoming: str) -> str:
     """The client's ``X-Request-ID`` if it is a sane one, else a new id."""
-    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 
 def path_error(field: str, message: str) -> InvalidInput:
@@ -52,14 +51,14 @@ def path_error(field: str, message: str) -> InvalidInput:
 
 
 def check_env(env: str, *, must_exist: bool = True) -> None:
-    if not ENV_NAME.match(env):
+    if not ENV_NAME.fullmatch(env):
         raise path_error("env", "lower-case letters, digits, '-' and '_', at most 63, starting alphanumeric")
     if must_exist:
         stores().envs.require(env)
 
 
 def check_key(key: str) -> None:
-    if not FLAG_KEY.match(key):
+    if not FLAG_KEY.fullmatch(key):
         raise path_error("key", "lower-case [a-z0-9] then [a-z0-9._-], at most 128 characters")
 
 
@@ -71,7 +70,7 @@ def _parse_etag_header(name: str) -> int | None:
     raw = request.headers.get(name)
     if raw is None:
         return None
-    match = _ETAG.match(raw.split(",")[0].strip())
+    match = _ETAG.fullmatch(raw.split(",")[0].strip())
     if not match:
         raise InvalidInput(
             f'{name} must be a flag version ETag such as "3"',
@@ -100,7 +99,7 @@ def version_named_by(raw: str | None) -> int | None:
     """The version in an ``If-None-Match`` value (its first ETag), ``None`` if absent or unparsable."""
     if not raw:
         return None
-    match = _ETAG.match(raw.split(",")[0].strip())
+    match = _ETAG.fullmatch(raw.split(",")[0].strip())
     return int(match.group(1)) if match else None
 
 
@@ -114,12 +113,13 @@ def write_context(actor: str, reason: str = "", incident: str = "") -> WriteCont
     )
 
 
-def idempotency(env: str, actor: str, body: Any, ttl: int) -> IdempotencyRequest | None:
-    """The request's ``Idempotency-Key``, scoped to the environment and the token's name."""
+def idempotency(actor: str, body: Any = None) -> IdempotencyRequest | None:
+    """The request's ``Idempotency-Key``, scoped to the token's name (and the namespace written);
+    the record remembers method, path and ``body`` so that the key cannot be reused for another."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _IDEMPOTENCY_KEY.match(key):
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidInput(
             "Idempotency-Key must be 1-255 visible ASCII characters",
             errors=[{"field": "Idempotency-Key", "location": "header", "message": "invalid"}],
@@ -127,4 +127,10 @@ def idempotency(env: str, actor: str, body: Any, ttl: int) -> IdempotencyRequest
     canonical = json.dumps([request.method, request.path, body], sort_keys=True, default=str)
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
     digest = hashlib.sha256(key.encode()).hexdigest()
-    return IdempotencyRequest(EnvKeys(env).idempotency(actor, digest), fingerprint, ttl)
+    ttl = int(current_app.config["IDEMPOTENCY_TTL_SECONDS"])
+    return IdempotencyRequest(actor, digest, fingerprint, ttl)
+
+
+def replay_headers(done: Done[Any]) -> dict[str, str]:
+    """``Idempotent-Replayed: true`` on the answer of a replayed request."""
+    return {"Idempotent-Replayed": "true"} if done.replayed else {}

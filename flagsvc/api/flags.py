@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, jsonify
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
@@ -14,7 +14,7 @@ from ..auth import current_token, require
 from ..clients import BLAST_RADIUS_MINUTES
 from ..errors import FlagNotFound, InvalidInput, flatten_validation_messages
 from ..extensions import stores
-from ..flags import Flag, Mutation, WriteResult, definition_of
+from ..flags import Flag, Mutation, definition_of
 from ..schemas import (
     ActionSchema,
     FlagDefinitionSchema,
@@ -31,6 +31,7 @@ from .common import (
     idempotency,
     if_match,
     if_none_match_any,
+    replay_headers,
     write_context,
 )
 
@@ -46,13 +47,34 @@ def _check(env: str, key: str | None = None) -> None:
         check_key(key)
 
 
-def _respond(env: str, result: WriteResult, *, created_status: int = 200) -> tuple[Flag, int, dict[str, str]]:
-    if result.changed and not result.replayed:
+def _write(
+    env: str,
+    key: str,
+    mutate: Callable[[Flag | None], Mutation],
+    body: Any = None,
+    *,
+    reason: str = "",
+    incident: str = "",
+    created_status: int = 200,
+    **options: Any,
+) -> tuple[Flag, int, dict[str, str]]:
+    """Write one flag for this request (``If-Match`` and ``Idempotency-Key`` honoured) and answer
+    with the flag, its version as ``ETag`` and the environment version that includes it."""
+    actor = current_token().name
+    done = stores().flags.write(
+        env,
+        key,
+        mutate,
+        write_context(actor, reason, incident),
+        if_match=if_match(),
+        idempotency=idempotency(actor, body),
+        **options,
+    )
+    result = done.result
+    if result.changed and not done.replayed:
         stores().snapshots.reload_after_write(env, result.env_version)
     headers = {"ETag": etag(result.flag["version"]), ENV_VERSION_HEADER: str(result.env_version)}
-    if result.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return result.flag, created_status if result.created else 200, headers
+    return result.flag, created_status if result.created else 200, {**headers, **replay_headers(done)}
 
 
 def _must_exist(env: str, key: str, current: Flag | None) -> Flag:
@@ -93,15 +115,7 @@ class FlagResource(MethodView):
         def mutate(current: Flag | None) -> Mutation:
             return Mutation("flag.update" if current else "flag.create", definition)
 
-        result = stores().flags.write(
-            env,
-            key,
-            mutate,
-            write_context(current_token().name),
-            if_match=if_match(),
-            if_none_match_any=if_none_match_any(),
-        )
-        return _respond(env, result, created_status=201)
+        return _write(env, key, mutate, definition, created_status=201, if_none_match_any=if_none_match_any())
 
     @require(Role.ADMIN)
     @blp.arguments(_PARTIAL)
@@ -120,10 +134,7 @@ class FlagResource(MethodView):
                     e["location"] = "body"
                 raise InvalidInput("the flag would be invalid after this change", errors=errors) from None
 
-        result = stores().flags.write(
-            env, key, mutate, write_context(current_token().name), if_match=if_match()
-        )
-        return _respond(env, result)
+        return _write(env, key, mutate, changes)
 
     @require(Role.ADMIN)
     @blp.response(200, FlagSchema)
@@ -134,10 +145,7 @@ class FlagResource(MethodView):
         def mutate(current: Flag | None) -> Mutation:
             return Mutation("flag.delete", definition_of(_must_exist(env, key, current)), archived=True)
 
-        result = stores().flags.write(
-            env, key, mutate, write_context(current_token().name), if_match=if_match()
-        )
-        return _respond(env, result)
+        return _write(env, key, mutate)
 
 
 def _preview(env: str, key: str, enabled: bool) -> Response:
@@ -162,7 +170,6 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
     @blp.response(200, FlagSchema)
     def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
         _check(env, key)
-        actor = current_token().name
         if body["dry_run"]:
             return _preview(env, key, enabled)
 
@@ -172,17 +179,9 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
                 return Mutation(action, None)
             return Mutation(action, {**definition, "enabled": enabled})
 
-        ttl = int(current_app.config["IDEMPOTENCY_TTL_SECONDS"])
-        result = stores().flags.write(
-            env,
-            key,
-            mutate,
-            write_context(actor, body["reason"], body["incident"]),
-            if_match=if_match(),
-            idempotency=idempotency(env, actor, body, ttl),
-            revert_in=body["for_"],
+        return _write(
+            env, key, mutate, body, reason=body["reason"], incident=body["incident"], revert_in=body["for_"]
         )
-        return _respond(env, result)
 
     return view
 

@@ -21,27 +21,29 @@ from ..schemas import (
     PlaybookSchema,
 )
 from ..tokens import Role
-from .common import check_env, if_match, path_error, write_context
+from ..writes import Done
+from .common import check_env, idempotency, if_match, path_error, replay_headers, write_context
 
 blp = Blueprint("playbooks", __name__, url_prefix="/api/v1/envs/<env>/playbooks", description="Playbooks")
 
 
 def _check(env: str, name: str | None = None) -> None:
     check_env(env)
-    if name is not None and not FLAG_KEY.match(name):
+    if name is not None and not FLAG_KEY.fullmatch(name):
         raise path_error("name", "lower-case [a-z0-9] then [a-z0-9._-], at most 128 characters")
 
 
-def _answer(env: str, outcome: Outcome) -> dict[str, Any]:
+def _answer(env: str, done: Done[Outcome]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    outcome = done.result
     body = outcome.to_dict()
     if outcome.dry_run:
         seen = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES)
         body["blast_radius"] = {
             c["flag"]: seen.get(c["flag"], {"evaluations": 0, "apps": {}}) for c in outcome.changed
         }
-    elif outcome.changed:
+    elif outcome.changed and not done.replayed:
         stores().snapshots.reload_after_write(env, outcome.env_version)
-    return body
+    return body, 200, replay_headers(done)
 
 
 @blp.route("")
@@ -67,43 +69,61 @@ class PlaybookResource(MethodView):
     @blp.arguments(PlaybookDefinitionSchema)
     @blp.response(200, PlaybookSchema)
     @blp.alt_response(201, schema=PlaybookSchema, description="Created")
-    def put(self, definition: dict[str, Any], env: str, name: str) -> tuple[dict[str, Any], int]:
+    def put(
+        self, definition: dict[str, Any], env: str, name: str
+    ) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Create or replace a playbook (its flags are checked when it is applied)."""
         _check(env, name)
-        record, created = stores().playbooks.put(env, name, definition, write_context(current_token().name))
-        return {**record, "applied": None}, 201 if created else 200
+        actor = current_token().name
+        done = stores().playbooks.put(
+            env, name, definition, write_context(actor), idempotency=idempotency(actor, definition)
+        )
+        record, created = done.result
+        return {**record, "applied": None}, 201 if created else 200, replay_headers(done)
 
     @require(Role.ADMIN)
     @blp.response(204)
-    def delete(self, env: str, name: str) -> None:
+    def delete(self, env: str, name: str) -> tuple[None, int, dict[str, str]]:
         """Delete a playbook that is not applied."""
         _check(env, name)
-        stores().playbooks.delete(env, name, write_context(current_token().name))
+        actor = current_token().name
+        done = stores().playbooks.delete(env, name, write_context(actor), idempotency=idempotency(actor))
+        return None, 204, replay_headers(done)
 
 
 @blp.route("/<name>/apply", methods=["POST"])
 @require(Role.OPERATOR)
 @blp.arguments(PlaybookApplySchema)
 @blp.response(200, PlaybookOutcomeSchema)
-def apply(body: dict[str, Any], env: str, name: str) -> dict[str, Any]:
+def apply(body: dict[str, Any], env: str, name: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Apply every change atomically (409, nothing applied, if any flag is in the way).
 
     ``dry_run: true`` answers what would change and who evaluated those flags lately.
     ``If-Match`` may name the playbook version that was reviewed."""
     _check(env, name)
-    ctx = write_context(current_token().name, body["reason"], body["incident"])
-    outcome = stores().playbooks.apply(
-        env, name, ctx, dry_run=body["dry_run"], if_match=if_match(), revert_in=body["for_"]
+    actor = current_token().name
+    done = stores().playbooks.apply(
+        env,
+        name,
+        write_context(actor, body["reason"], body["incident"]),
+        dry_run=body["dry_run"],
+        if_match=if_match(),
+        revert_in=body["for_"],
+        idempotency=idempotency(actor, body),
     )
-    return _answer(env, outcome)
+    return _answer(env, done)
 
 
 @blp.route("/<name>/revert", methods=["POST"])
 @require(Role.OPERATOR)
 @blp.arguments(PlaybookRevertSchema)
 @blp.response(200, PlaybookOutcomeSchema)
-def revert(body: dict[str, Any], env: str, name: str) -> dict[str, Any]:
+def revert(body: dict[str, Any], env: str, name: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Restore the prior state of every flag the apply changed, skipping those changed since."""
     _check(env, name)
-    ctx = write_context(current_token().name, body["reason"], body["incident"])
-    return _answer(env, stores().playbooks.revert(env, name, ctx, dry_run=body["dry_run"]))
+    actor = current_token().name
+    ctx = write_context(actor, body["reason"], body["incident"])
+    done = stores().playbooks.revert(
+        env, name, ctx, dry_run=body["dry_run"], idempotency=idempotency(actor, body)
+    )
+    return _answer(env, done)

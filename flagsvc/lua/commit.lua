@@ -13,29 +13,35 @@
 --                "seq" first
 --   indexes      per entry, the KEYS indexes of the sorted sets that index it (by flag, actor...);
 --                each gets the entry's stream id, scored by the entry's chain sequence number
---   idempotency  optional {value, ttl}
+--   idempotency  optional {value, ttl, index, cap, now}: remember the commit's result under KEYS[3]
+--                for ttl seconds; KEYS[index] is the sorted set of the token's idempotency records
+--                (score: when), kept to its newest cap records
 --   channel, message  optional pub/sub notification
+--
+-- With no entries the commit writes no audit entry and leaves the head as it is: a decision that
+-- changes nothing, made against expect_head, that only remembers its idempotency record.
 --
 -- Stream ids are "<time_ms>-<n>", so an entry's id and its time agree and a time window is an id
 -- range. A time_ms before the newest id (the clock went back, e.g. after a failover) is refused with
 -- {"clock", newest ms}: the caller retakes the time from there and commits again.
 --
--- Returns {"ok", stream_id of the last entry} | {"conflict", head} | {"replay", stored value}
+-- Returns {"ok", stream_id of the last entry or ""} | {"conflict", head} | {"replay", stored value}
 -- | {"clock", ms}.
 -- Nothing is written unless every check passes, and then everything is: the change, its
 -- audit entry, the new head, the idempotency record and the notification.
 local plan = cjson.decode(ARGV[1])
 
-local head = redis.call('GET', KEYS[2]) or ''
-if head ~= plan.expect_head then
-  return {'conflict', head}
-end
-
+-- A retry of a request that was committed replays, even if other changes came after it.
 if plan.idempotency then
   local prior = redis.call('GET', KEYS[3])
   if prior then
     return {'replay', prior}
   end
+end
+
+local head = redis.call('GET', KEYS[2]) or ''
+if head ~= plan.expect_head then
+  return {'conflict', head}
 end
 
 -- Type checks first: a script is not rolled back on a runtime error, so refuse before the
@@ -70,7 +76,7 @@ if stream_type == 'stream' then
   end
 end
 local time_ms = tonumber(plan.time_ms)
-if time_ms < last_ms then
+if #plan.entries > 0 and time_ms < last_ms then
   return {'clock', tostring(last_ms)}
 end
 local next_n = 0
@@ -100,7 +106,7 @@ for _, op in ipairs(plan.ops) do
   end
 end
 
-local id
+local id = ''
 for i, entry in ipairs(plan.entries) do
   id = redis.call('XADD', KEYS[1], plan.time_ms .. '-' .. string.format('%d', next_n), unpack(entry))
   next_n = next_n + 1
@@ -108,10 +114,23 @@ for i, entry in ipairs(plan.entries) do
     redis.call('ZADD', KEYS[ki], entry[2], id)
   end
 end
-redis.call('SET', KEYS[2], plan.new_head)
+if #plan.entries > 0 then
+  redis.call('SET', KEYS[2], plan.new_head)
+end
 
-if plan.idempotency then
-  redis.call('SET', KEYS[3], plan.idempotency.value, 'EX', plan.idempotency.ttl)
+local idem = plan.idempotency
+if idem then
+  redis.call('SET', KEYS[3], idem.value, 'EX', idem.ttl)
+  local index = KEYS[idem.index]
+  redis.call('ZADD', index, idem.now, KEYS[3])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', idem.now - idem.ttl)
+  local excess = redis.call('ZCARD', index) - idem.cap
+  if excess > 0 then
+    local oldest = redis.call('ZRANGE', index, 0, excess - 1)
+    redis.call('ZREMRANGEBYRANK', index, 0, excess - 1)
+    redis.call('DEL', unpack(oldest))
+  end
+  redis.call('EXPIRE', index, idem.ttl)
 end
 if plan.channel then
   redis.call('PUBLISH', plan.channel, plan.message)
