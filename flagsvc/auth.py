@@ -1,4 +1,8 @@
-"""Request authentication: ``Authorization: Bearer <token>``, roles and environment scope."""
+"""Request authentication: ``Authorization: Bearer <token>``, roles and environment scope.
+
+:func:`authorize` is the one check, used by the Flask views (:func:`require`), the snapshot fast
+path and OFREP alike.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from flask import g, request
 from .body import check_body
 from .errors import Forbidden, Unauthorized
 from .extensions import stores
-from .tokens import Role, Token
+from .tokens import Role, Token, TokenStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,30 +25,42 @@ def current_token() -> Token:
     return token
 
 
-def _authenticate() -> Token:
-    header = request.headers.get("Authorization", "")
-    scheme, _, credentials = header.partition(" ")
+def bearer(header: str | None) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header, or ``None``."""
+    scheme, _, credentials = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def authorize(
+    tokens: TokenStore, secret: str | None, role: Role, env: str | None, *, may_wait: bool
+) -> Token:
+    """The active token ``secret`` if it has at least ``role`` and may use ``env`` (when given);
+    401 or 403 otherwise. ``may_wait=False``: judged from the token cache (see
+    :meth:`TokenStore.authenticate`)."""
+    if secret is None:
         raise Unauthorized("send Authorization: Bearer <token>")
-    token = stores().tokens.authenticate(credentials.strip())
+    token = tokens.authenticate(secret, may_wait=may_wait)
     if token is None:
         raise Unauthorized("token unknown, revoked or expired")
+    if token.role_level < role:
+        raise Forbidden(f"this needs the {role} role; token {token.name!r} is {token.role}")
+    if env is not None and not token.allows_env(env):
+        raise Forbidden(f"token {token.name!r} is not allowed on environment {env!r}")
     return token
 
 
-def require(role: Role) -> Callable[[F], F]:
-    """Decorate a view: a token of at least ``role``, scoped to the ``env`` in the URL if any."""
+def require(role: Role, *, cached: bool = False) -> Callable[[F], F]:
+    """Decorate a view: a token of at least ``role``, scoped to the ``env`` in the URL if any.
+    ``cached``: authenticate from the token cache alone (the SDK's reads never wait on Redis)."""
 
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            token = _authenticate()
-            if token.role_level < role:
-                raise Forbidden(f"this needs the {role} role; token {token.name!r} is {token.role}")
             env = (request.view_args or {}).get("env")
-            if env is not None and not token.allows_env(env):
-                raise Forbidden(f"token {token.name!r} is not allowed on environment {env!r}")
-            g.token = token
+            secret = bearer(request.headers.get("Authorization"))
+            g.token = authorize(stores().tokens, secret, role, env, may_wait=not cached)
             check_body()
             return view(*args, **kwargs)
 

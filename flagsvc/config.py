@@ -11,8 +11,14 @@ DEFAULTS: dict[str, object] = {
     "MAX_CONTENT_LENGTH": 64 * 1024,
     # How long a verified token is cached in a worker; revocation takes effect within it.
     "TOKEN_CACHE_SECONDS": 1.0,
-    # How long an Idempotency-Key is remembered.
+    # How long an Idempotency-Key is remembered (a token keeps its newest 1,000 per environment).
     "IDEMPOTENCY_TTL_SECONDS": 24 * 3600,
+    # Limits per token, so that one leaked or buggy SDK token cannot flood Redis or the workers:
+    # SDK instances it may report per environment (a new one replaces the longest silent one),
+    # heartbeats per instance per minute, and open event streams per worker process.
+    "MAX_INSTANCES_PER_TOKEN": 10_000,
+    "HEARTBEATS_PER_MINUTE": 30,
+    "MAX_STREAMS_PER_TOKEN": 2_000,
     # Request logs: "" (none beyond gunicorn's), "text" or "json" (one JSON object per line).
     "LOG_FORMAT": "",
     "LOG_LEVEL": "INFO",

@@ -13,11 +13,12 @@ from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .clients import ClientRegistry
+from .clients import ClientRegistry, Limits
 from .envs import EnvStore
 from .flags import FlagStore
 from .playbooks import PlaybookStore
 from .snapshots import SnapshotCache
+from .streaming import StreamLimiter
 from .tokens import TokenStore
 
 
@@ -30,6 +31,7 @@ class Stores:
     snapshots: SnapshotCache
     clients: ClientRegistry
     playbooks: PlaybookStore
+    streams: StreamLimiter
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
@@ -42,18 +44,25 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
         health_check_interval=30,
         # One immediate retry covers a pooled connection that died with a Redis restart; more
         # would only delay the 503 an outage must give. Retrying a commit is safe: its audit-head
-        # check refuses to apply the same change twice.
-        retry=Retry(NoBackoff(), 1),
+        # check refuses to apply the same change twice. A timeout is not retried: Redis is hung,
+        # and a commit in flight has an unknown outcome that the answer must say.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
 
 
-def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Stores:
+def make_stores(
+    client: redis.Redis,
+    *,
+    token_cache_seconds: float = 1.0,
+    limits: Limits | None = None,
+    streams_per_token: int = 2_000,
+) -> Stores:
     flags = FlagStore(client)
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
 
     def on_system_change(event: dict[str, object]) -> None:
-        if event.get("type") == "token.revoke":
-            tokens.forget(str(event.get("id")))
+        if event.get("type") in ("token.create", "token.revoke"):
+            tokens.reload(str(event.get("id")))
 
     envs = EnvStore(client)
     return Stores(
@@ -62,10 +71,11 @@ def make_stores(client: redis.Redis, *, token_cache_seconds: float = 1.0) -> Sto
         flags=flags,
         tokens=tokens,
         snapshots=SnapshotCache(
-            client, flags, on_system_change=on_system_change, list_envs=envs.list, also_refresh=tokens.preload
+            client, flags, on_system_change=on_system_change, list_envs=envs.list, also_refresh=tokens.refresh
         ),
-        clients=ClientRegistry(client),
+        clients=ClientRegistry(client, limits),
         playbooks=PlaybookStore(client),
+        streams=StreamLimiter(streams_per_token),
     )
 
 
@@ -78,7 +88,10 @@ def init_app(app: Flask) -> None:
         )
     client = connect(str(url), socket_timeout=float(app.config["REDIS_SOCKET_TIMEOUT"]))
     app.extensions["flagsvc"] = make_stores(
-        client, token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"])
+        client,
+        token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),
+        limits=Limits(int(app.config["MAX_INSTANCES_PER_TOKEN"]), int(app.config["HEARTBEATS_PER_MINUTE"])),
+        streams_per_token=int(app.config["MAX_STREAMS_PER_TOKEN"]),
     )
 
 

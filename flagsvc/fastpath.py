@@ -20,6 +20,7 @@ from typing import Any
 
 from .api.common import request_id_for, version_named_by
 from .api.snapshot import poll_answer
+from .auth import authorize, bearer
 from .envs import ENV_NAME
 from .logs import log_request
 from .metrics import observe_request
@@ -56,25 +57,21 @@ class SnapshotPolls:
         started = time.perf_counter()
         if environ.get("REQUEST_METHOD") != "GET" or environ.get("QUERY_STRING"):
             return None
-        match = _PATH.match(environ.get("PATH_INFO", ""))
+        match = _PATH.fullmatch(environ.get("PATH_INFO", ""))
         if match is None or environ.get("CONTENT_LENGTH") not in (None, "", "0"):
             return None
         if "HTTP_TRANSFER_ENCODING" in environ:
-            return None
-        scheme, _, secret = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
             return None
         env = match.group(1)
         known_version = version_named_by(environ.get("HTTP_IF_NONE_MATCH"))
         stores = self._stores()
         try:
-            token = stores.tokens.authenticate(secret.strip())
-            if token is None or token.role_level < Role.SDK or not token.allows_env(env):
-                return None
+            secret = bearer(environ.get("HTTP_AUTHORIZATION"))
+            token = authorize(stores.tokens, secret, Role.SDK, env, may_wait=False)
             if not stores.envs.exists(env):
                 return None
             status, headers, body = poll_answer(stores.snapshots, env, known_version)
-        except Exception:  # noqa: BLE001 - Redis trouble and the like: Flask answers and reports it
+        except Exception:  # noqa: BLE001 - a refusal, Redis trouble...: Flask answers and reports it
             return None
         if status == 200:
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -217,6 +218,50 @@ def test_revocation_takes_effect_within_a_second(live_server: str, r: Any, make_
     assert status == 401, "revoked token still accepted 1.5 s after revoke()"
     # no request sent a second or more after revoke() began was accepted
     assert not ok_sent or ok_sent[-1] < 1.0, f"accepted a request sent {ok_sent[-1]:.3f}s after revoke()"
+
+
+def stream_until_closed(url: str, secret: str, timeout: float) -> tuple[list[str], float]:
+    """Open an event stream; its lines until the server closes it, and when that happened."""
+    lines: list[str] = []
+    with requests.get(
+        f"{url}/api/v1/envs/production/stream",
+        headers={"Authorization": bearer(secret)},
+        stream=True,
+        timeout=timeout,
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines(decode_unicode=True):
+            lines.append(line)
+            if line == "event: snapshot":
+                opened = time.monotonic()
+    return lines, time.monotonic() - opened
+
+
+def test_an_open_stream_ends_within_a_second_of_its_revocation(
+    live_server: str, r: Any, make_token: Any
+) -> None:
+    secret = make_token("sdk", name="leaked-sdk")
+    revoked_at: list[float] = []
+
+    def revoke_soon() -> None:
+        time.sleep(1.0)
+        revoked_at.append(time.monotonic())
+        TokenStore(r).revoke("leaked-sdk", actor="t")
+
+    threading.Thread(target=revoke_soon, daemon=True).start()
+    lines, _ = stream_until_closed(live_server, secret, timeout=10)
+    ended = time.monotonic()
+    assert "event: revoked" in lines, lines
+    assert ended - revoked_at[0] < 2.0, f"the stream outlived its revocation by {ended - revoked_at[0]:.1f} s"
+
+
+def test_an_open_stream_ends_when_its_token_expires(live_server: str, r: Any) -> None:
+    _, secret = TokenStore(r).create(
+        name="short-sdk", role=Role.SDK, envs=[], expires_in=timedelta(seconds=2), actor="t"
+    )
+    lines, lasted = stream_until_closed(live_server, secret, timeout=10)
+    assert "event: revoked" in lines, lines
+    assert lasted < 4.0
 
 
 def test_token_creation_and_revocation_are_in_the_system_audit_log(r: Any) -> None:

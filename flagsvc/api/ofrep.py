@@ -16,6 +16,8 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from ..auth import authorize, bearer
+from ..errors import Forbidden, Unauthorized
 from ..extensions import stores
 from ..tokens import ALL_ENVS, Role, Token
 from .common import STALE_HEADER
@@ -51,14 +53,17 @@ def _error(exc: OfrepError) -> Response:
 
 
 def _token() -> Token:
-    header = request.headers.get("Authorization", "")
-    scheme, _, credentials = header.partition(" ")
     secret = (
-        credentials.strip() if scheme.lower() == "bearer" else request.headers.get("X-API-Key", "").strip()
+        bearer(request.headers.get("Authorization")) or request.headers.get("X-API-Key", "").strip() or None
     )
-    token = stores().tokens.authenticate(secret) if secret else None
-    if token is None:
-        raise OfrepError(401, "GENERAL", "send Authorization: Bearer <token> or X-API-Key with a valid token")
+    try:
+        token = authorize(stores().tokens, secret, Role.SDK, None, may_wait=False)
+    except Unauthorized:
+        raise OfrepError(
+            401, "GENERAL", "send Authorization: Bearer <token> or X-API-Key with a valid token"
+        ) from None
+    except Forbidden as exc:
+        raise OfrepError(403, "GENERAL", exc.detail) from None
     if len(token.envs) != 1 or token.envs[0] == ALL_ENVS:
         raise OfrepError(403, "GENERAL", f"token {token.name!r} must be scoped to exactly one environment")
     return token
@@ -100,9 +105,8 @@ def _evaluate(key: str, flags: dict[str, Any], context: dict[str, Any]) -> dict[
 
 
 def _published() -> Any:
-    token = _token()
-    env = token.envs[0]
-    if token.role_level < Role.SDK or not stores().envs.exists(env):
+    env = _token().envs[0]
+    if not stores().envs.exists(env):
         raise OfrepError(403, "GENERAL", f"environment {env!r} is not available to this token")
     return stores().snapshots.get(env)
 

@@ -9,12 +9,13 @@ from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from ..auth import require
+from ..auth import current_token, require
+from ..clients import TooManyRequests
 from ..extensions import stores
 from ..metrics import POLLS
 from ..schemas import SnapshotSchema
 from ..snapshots import SnapshotCache
-from ..streaming import events
+from ..streaming import EventStream, events
 from ..tokens import Role
 from .common import STALE_HEADER, check_env, etag, if_none_match_version
 
@@ -23,7 +24,7 @@ blp = Blueprint("snapshot", __name__, url_prefix="/api/v1/envs/<env>", descripti
 
 @blp.route("/snapshot")
 class SnapshotResource(MethodView):
-    @require(Role.SDK)
+    @require(Role.SDK, cached=True)
     @blp.doc(responses={"304": {"description": "Not modified: the version in If-None-Match is current"}})
     @blp.response(200, SnapshotSchema)
     def get(self, env: str) -> Response:
@@ -55,7 +56,7 @@ def poll_answer(
 
 @blp.route("/stream")
 class StreamResource(MethodView):
-    @require(Role.SDK)
+    @require(Role.SDK, cached=True)
     @blp.doc(
         responses={
             "200": {
@@ -66,13 +67,30 @@ class StreamResource(MethodView):
         }
     )
     def get(self, env: str) -> Response:
-        """Server-Sent Events: the snapshot now (unless ``Last-Event-ID`` is current) and on every change."""
+        """Server-Sent Events: the snapshot now (unless ``Last-Event-ID`` is current) and on every change.
+
+        A ``revoked`` event ends the stream once the token is revoked or expires. 429 when the
+        token already holds as many streams as a worker allows (``MAX_STREAMS_PER_TOKEN``)."""
         check_env(env)
-        cache = stores().snapshots
+        cache, token, limiter = stores().snapshots, current_token(), stores().streams
         first = cache.get(env)
-        last_event_id = _int_or_none(request.headers.get("Last-Event-ID"))
+        if not limiter.acquire(token.id):
+            raise TooManyRequests(
+                f"token {token.name!r} already holds {limiter.per_token} event streams on this worker; "
+                "poll the snapshot instead",
+                retry_after=30,
+            )
+        tokens = stores().tokens
+        stream = events(
+            cache,
+            env,
+            first,
+            _int_or_none(request.headers.get("Last-Event-ID")),
+            _client_socket(),
+            still_allowed=lambda: tokens.still_valid(token),
+        )
         response = Response(
-            events(cache, env, first, last_event_id, _client_socket()),
+            EventStream(stream, on_close=lambda: limiter.release(token.id)),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
