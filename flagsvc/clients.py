@@ -1,15 +1,27 @@
-"""SDK instances: their heartbeats, the propagation view, and evaluation counts per minute."""
+"""SDK instances: their heartbeats, the propagation view, and evaluation counts per minute.
+
+A heartbeat is recorded by ``heartbeat.lua`` in one atomic step, within limits that keep one
+token from flooding Redis: at most ``per_token`` instances per token and environment (a new one
+takes the place of the token's longest silent instance, else it is refused), at most
+``per_minute`` heartbeats per instance, and evaluation counts only for flags that exist.
+Instances silent for a day are purged by the housekeeping pass (:meth:`ClientRegistry.housekeep`,
+run by every scheduler), which also counts the live and current instances that ``/metrics``
+reports, so a scrape costs the same whatever the size of the fleet.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 import redis
 
+from .errors import ProblemError
 from .keys import EnvKeys
 
 #: An instance is live if it reported within this many seconds (SDKs report every 30 s).
@@ -20,14 +32,25 @@ FORGET_SECONDS = 24 * 3600
 BLAST_RADIUS_MINUTES = 15
 #: Evaluation counts are kept per minute for this long.
 COUNTS_TTL_SECONDS = 3 * 3600
+#: How many silent instances one housekeeping pass forgets at most, per environment.
+PURGE_BATCH = 1000
+
+_HEARTBEAT = resources.files(__package__).joinpath("lua/heartbeat.lua").read_text()
 
 
-def clients_key(env: str) -> str:
-    return f"{EnvKeys(env).base}:clients"
+class TooManyRequests(ProblemError):
+    status, slug, title = 429, "too-many-requests", "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
 
 
-def counts_key(env: str, minute: int) -> str:
-    return f"{EnvKeys(env).base}:evals:{minute}"
+@dataclass(frozen=True)
+class Limits:
+    """What one token may do: instances per environment, heartbeats per instance per minute."""
+
+    per_token: int = 10_000
+    per_minute: int = 30
 
 
 @dataclass(frozen=True)
@@ -55,10 +78,23 @@ class PropagationView:
 class ClientRegistry:
     """Heartbeats of SDK instances per environment."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, limits: Limits | None = None) -> None:
         self._redis = client
+        self._limits = limits or Limits()
+        self._heartbeat = client.register_script(_HEARTBEAT)
 
-    def report(self, env: str, instance: str, body: dict[str, Any], source: str) -> None:
+    def report(
+        self,
+        env: str,
+        instance: str,
+        body: dict[str, Any],
+        *,
+        source: str,
+        token_id: str,
+        flags: Collection[str],
+    ) -> None:
+        """Record a heartbeat of ``instance`` sent with token ``token_id``; evaluation counts of
+        flags not in ``flags`` (the environment's) are dropped. 429 beyond the limits."""
         now = time.time()
         counts: dict[str, int] = body.pop("counts", {}) or {}
         record = {
@@ -68,43 +104,85 @@ class ClientRegistry:
             "seen_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "seen_ts": now,
         }
-        minute = int(now // 60)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(clients_key(env), instance, json.dumps(record))
-        if counts:
-            key = counts_key(env, minute)
-            app = str(body.get("app", ""))
-            for flag, n in counts.items():
-                pipe.hincrby(key, f"{flag}|{app}|{instance}", int(n))
-            pipe.expire(key, COUNTS_TTL_SECONDS)
-        pipe.execute()
+        k, minute = EnvKeys(env), int(now // 60)
+        app = str(body.get("app", ""))
+        pairs = [
+            x for flag, n in counts.items() if flag in flags and n for x in (f"{flag}|{app}|{instance}", n)
+        ]
+        status, *wait = self._heartbeat(
+            keys=[
+                k.clients,
+                k.clients_seen,
+                k.clients_of_token(token_id),
+                k.heartbeats(minute),
+                k.evaluations(minute),
+                k.clients_applied,
+            ],
+            args=[
+                instance,
+                json.dumps(record),
+                now,
+                int(body.get("applied_version") or 0),
+                self._limits.per_token,
+                self._limits.per_minute,
+                LIVE_SECONDS,
+                FORGET_SECONDS,
+                COUNTS_TTL_SECONDS,
+                *pairs,
+            ],
+        )
+        if status == "rate":
+            raise TooManyRequests(
+                f"instance {instance!r} sent {self._limits.per_minute} heartbeats this minute", int(wait[0])
+            )
+        if status == "cap":
+            raise TooManyRequests(
+                f"this token already has {self._limits.per_token} live SDK instances in {env!r}", int(wait[0])
+            )
 
     def view(self, env: str, current_version: int) -> PropagationView:
         now = time.time()
-        raw = self._redis.hgetall(clients_key(env))
-        instances, forgotten = [], []
-        for instance, value in raw.items():
+        instances = []
+        for value in self._redis.hvals(EnvKeys(env).clients):
             record = json.loads(value)
-            age = now - float(record.get("seen_ts", 0))
+            age = now - float(record.pop("seen_ts", 0))
             if age > FORGET_SECONDS:
-                forgotten.append(instance)
-                continue
+                continue  # the next housekeeping pass forgets it
             record["live"] = age <= LIVE_SECONDS
             record["age_seconds"] = round(age, 1)
             record["lag"] = max(0, current_version - int(record.get("applied_version") or 0))
-            record.pop("seen_ts", None)
             instances.append(record)
-        if forgotten:
-            self._redis.hdel(clients_key(env), *forgotten)
         instances.sort(key=lambda r: (not r["live"], -r["lag"], r.get("app", ""), r["instance"]))
         return PropagationView(env, current_version, instances)
+
+    def summary(self, env: str) -> dict[str, int]:
+        """Live instances and those on the current version, as the last housekeeping pass counted."""
+        raw = self._redis.hgetall(EnvKeys(env).clients_summary)
+        return {"live": int(raw.get("live", 0)), "current": int(raw.get("current", 0))}
+
+    def housekeep(self, env: str, current_version: int) -> None:
+        """Forget instances silent for a day, and count the live and current ones."""
+        k, now = EnvKeys(env), time.time()
+        gone = self._redis.zrangebyscore(
+            k.clients_seen, "-inf", now - FORGET_SECONDS, start=0, num=PURGE_BATCH
+        )
+        pipe = self._redis.pipeline(transaction=False)
+        if gone:
+            pipe.hdel(k.clients, *gone)
+            pipe.zrem(k.clients_seen, *gone)
+            pipe.zrem(k.clients_applied, *gone)
+        pipe.zrangebyscore(k.clients_seen, now - LIVE_SECONDS, "+inf")
+        live = pipe.execute()[-1]
+        applied = self._redis.zmscore(k.clients_applied, live) if live else []
+        current = sum(1 for v in applied if v is not None and v >= current_version)
+        self._redis.hset(k.clients_summary, mapping={"live": len(live), "current": current, "at": now})
 
     def evaluations(self, env: str, minutes: int) -> dict[str, dict[str, Any]]:
         """Per flag, over the last ``minutes``: evaluations, and per app the instances that evaluated it."""
         now_minute = int(time.time() // 60)
         pipe = self._redis.pipeline(transaction=False)
         for m in range(now_minute - minutes + 1, now_minute + 1):
-            pipe.hgetall(counts_key(env, m))
+            pipe.hgetall(EnvKeys(env).evaluations(m))
         out: dict[str, dict[str, Any]] = {}
         for bucket in pipe.execute():
             for field, n in bucket.items():

@@ -3,8 +3,8 @@
 With ``PROMETHEUS_MULTIPROC_DIR`` set (``flagsvc serve`` sets it, ``ops/gunicorn.conf.py``
 documents it) every worker writes its samples to files there and ``/metrics`` aggregates them
 (prometheus-client's multiprocess mode; gunicorn's ``child_exit`` hook marks dead workers).
-Without it - a single process - the default registry is used. SDK instances are counted from
-Redis when ``/metrics`` is scraped.
+Without it - a single process - the default registry is used. SDK instances are counted by the
+schedulers' housekeeping pass; a scrape reads the counts, whatever the size of the fleet.
 """
 
 from __future__ import annotations
@@ -57,18 +57,22 @@ class SdkInstancesCollector(Collector):
             labels=["env", "flag"],
         )
         live = GaugeMetricFamily(
-            "flagsvc_sdk_instances_live", "SDK instances that reported lately", labels=["env"]
+            "flagsvc_sdk_instances_live",
+            "SDK instances that reported in the last 90 s (counted every 5 s)",
+            labels=["env"],
         )
         current = GaugeMetricFamily(
-            "flagsvc_sdk_instances_current", "Live SDK instances running the current version", labels=["env"]
+            "flagsvc_sdk_instances_current",
+            "Live SDK instances running the current version (counted every 5 s)",
+            labels=["env"],
         )
         stores = self._app.extensions["flagsvc"]
         now = datetime.now(UTC)
         try:
             for env in stores.envs.list():
-                summary = stores.clients.view(env, stores.flags.version(env)).to_dict()["summary"]
+                summary = stores.clients.summary(env)
                 live.add_metric([env], summary["live"])
-                current.add_metric([env], summary["applied_current"])
+                current.add_metric([env], summary["current"])
                 for flag in stores.flags.list(env):
                     if flag["kind"] == "kill_switch" and not flag["enabled"]:
                         since = datetime.fromisoformat(flag["updated_at"].replace("Z", "+00:00"))

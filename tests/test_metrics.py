@@ -35,17 +35,19 @@ def test_metrics_aggregate_across_workers(tmp_path):
         for _ in range(40):  # new connections: spread over both workers
             requests.get(url, headers={**stack.headers("sdk"), "If-None-Match": etag}, timeout=5)
         assert stack.flip("a", "kill").status_code == 200
-        resp, events = open_stream(stack)
-        next_event(events)
-        client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="poll", poll_interval=0.5)
-        wait_for(lambda: value(scrape(stack.url), "flagsvc_sdk_instances_current", env="production") == 1)
-        after = scrape(stack.url)
-        pids = {p for (name, labels), _ in after.items() for k, p in labels if k == "pid"}
+        polled = scrape(stack.url)
         assert (
-            value(after, "flagsvc_snapshot_polls_total", env="production", outcome="304")
+            value(polled, "flagsvc_snapshot_polls_total", env="production", outcome="304")
             - value(before, "flagsvc_snapshot_polls_total", env="production", outcome="304")
             == 40
         )
+        resp, events = open_stream(stack)
+        next_event(events)
+        client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="poll", poll_interval=0.5)
+        # SDK instances are counted by the housekeeping pass, every few seconds.
+        wait_for(lambda: value(scrape(stack.url), "flagsvc_sdk_instances_current", env="production") == 1)
+        after = scrape(stack.url)
+        pids = {p for (name, labels), _ in after.items() for k, p in labels if k == "pid"}
         assert value(after, "flagsvc_flag_changes_total", env="production", action="flag.kill") == 1
         assert value(after, "flagsvc_env_version", env="production") == 2
         assert value(after, "flagsvc_open_streams") == 1

@@ -9,7 +9,7 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from ..auth import require
+from ..auth import current_token, require
 from ..extensions import stores
 from ..schemas import INSTANCE_ID, HeartbeatSchema, PropagationSchema
 from ..tokens import Role
@@ -36,8 +36,17 @@ class ClientInstance(MethodView):
     @blp.arguments(HeartbeatSchema)
     @blp.response(204)
     def post(self, body: dict[str, Any], env: str, instance: str) -> None:
-        """Heartbeat of one SDK instance: at start, after applying a version, every 30 s."""
+        """Heartbeat of one SDK instance: at start, after applying a version, every 30 s.
+
+        429 (``Retry-After``) beyond the limits: instances per token, heartbeats per minute."""
         check_env(env)
-        if not _INSTANCE.match(instance):
+        if not _INSTANCE.fullmatch(instance):
             raise path_error("instance", "1-128 characters of [A-Za-z0-9._:-]")
-        stores().clients.report(env, instance, body, request.remote_addr or "")
+        stores().clients.report(
+            env,
+            instance,
+            body,
+            source=request.remote_addr or "",
+            token_id=current_token().id,
+            flags=stores().snapshots.get(env).flags,
+        )
