@@ -111,7 +111,7 @@ def token() -> None:
 
 def _env_name(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
     for value in values:
-        if value != "*" and not ENV_NAME.match(value):
+        if value != "*" and not ENV_NAME.fullmatch(value):
             raise click.BadParameter(f"{value!r} is not an environment name")
     return list(values)
 
@@ -216,7 +216,7 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
 @redis_url_option
 def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
     """Print the flags and playbooks of --env as JSON (a backup; config you can keep in git)."""
-    if not ENV_NAME.match(env):
+    if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     with redis_for(redis_url, data_dir) as client:
         click.echo(json.dumps(export_env(client, env), indent=2, sort_keys=True))
@@ -230,7 +230,7 @@ def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
 def import_command(env: str, file: Any, data_dir: Path, redis_url: str | None) -> None:
     """Make --env hold the flags and playbooks of an export FILE ('-' for stdin): validated
     first, applied in one audited commit, idempotent. Flags not in the file are left alone."""
-    if not ENV_NAME.match(env):
+    if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:
         document = json.load(file)
@@ -280,7 +280,7 @@ def audit_verify(
     """Walk the hash chain; exit 1 and name the first bad entry if one was edited or removed."""
     if bool(env) == system:
         raise click.UsageError("give exactly one of --env E or --system")
-    if env and not ENV_NAME.match(env):
+    if env and not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     ns = SystemKeys() if system else EnvKeys(env or "")
     with redis_for(redis_url, data_dir) as client:
@@ -325,7 +325,7 @@ if __name__ == "__main__":
 @redis_url_option
 def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: str | None) -> None:
     """Archive the entries older than --before to a file, then trim them (audited)."""
-    if not ENV_NAME.match(env):
+    if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:
         cutoff = parse_moment(before)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
+_DURATION = re.compile(r"^([0-9]{1,6})([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_duration(text: str) -> timedelta:
     """``"30m"`` -> 30 minutes. Raises ``ValueError`` with a readable message."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a duration such as 90s, 30m, 2h, 30d or 2w")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
@@ -22,6 +22,8 @@ def parse_moment(text: str) -> datetime:
     text = text.strip()
     try:
         return datetime.now(UTC) - parse_duration(text)
+    except OverflowError:
+        raise ValueError(f"{text!r} reaches before the year 1") from None
     except ValueError:
         pass
     try:

@@ -8,7 +8,7 @@ values they can compare).
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import marshmallow as ma
@@ -19,6 +19,18 @@ from flagsvc_client.engine import compile_flag, is_number, is_semver, value_matc
 from .durations import parse_duration, parse_moment
 
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class FullMatch(validate.Regexp):
+    """``validate.Regexp`` that must match the whole value (``re.fullmatch``): ``$`` alone also
+    matches before a trailing newline. The pattern is still documented in the OpenAPI document."""
+
+    def __call__(self, value: Any) -> Any:
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 KINDS = ("kill_switch", "release", "ops", "experiment")
@@ -109,7 +121,7 @@ class FlagDefinitionSchema(Schema):
     type = fields.String(load_default="boolean", validate=validate.OneOf(TYPES))
     enabled = StrictBool(required=True)
     variants = fields.Dict(
-        keys=fields.String(validate=validate.Regexp(VARIANT_NAME)),
+        keys=fields.String(validate=FullMatch(VARIANT_NAME)),
         values=fields.Raw(allow_none=True),
         validate=validate.Length(1, 100),
     )
@@ -201,14 +213,11 @@ class DurationField(fields.String):
         return duration
 
 
-class ActionSchema(Schema):
-    """Body of kill and restore: why, under which incident, and for how long (``for``)."""
+class ReasonedSchema(Schema):
+    """What every operator action carries: why (not blank), under which incident, dry run or not."""
 
     reason = fields.String(required=True, validate=validate.Length(1, 1000))
     incident = fields.String(load_default="", validate=validate.Length(max=128))
-    for_ = DurationField(
-        data_key="for", load_default=None, metadata={"description": "make it temporary: 30m, 2h, 1d"}
-    )
     dry_run = StrictBool(
         load_default=False, metadata={"description": "answer what would change, change nothing"}
     )
@@ -217,6 +226,14 @@ class ActionSchema(Schema):
     def _reason_not_blank(self, value: str, **_: Any) -> None:
         if not value.strip():
             raise ValidationError("a reason is required and cannot be blank")
+
+
+class ActionSchema(ReasonedSchema):
+    """Body of kill and restore: why, under which incident, and for how long (``for``)."""
+
+    for_ = DurationField(
+        data_key="for", load_default=None, metadata={"description": "make it temporary: 30m, 2h, 1d"}
+    )
 
 
 class EnvCreateSchema(Schema):
@@ -239,20 +256,26 @@ class SnapshotSchema(Schema):
     flags = fields.Dict(keys=fields.String(), values=fields.Dict())
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class MomentField(fields.String):
     """ISO 8601 (``2026-11-26T14:00:00Z``; no zone means UTC) or relative to now (``2h``, ``30m``)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
         try:
-            return parse_moment(super()._deserialize(value, attr, data, **kwargs))
+            moment = parse_moment(super()._deserialize(value, attr, data, **kwargs))
         except ValueError:
             raise ValidationError(
                 "an ISO 8601 time such as 2026-11-26T14:00:00Z, or a duration ago: 2h"
             ) from None
+        if moment < EPOCH:
+            raise ValidationError("must not be before 1970-01-01T00:00:00Z")
+        return moment
 
 
 class AuditQuerySchema(Schema):
-    flag = fields.String(validate=validate.Regexp(FLAG_KEY))
+    flag = fields.String(validate=FullMatch(FLAG_KEY))
     actor = fields.String(validate=validate.Length(1, 128))
     action = fields.String(validate=validate.Length(1, 64))
     incident = fields.String(validate=validate.Length(1, 128))
@@ -260,7 +283,7 @@ class AuditQuerySchema(Schema):
     until = MomentField()
     order = fields.String(load_default="newest", validate=validate.OneOf(("newest", "oldest")))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 1000))
-    cursor = fields.String(validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"))
+    cursor = fields.String(validate=FullMatch(r"^[0-9]{1,20}-[0-9]{1,20}$"))
 
     @ma.validates("cursor")
     def _cursor_in_range(self, value: str, **_: Any) -> None:
@@ -312,6 +335,8 @@ class ProblemSchema(Schema):
 
 
 INSTANCE_ID = r"^[A-Za-z0-9._:-]{1,128}$"
+#: Most evaluations of one flag one heartbeat may report (a billion in 30 s is beyond any instance).
+MAX_COUNT = 10**9
 
 
 class HeartbeatSchema(Schema):
@@ -327,8 +352,8 @@ class HeartbeatSchema(Schema):
     stale = StrictBool(load_default=False)
     last_error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))
     counts = fields.Dict(
-        keys=fields.String(validate=validate.Regexp(FLAG_KEY)),
-        values=fields.Integer(strict=True, validate=validate.Range(min=0)),
+        keys=fields.String(validate=FullMatch(FLAG_KEY)),
+        values=fields.Integer(strict=True, validate=validate.Range(min=0, max=MAX_COUNT)),
         load_default=dict,
         validate=validate.Length(max=10_000),
     )
@@ -370,7 +395,7 @@ class PlaybookChangeSchema(Schema):
     """One flag's change in a playbook: switch it, or serve another default variant."""
 
     enabled = StrictBool()
-    default_variant = fields.String(validate=validate.Regexp(VARIANT_NAME))
+    default_variant = fields.String(validate=FullMatch(VARIANT_NAME))
 
     @ma.validates_schema
     def _not_empty(self, data: dict[str, Any], **_: Any) -> None:
@@ -381,7 +406,7 @@ class PlaybookChangeSchema(Schema):
 class PlaybookDefinitionSchema(Schema):
     description = fields.String(load_default="", validate=validate.Length(max=1024))
     changes = fields.Dict(
-        keys=fields.String(validate=validate.Regexp(FLAG_KEY)),
+        keys=fields.String(validate=FullMatch(FLAG_KEY)),
         values=fields.Nested(PlaybookChangeSchema),
         required=True,
         validate=validate.Length(1, 500),
@@ -408,10 +433,8 @@ class PlaybookApplySchema(ActionSchema):
     incident = fields.String(required=True, validate=validate.Length(1, 128))
 
 
-class PlaybookRevertSchema(Schema):
-    reason = fields.String(required=True, validate=validate.Length(1, 1000))
-    incident = fields.String(load_default="", validate=validate.Length(max=128))
-    dry_run = StrictBool(load_default=False)
+class PlaybookRevertSchema(ReasonedSchema):
+    """Body of revert: why (not blank), and the incident (default: the apply's)."""
 
 
 class PlaybookOutcomeSchema(Schema):

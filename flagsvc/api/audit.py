@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -81,9 +82,11 @@ class Audit(MethodView):
         wanted = request.accept_mimetypes.best_match(["application/json", CSV, NDJSON], "application/json")
         if wanted in (CSV, NDJSON):
             rows = log.iter_matching(criteria, cursor=query.get("cursor"), oldest_first=oldest_first)
+            chunks = _export(rows, wanted)
+            first = next(chunks, "")  # a failure before the first row is still a problem+json answer
             filename = f"flagsvc-audit-{env}.{'csv' if wanted == CSV else 'ndjson'}"
             return Response(
-                _export(rows, wanted),
+                itertools.chain([first], chunks),
                 mimetype=wanted,
                 headers={"Content-Disposition": f'attachment; filename="{filename}"'},
             )

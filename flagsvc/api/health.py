@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from flask import Blueprint, Response, jsonify
 
 from ..extensions import stores
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -22,5 +26,6 @@ def readyz() -> tuple[Response, int]:
     try:
         stores().redis.ping()
     except redis.RedisError as exc:
-        return jsonify(status="unavailable", redis=f"{type(exc).__name__}: {exc}"), 503
+        log.warning("readiness: Redis unavailable: %s", exc)
+        return jsonify(status="unavailable", redis=type(exc).__name__), 503
     return jsonify(status="ready"), 200
