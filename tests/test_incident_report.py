@@ -79,3 +79,40 @@ def test_report_for_a_scripted_incident(incident, ctl):
     assert kills["`exports`"][4] == "operator" and kills["`exports`"][5].endswith(" s")
     # The report is of INC-42; what is disabled now is the state of the environment today.
     assert "## Still disabled now\n\nNothing: every flag of `production` is enabled." in report
+
+
+def test_report_shows_hostile_text_as_text(server, auth, make_token, ctl):
+    """A reason or token name holding control characters, bidi overrides, pipes, HTML or Markdown
+    stays in its table cell on one line and renders as the very text (escaped), nothing else."""
+    actor = "eve\u202e|`*"
+    hostile = {"Authorization": f"Bearer {make_token('operator', name=actor)}"}
+    reason = "ok\x1b[2J\r\nforged | <img src=x onerror=alert(1)> *x* [y](javascript:z) `c` &#x202e; _u_ ~s~"
+    for key, why in (("checkout.recs", reason), ("exports", "\u202egnp.exe")):
+        requests.put(f"{server.url}{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True},
+                     headers=auth("admin"), timeout=5)  # fmt: skip
+        resp = requests.post(
+            f"{server.url}{ENV}/flags/{key}/kill",
+            json={"reason": why, "incident": "INC-66"},
+            headers=hostile,
+            timeout=5,
+        )
+        assert resp.ok, resp.text
+
+    report = ctl("report", "--incident", "INC-66", role="reader")
+    assert all(line.isprintable() for line in report.splitlines()), "no raw control or bidi character"
+    shown_actor = r"eve\\u202e\|\`\*"
+    timeline = table(report, "Timeline")
+    assert [row[1:] for row in timeline] == [
+        [
+            shown_actor,
+            "flag.kill",
+            "checkout.recs",
+            "on → **off**",
+            r"ok\\x1b\[2J\\r\\nforged \| \<img src=x onerror=alert(1)> \*x\* \[y\](javascript:z) \`c\` "
+            r"\&#x202e; \_u\_ \~s\~",
+        ],
+        [shown_actor, "flag.kill", "exports", "on → **off**", r"\\u202egnp.exe"],
+    ]
+    assert [row[2] for row in table(report, "Kills and how long they lasted")] == [shown_actor] * 2
+    disabled = report.split("## Still disabled now\n", 1)[1]
+    assert f"- `checkout.recs` (kill_switch), since {timeline[0][0]} by {shown_actor}\n" in disabled

@@ -1,10 +1,17 @@
-"""The post-incident report: a Markdown timeline built from audit entries and the current flags."""
+"""The post-incident report: a Markdown timeline built from audit entries and the current flags.
+
+Every text from the server (reasons, token names, flag keys...) goes through :func:`_md` or
+:func:`_code`: it stays on its line and in its table cell, and renders as that very text.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from .escaping import printable
 
 FLAG_ACTIONS = ("flag.kill", "flag.restore", "flag.update", "flag.auto_revert", "flag.create", "flag.delete")
 
@@ -25,6 +32,23 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
+# What Markdown (GFM) could read as markup inside a line: escapes, code, emphasis, links, HTML,
+# entities, table pipes, strikethrough, math; and ``_`` unless it sits between two alphanumerics.
+_MARKUP = re.compile(r"[\\`*\[\]<|&~$]|(?<![^\W_])_|_(?![^\W_])")
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def _md(text: Any) -> str:
+    """``text`` as Markdown that shows exactly that text, escaped by :func:`printable`, on one line."""
+    return _MARKUP.sub(lambda m: "\\" + m.group(), printable(str(text or "")))
+
+
+def _code(text: Any) -> str:
+    """An identifier as inline code; any other text as :func:`_md` (a code span cannot escape)."""
+    text = str(text or "")
+    return f"`{text}`" if _IDENTIFIER.fullmatch(text) else _md(text)
+
+
 def _state(flag: Mapping[str, Any] | None) -> str:
     if not flag:
         return "—"
@@ -32,12 +56,8 @@ def _state(flag: Mapping[str, Any] | None) -> str:
         return "archived"
     enabled = "on" if flag.get("enabled") else "**off**"
     if flag.get("type", "boolean") != "boolean":
-        return f"{enabled}, serves `{flag.get('default_variant')}`"
+        return f"{enabled}, serves {_code(flag.get('default_variant'))}"
     return enabled
-
-
-def _cell(text: Any) -> str:
-    return str(text or "").replace("|", "\\|").replace("\n", " ")
 
 
 def build_report(
@@ -54,11 +74,11 @@ def build_report(
     entries = list(entries)
     flags = list(flags)
     current = {f["key"]: f for f in flags}
-    lines = [f"# {title}", ""]
+    lines = [f"# {_md(title)}", ""]
     if not entries:
-        return "\n".join([*lines, f"No change in `{env}` matches.", ""])
+        return "\n".join([*lines, f"No change in {_code(env)} matches.", ""])
     lines += [
-        f"Environment `{env}`: {len(entries)} audited changes from {_hm(entries[0]['time'])} to "
+        f"Environment {_code(env)}: {len(entries)} audited changes from {_hm(entries[0]['time'])} to "
         f"{_hm(entries[-1]['time'])} UTC. Generated {now.strftime('%Y-%m-%d %H:%M')} UTC from the audit log.",
         "",
         "## Timeline",
@@ -67,32 +87,32 @@ def build_report(
         "|---|---|---|---|---|---|",
     ]
     for e in entries:
-        target = e.get("flag") or (
-            f"playbook `{e['playbook']}`" if e.get("playbook") else e.get("token") or ""
+        target = _md(e.get("flag")) or (
+            f"playbook {_code(e['playbook'])}" if e.get("playbook") else _md(e.get("token"))
         )
         change = ""
         if e.get("flag"):
             change = f"{_state(e.get('before'))} → {_state(e.get('after'))}"
         lines.append(
-            f"| {_hm(e['time'])} | {_cell(e['actor'])} | {e['action']} | {_cell(target)} | {change} | "
-            f"{_cell(e.get('reason'))} |"
+            f"| {_hm(e['time'])} | {_md(e['actor'])} | {_md(e['action'])} | {target} | {change} | "
+            f"{_md(e.get('reason'))} |"
         )
 
     playbook_lines = []
     for e in entries:
         if e["action"] == "playbook.apply":
-            changed = ", ".join(f"`{c['flag']}`" for c in (e.get("after") or {}).get("changed", []))
+            changed = ", ".join(_code(c["flag"]) for c in (e.get("after") or {}).get("changed", []))
             playbook_lines.append(
-                f"- `{e['playbook']}` **applied** {_hm(e['time'])} by {e['actor']} "
-                f"(operation `{e.get('operation')}`): {changed or 'nothing to change'}"
+                f"- {_code(e['playbook'])} **applied** {_hm(e['time'])} by {_md(e['actor'])} "
+                f"(operation {_code(e.get('operation'))}): {changed or 'nothing to change'}"
             )
         elif e["action"] == "playbook.revert":
             after = e.get("after") or {}
-            reverted = ", ".join(f"`{c['flag']}`" for c in after.get("reverted", []))
-            skipped = ", ".join(f"`{c['flag']}`" for c in after.get("skipped", []))
+            reverted = ", ".join(_code(c["flag"]) for c in after.get("reverted", []))
+            skipped = ", ".join(_code(c["flag"]) for c in after.get("skipped", []))
             playbook_lines.append(
-                f"- `{e['playbook']}` **reverted** {_hm(e['time'])} by {e['actor']}: {reverted or 'nothing'}"
-                + (f"; left alone (changed since): {skipped}" if skipped else "")
+                f"- {_code(e['playbook'])} **reverted** {_hm(e['time'])} by {_md(e['actor'])}: "
+                f"{reverted or 'nothing'}" + (f"; left alone (changed since): {skipped}" if skipped else "")
             )
     if playbook_lines:
         lines += ["", "## Playbooks", "", *playbook_lines]
@@ -119,10 +139,10 @@ def build_report(
             "|---|---|---|---|---|---|",
         ]
         for k in sorted(kills, key=lambda k: k["killed"]):
-            start = f"| `{k['flag']}` | {_hm(k['killed'])} | {k['by']}"
+            start = f"| {_code(k['flag'])} | {_hm(k['killed'])} | {_md(k['by'])}"
             if k["end"]:
                 lasted = _duration((_time(k["end"]) - _time(k["killed"])).total_seconds())
-                lines.append(f"{start} | {_hm(k['end'])} | {k['end_by']} | {lasted} |")
+                lines.append(f"{start} | {_hm(k['end'])} | {_md(k['end_by'])} | {lasted} |")
             elif current.get(k["flag"], {}).get("enabled"):
                 lines.append(f"{start} | — | — | restored by a change outside this report |")
             else:
@@ -135,8 +155,9 @@ def build_report(
         for f in disabled:
             revert = f" — reverts by itself at {_hm(f['revert_at'])}" if f.get("revert_at") else ""
             lines.append(
-                f"- `{f['key']}` ({f['kind']}), since {_hm(f['updated_at'])} by {f['updated_by']}{revert}"
+                f"- {_code(f['key'])} ({_md(f['kind'])}), since {_hm(f['updated_at'])} by "
+                f"{_md(f['updated_by'])}{revert}"
             )
     else:
-        lines.append(f"Nothing: every flag of `{env}` is enabled.")
+        lines.append(f"Nothing: every flag of {_code(env)} is enabled.")
     return "\n".join([*lines, ""])

@@ -22,6 +22,7 @@ import requests
 
 from ._incident import build_report
 from ._version import __version__
+from .escaping import printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
 EXIT_INVALID, EXIT_NOT_CONFIRMED = 7, 8
@@ -235,11 +236,12 @@ def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
         return entries
     lines = []
     for e in entries:
-        extra = " ".join(
-            x for x in (f"[{e['incident']}]" if e.get("incident") else "", e.get("reason") or "") if x
-        )
-        target = e.get("flag") or e.get("token") or "-"
-        lines.append(f"{e['time']}  {e['actor']:<16} {e['action']:<14} {target:<28} {extra}")
+        # Reasons, incidents and token names are anyone's text: shown escaped, one entry a line.
+        shown = {name: printable(str(value)) for name, value in e.items() if value is not None}
+        incident = f"[{shown['incident']}]" if shown.get("incident") else ""
+        extra = " ".join(x for x in (incident, shown.get("reason", "")) if x)
+        target = shown.get("flag") or shown.get("token") or "-"
+        lines.append(f"{shown['time']}  {shown['actor']:<16} {shown['action']:<14} {target:<28} {extra}")
     return "\n".join(lines) or "(no entries)"
 
 

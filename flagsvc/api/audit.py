@@ -27,10 +27,18 @@ blp = Blueprint("audit", __name__, url_prefix="/api/v1/envs/<env>", description=
 CSV = "text/csv"
 NDJSON = "application/x-ndjson"
 EXPORT_COLUMNS = ("id", *AUDIT_FIELDS)
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(text: str) -> str:
+    """``text`` as a spreadsheet shows it and never runs it: a formula start gets a leading quote."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Iterator[str]:
-    """Rows as they are read: the whole log is never in memory."""
+    """Rows as they are read: the whole log is never in memory. CSV cells that a spreadsheet
+    would run as formulas are quoted (:func:`_csv_cell`); NDJSON keeps the exact text."""
     if mimetype == NDJSON:
         for stream_id, fields in entries:
             yield json.dumps(decode_entry(stream_id, fields)) + "\n"
@@ -39,7 +47,8 @@ def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Ite
     writer = csv.writer(buffer)
     writer.writerow(EXPORT_COLUMNS)
     for stream_id, fields in entries:
-        writer.writerow([stream_id, *(fields.get(name, "") for name in AUDIT_FIELDS)])
+        row = [stream_id, *(fields.get(name, "") for name in AUDIT_FIELDS)]
+        writer.writerow([_csv_cell(cell) for cell in row])
         if buffer.tell() > 64 * 1024:
             yield buffer.getvalue()
             buffer.seek(0)
