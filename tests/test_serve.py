@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import stat
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -180,3 +183,31 @@ def test_cli_help():
     ):
         result = runner.invoke(main, args)
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def processes_of(data_dir: Path, known: set[int]) -> list[psutil.Process]:
+    """Processes a `flagsvc serve` on ``data_dir`` left: children of this test process that were
+    not there before (``known``), and any process working in or naming ``data_dir`` (an embedded
+    redis-server need not be a descendant)."""
+    found = [p for p in psutil.Process().children(recursive=True) if p.pid not in known]
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in known and (p.cwd() == str(data_dir) or str(data_dir) in " ".join(p.cmdline())):
+                found.append(p)
+    return [p for p in found if p.is_running()]
+
+
+@pytest.mark.parametrize("ready_timeout", [None, 2.0], ids=["gunicorn-gives-up", "served-gives-up"])
+def test_a_served_that_does_not_come_up_leaves_no_process_behind(tmp_path, ready_timeout):
+    """The port is taken by a listener that never answers: /readyz hangs and gunicorn cannot
+    bind. Whether gunicorn gives up first or the test's patience ends first, `Served` raises
+    RuntimeError only after `flagsvc serve`, gunicorn and the embedded Redis are gone."""
+    data_dir = tmp_path / "data"
+    known = {p.pid for p in psutil.Process().children(recursive=True)}
+    options = {} if ready_timeout is None else {"ready_timeout": ready_timeout}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="did not start"):
+            Served(data_dir, port=taken.getsockname()[1], **options)
+    assert processes_of(data_dir, known) == []
