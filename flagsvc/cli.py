@@ -1,8 +1,8 @@
 """The ``flagsvc`` admin command: serve, tokens, audit verification.
 
 Admin commands talk to Redis directly: ``--redis-url``/``FLAGSVC_REDIS_URL``, or the embedded
-Redis of ``--data-dir``/``FLAGSVC_DATA_DIR`` (joined while ``flagsvc serve`` runs, started
-for the duration of the command otherwise).
+Redis of the ``flagsvc serve`` running on ``--data-dir``/``FLAGSVC_DATA_DIR``. They never start
+a Redis or create a data folder: with neither, they fail and say what to do.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import redis
@@ -33,13 +33,23 @@ from .scheduler import Scheduler
 from .tokens import Role, TokenStore
 from .transfer import ImportRefused, export_env, import_env
 
-data_dir_option = click.option(
-    "--data-dir",
-    envvar="FLAGSVC_DATA_DIR",
-    default="./flagsvc-data",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of the embedded Redis (used when no Redis URL is given).",
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _data_dir_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--data-dir",
+        envvar="FLAGSVC_DATA_DIR",
+        default="./flagsvc-data",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=help_text,
+    )
+
+
+serve_data_dir_option = _data_dir_option("Folder of the embedded Redis (used when no Redis URL is given).")
+data_dir_option = _data_dir_option(
+    "Data folder of the running `flagsvc serve` whose embedded Redis to use (when no Redis URL is given)."
 )
 redis_url_option = click.option(
     "--redis-url", envvar="FLAGSVC_REDIS_URL", default=None, help="Redis URL (FLAGSVC_REDIS_URL)."
@@ -55,27 +65,23 @@ def cli_actor() -> str:
 
 @contextlib.contextmanager
 def redis_for(redis_url: str | None, data_dir: Path) -> Iterator[redis.Redis]:
-    """The Redis an admin command works on."""
-    if redis_url:
-        client = connect(redis_url)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    socket = embedded.running_socket(data_dir)
-    if socket:
-        client = connect(embedded.url_for_socket(socket))
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    server = embedded.start(data_dir)
+    """The Redis an admin command works on: ``redis_url``, or the embedded one of the
+    ``flagsvc serve`` running on ``data_dir``. Never one of its own: that would be empty."""
+    client = connect(redis_url or _running_service_url(data_dir))
     try:
-        yield connect(embedded.url_for_socket(server.socket_file))
+        yield client
     finally:
-        embedded.stop(server)
+        client.close()
+
+
+def _running_service_url(data_dir: Path) -> str:
+    socket = embedded.running_socket(data_dir)
+    if socket is None:
+        raise click.ClickException(
+            f"no flagsvc serve runs on {data_dir.resolve()}: start `flagsvc serve`, pass the --data-dir "
+            "of the running service, or give --redis-url (FLAGSVC_REDIS_URL)"
+        )
+    return embedded.url_for_socket(socket)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +101,7 @@ def main() -> None:
     help="Also serve the API here with a worker of its own, for operators: "
     "kills sent here do not queue behind SDK polls.",
 )
-@data_dir_option
+@serve_data_dir_option
 @redis_url_option
 def serve(
     host: str, port: int, workers: int | None, control_port: int | None, data_dir: Path, redis_url: str | None
