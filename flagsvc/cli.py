@@ -24,7 +24,7 @@ from . import embedded
 from . import serve as serve_mod
 from .audit import AuditLog
 from .durations import parse_duration, parse_moment
-from .envs import ENV_NAME
+from .envs import ENV_NAME, EnvStore
 from .errors import AlreadyExists, TokenNotFound
 from .extensions import connect
 from .keys import EnvKeys, SystemKeys
@@ -258,6 +258,14 @@ def audit() -> None:
     """Audit log tools."""
 
 
+def _require_env(client: redis.Redis, env: str) -> None:
+    """An environment that does not exist has no log to verify: a typo, or the wrong Redis."""
+    envs = EnvStore(client)
+    if not envs.exists(env):
+        known = ", ".join(envs.list()) or "none"
+        raise click.ClickException(f"environment {env!r} does not exist (environments: {known})")
+
+
 @audit.command("verify")
 @click.option("--env", default=None, help="Environment whose audit log to verify.")
 @click.option("--system", is_flag=True, help="Verify the system log (tokens, environments).")
@@ -290,6 +298,8 @@ def audit_verify(
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     ns = SystemKeys() if system else EnvKeys(env or "")
     with redis_for(redis_url, data_dir) as client:
+        if env:
+            _require_env(client, env)
         result = AuditLog(client, ns).verify([read_archive(a) for a in archives])
     label = "system log" if system else f"environment {env!r}"
     if textfile is not None:

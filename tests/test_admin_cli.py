@@ -71,3 +71,13 @@ def test_on_the_data_dir_of_a_stopped_service_admin_commands_refuse_and_touch_no
     assert_refused_with_advice(result.output)
     assert str(data_dir.resolve()) in result.output
     assert tree(workdir) == before
+
+
+def test_audit_verify_of_an_unknown_environment_is_an_error(app, redis_url, tmp_path):
+    textfile = tmp_path / "chain.prom"
+    args = ["audit", "verify", "--env", "prodution", "--redis-url", redis_url, "--textfile", str(textfile)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "'prodution' does not exist" in result.output and "intact" not in result.output
+    assert "production" in result.output, "the existing environments are named"
+    assert not textfile.exists(), "no 'chain ok' sample for an environment that is not there"
