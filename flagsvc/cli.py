@@ -324,10 +324,6 @@ def audit_verify(
     sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @audit.command("trim")
 @click.option("--env", required=True, help="Environment whose audit log to trim.")
 @click.option("--before", required=True, help="Cut-off: ISO 8601 time, or a duration ago (90d).")
@@ -363,3 +359,7 @@ def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: 
         f"archived {result.archived} entries of {env!r} (through {result.through_id}) to {archive}, "
         f"sha256 {result.sha256}; trimmed"
     )
+
+
+if __name__ == "__main__":
+    main()

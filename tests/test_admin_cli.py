@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,12 @@ def test_audit_verify_of_an_unknown_environment_is_an_error(app, redis_url, tmp_
     assert "'prodution' does not exist" in result.output and "intact" not in result.output
     assert "production" in result.output, "the existing environments are named"
     assert not textfile.exists(), "no 'chain ok' sample for an environment that is not there"
+
+
+def test_python_m_flagsvc_cli_runs_audit_trim(app, redis_url, tmp_path):
+    archive = tmp_path / "old.ndjson"
+    command = [sys.executable, "-m", "flagsvc.cli", "audit", "trim", "--env", "production"]
+    command += ["--before", "180d", "--archive", str(archive), "--redis-url", redis_url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "nothing older than" in result.stdout
