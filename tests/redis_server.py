@@ -68,25 +68,40 @@ class RedisServer:
         else:
             args += ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    log = self.data_dir / "redis.log"
-                    raise RuntimeError(f"redis-server did not start; see {log}") from None
-                time.sleep(0.05)
-        client.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()  # a server that did not come up in time is not left running
+            raise
         return self
 
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        log = self.data_dir / "redis.log"
+                        raise RuntimeError(f"redis-server did not start; see {log}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the server abruptly (SIGKILL: no shutdown save, no AOF flush beyond fsync)."""
+        """Stop the server abruptly (SIGKILL: no shutdown save, no AOF flush beyond fsync); with
+        another signal, it is killed if still running 10 s later."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,11 +10,18 @@ from pathlib import Path
 
 import requests
 
+from .processes import stop_tree
 from .redis_server import free_port
+
+#: How long `flagsvc serve` gets to answer /readyz (the CI machine has 2 shared cores).
+READY_TIMEOUT_S = 30.0
 
 
 class Served:
-    """`flagsvc serve` on a free (or given) port, ready when /readyz answers 200."""
+    """`flagsvc serve` on a free (or given) port, ready when /readyz answers 200.
+
+    If it does not come up, the constructor stops every process it started (`flagsvc serve`,
+    gunicorn, the embedded redis-server) before raising ``RuntimeError``."""
 
     def __init__(
         self,
@@ -24,6 +30,7 @@ class Served:
         env: dict[str, str] | None = None,
         port: int | None = None,
         control_port: int | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         """``control_port``: also the control listener (``--control-port``), ready too."""
         self.data_dir = data_dir
@@ -36,31 +43,28 @@ class Served:
         self._log_file = self.log.open("a")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
         environ.update(env or {})
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flagsvc.cli",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--workers",
-                "2",
-                *extra,
-            ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=environ,
-        )
-        deadline = time.monotonic() + 30
+        command = [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir)]
+        command += ["--port", str(self.port), "--workers", "2", *extra]
+        try:
+            self.proc = subprocess.Popen(
+                command, stdout=self._log_file, stderr=subprocess.STDOUT, env=environ
+            )
+        except BaseException:
+            self._log_file.close()
+            raise
+        try:
+            self._wait_ready(time.monotonic() + ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
         for url in filter(None, (self.url, self.control_url)):
             while True:
                 try:
                     if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
                         break
-                except requests.ConnectionError:
+                except requests.RequestException:  # not listening yet, or slow under load
                     pass
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
@@ -70,10 +74,9 @@ class Served:
         return self.log.read_text()
 
     def stop(self) -> int:
+        """SIGTERM, as an operator stops it; whatever is still running after 30 s is killed."""
         try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(timeout=30)
+            return stop_tree(self.proc)
         finally:
             self._log_file.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from .processes import stop_tree
 from .redis_server import free_port
 from .served import Served
 
@@ -151,7 +152,8 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
         assert served_by[("POST", f"{path}/clients/web-1")] == main
         assert served_by[("POST", "/ofrep/v1/evaluate/flags/exports")] == main
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
-        served.stop()
+        try:
+            if proc is not None:
+                stop_tree(proc, timeout=10)
+        finally:
+            served.stop()

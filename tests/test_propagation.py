@@ -42,7 +42,16 @@ class Stack:
     """A durable Redis of the test's own and `flagsvc serve` (2 gevent workers) on it."""
 
     def __init__(self, tmp_path) -> None:
+        self.served: Served | None = None
+        self.direct: redis.Redis | None = None
         self.redis = RedisServer(tmp_path / "redis", durable=True).start()
+        try:
+            self._start(tmp_path)
+        except BaseException:
+            self.close()  # what did start is stopped: nothing outlives a failed setup
+            raise
+
+    def _start(self, tmp_path) -> None:
         self.served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": self.redis.url})
         self.url = self.served.url
         self.admin = {"Authorization": f"Bearer {self.served.admin_token()}"}
@@ -78,9 +87,13 @@ class Stack:
         )
 
     def close(self) -> None:
-        self.served.stop()
-        self.direct.close()
-        self.redis.kill()
+        try:
+            if self.served is not None:
+                self.served.stop()
+        finally:
+            if self.direct is not None:
+                self.direct.close()
+            self.redis.kill()
 
 
 @pytest.fixture

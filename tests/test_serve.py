@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import stat
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,6 +25,12 @@ from .served import Served
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("unix sockets and gunicorn", allow_module_level=True)
+
+
+def gunicorn_masters(served: Served) -> list[psutil.Process]:
+    """The gunicorn masters among the children of `flagsvc serve` (the embedded Redis is one too)."""
+    children = psutil.Process(served.proc.pid).children()
+    return [p for p in children if "gunicorn" in p.cmdline()]
 
 
 def test_serve_with_embedded_redis_end_to_end(tmp_path):
@@ -65,7 +76,7 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
         assert direct.config_get("port")["port"] == "0"
 
         # Several gunicorn workers share that Redis.
-        gunicorn_master = psutil.Process(served.proc.pid).children()[0]
+        (gunicorn_master,) = gunicorn_masters(served)
         assert len(gunicorn_master.children()) == 2
 
         # Admin commands reach the running server through --data-dir.
@@ -113,9 +124,7 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
 def test_serve_with_external_redis(tmp_path, redis_url, r):
     served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": redis_url})
     try:
-        assert not (tmp_path / "data" / "flagsvc.rdb.settings").exists(), (
-            "no embedded Redis when a URL is given"
-        )
+        assert not (tmp_path / "data" / embedded.STATE_FILE).exists(), "no embedded Redis when a URL is given"
         token = (tmp_path / "data" / "admin-token").read_text().strip()
         assert r.sismember("flagsvc:{_system}:envs", "production")
         resp = requests.get(
@@ -157,7 +166,7 @@ def test_control_port_serves_the_same_api_from_its_own_gunicorn(tmp_path):
             time.sleep(0.02)
         assert snap.json()["flags"]["exports"]["enabled"] is False
         # Two gunicorn masters: the main one with its workers, the control one with one worker.
-        masters = psutil.Process(served.proc.pid).children()
+        masters = gunicorn_masters(served)
         assert sorted(len(m.children()) for m in masters) == [1, 2]
         # The operators' listener wins the CPU over SDK traffic when both want it.
         niceness = {len(m.children()): {w.nice() for w in m.children()} for m in masters}
@@ -180,3 +189,94 @@ def test_cli_help():
     ):
         result = runner.invoke(main, args)
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def processes_of(data_dir: Path, known: set[int]) -> list[psutil.Process]:
+    """Processes a `flagsvc serve` on ``data_dir`` left: children of this test process that were
+    not there before (``known``), and any process working in or naming ``data_dir`` (an embedded
+    redis-server need not be a descendant)."""
+    found = [p for p in psutil.Process().children(recursive=True) if p.pid not in known]
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in known and (p.cwd() == str(data_dir) or str(data_dir) in " ".join(p.cmdline())):
+                found.append(p)
+    return [p for p in found if p.is_running()]
+
+
+@pytest.mark.parametrize("ready_timeout", [None, 2.0], ids=["gunicorn-gives-up", "served-gives-up"])
+def test_a_served_that_does_not_come_up_leaves_no_process_behind(tmp_path, ready_timeout):
+    """The port is taken by a listener that never answers: /readyz hangs and gunicorn cannot
+    bind. Whether gunicorn gives up first or the test's patience ends first, `Served` raises
+    RuntimeError only after `flagsvc serve`, gunicorn and the embedded Redis are gone."""
+    data_dir = tmp_path / "data"
+    known = {p.pid for p in psutil.Process().children(recursive=True)}
+    options = {} if ready_timeout is None else {"ready_timeout": ready_timeout}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="did not start"):
+            Served(data_dir, port=taken.getsockname()[1], **options)
+    assert processes_of(data_dir, known) == []
+
+
+def embedded_redis_pid(socket_path: str) -> int:
+    client = redis.Redis(unix_socket_path=socket_path)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+def wait_for_output(served: Served, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in served.output():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{served.output()}"
+        time.sleep(0.05)
+
+
+def test_a_killed_embedded_redis_is_restarted_and_keeps_every_acknowledged_write(tmp_path):
+    data_dir = tmp_path / "data"
+    served = Served(data_dir)
+    try:
+        headers = {"Authorization": f"Bearer {served.admin_token()}"}
+        flags = f"{served.url}/api/v1/envs/production/flags"
+        switch = {"kind": "kill_switch", "enabled": True}
+        assert requests.put(f"{flags}/recs", json=switch, headers=headers, timeout=5).status_code == 201
+        killed = requests.post(f"{flags}/recs/kill", json={"reason": "INC-3"}, headers=headers, timeout=5)
+        assert killed.status_code == 200
+        socket_path = embedded.running_socket(data_dir)
+        assert socket_path
+
+        def writes_work(key: str) -> bool:
+            answer = requests.put(f"{flags}/{key}", json=switch, headers=headers, timeout=5)
+            return answer.status_code in (200, 201)
+
+        pids = [embedded_redis_pid(socket_path)]
+        for attempt in range(2):
+            os.kill(pids[-1], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not writes_work(f"after-kill-{attempt}"):
+                assert time.monotonic() < deadline, f"no write 10 s after the kill:\n{served.output()}"
+                time.sleep(0.1)
+            # The same socket the workers were given, the append-only file replayed.
+            assert embedded.running_socket(data_dir) == socket_path
+            pids.append(embedded_redis_pid(socket_path))
+        recs = requests.get(f"{flags}/recs", headers=headers, timeout=5)
+        assert recs.status_code == 200 and recs.json()["enabled"] is False, "the kill acknowledged before"
+        direct = redis.Redis(unix_socket_path=socket_path, decode_responses=True)
+        assert direct.config_get("appendfsync")["appendfsync"] == "always"
+        direct.close()
+
+        # One line per death and per restart; a second death soon after waits longer. (A worker
+        # may write to the new server before `flagsvc serve` has printed that it restarted it.)
+        wait_for_output(served, f"embedded Redis restarted (pid {pids[2]})")
+        out = served.output()
+        assert f"embedded Redis (pid {pids[0]}) was killed by SIGKILL; restarting it in 0.5 s" in out
+        assert f"embedded Redis (pid {pids[1]}) was killed by SIGKILL; restarting it in 1 s" in out
+        assert f"embedded Redis restarted (pid {pids[1]})" in out
+
+        # A clean stop still shuts the restarted server down and forgets it.
+        assert served.stop() == 0
+        assert not psutil.pid_exists(pids[2]) and embedded.running_socket(data_dir) is None
+    finally:
+        served.stop()
