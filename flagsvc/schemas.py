@@ -57,6 +57,17 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, str | bool) or is_number(value)
 
 
+class JsonInteger(fields.Integer):
+    """A JSON integer: ``3`` or ``3.0`` (the same number in JSON), never ``"3"``, ``3.5`` or ``true``."""
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 class Schema(ma.Schema):
     """Base: unknown fields are an error, never silently dropped."""
 
@@ -87,7 +98,7 @@ class ConditionSchema(Schema):
 
 class RolloutSchema(Schema):
     variant = fields.String(required=True)
-    weight = fields.Integer(required=True, strict=True, validate=validate.Range(0, 1_000_000))
+    weight = JsonInteger(required=True, validate=validate.Range(0, 1_000_000))
 
 
 class RuleSchema(Schema):
@@ -187,6 +198,31 @@ class FlagSchema(FlagDefinitionSchema):
     revert_at = fields.String(dump_only=True, metadata={"description": "a temporary change reverts then"})
 
 
+class BlastRadiusSchema(Schema):
+    """Who evaluated a flag in the last 15 minutes."""
+
+    evaluations = fields.Integer()
+    apps = fields.Dict(
+        keys=fields.String(), values=fields.Integer(), metadata={"description": "app -> instances"}
+    )
+
+
+class SwitchStateSchema(Schema):
+    enabled = fields.Boolean()
+    version = fields.Integer()
+
+
+class FlagPreviewSchema(Schema):
+    """The answer of a dry run of kill or restore: what would change, and who would see it."""
+
+    dry_run = fields.Boolean()
+    flag = fields.String()
+    changed = fields.Boolean()
+    before = fields.Nested(SwitchStateSchema)
+    after = fields.Nested(SwitchStateSchema)
+    blast_radius = fields.Nested(BlastRadiusSchema)
+
+
 class FlagListSchema(Schema):
     env = fields.String()
     flags = fields.List(fields.Nested(FlagSchema))
@@ -197,6 +233,7 @@ class FlagListQuerySchema(Schema):
 
 
 MAX_TEMPORARY = timedelta(days=7)
+DURATION_PATTERN = r"^[0-9]{1,6}[smhdw]$"
 
 
 class DurationField(fields.String):
@@ -232,7 +269,12 @@ class ActionSchema(ReasonedSchema):
     """Body of kill and restore: why, under which incident, and for how long (``for``)."""
 
     for_ = DurationField(
-        data_key="for", load_default=None, metadata={"description": "make it temporary: 30m, 2h, 1d"}
+        data_key="for",
+        load_default=None,
+        metadata={
+            "description": "make it temporary: 90s, 30m, 2h, 1d (at most 7 days)",
+            "pattern": DURATION_PATTERN,
+        },
     )
 
 
@@ -279,8 +321,12 @@ class AuditQuerySchema(Schema):
     actor = fields.String(validate=validate.Length(1, 128))
     action = fields.String(validate=validate.Length(1, 64))
     incident = fields.String(validate=validate.Length(1, 128))
-    since = MomentField()
-    until = MomentField()
+    since = MomentField(
+        metadata={"description": "ISO 8601 (no zone: UTC), not before 1970, or a duration ago: 2h, 30m"}
+    )
+    until = MomentField(
+        metadata={"description": "ISO 8601 (no zone: UTC), not before 1970, or a duration ago: 2h, 30m"}
+    )
     order = fields.String(load_default="newest", validate=validate.OneOf(("newest", "oldest")))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 1000))
     cursor = fields.String(validate=FullMatch(r"^[0-9]{1,20}-[0-9]{1,20}$"))
@@ -344,16 +390,16 @@ class HeartbeatSchema(Schema):
 
     app = fields.String(required=True, validate=validate.Length(1, 128))
     host = fields.String(load_default="", validate=validate.Length(max=255))
-    pid = fields.Integer(load_default=None, allow_none=True, strict=True)
+    pid = JsonInteger(load_default=None, allow_none=True)
     sdk = fields.String(load_default="", validate=validate.Length(max=64))
     mode = fields.String(load_default="", validate=validate.Length(max=16))
-    applied_version = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+    applied_version = JsonInteger(required=True, validate=validate.Range(min=0))
     source = fields.String(load_default="", validate=validate.Length(max=16))
     stale = StrictBool(load_default=False)
     last_error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))
     counts = fields.Dict(
         keys=fields.String(validate=FullMatch(FLAG_KEY)),
-        values=fields.Integer(strict=True, validate=validate.Range(min=0, max=MAX_COUNT)),
+        values=JsonInteger(validate=validate.Range(min=0, max=MAX_COUNT)),
         load_default=dict,
         validate=validate.Length(max=10_000),
     )
@@ -393,6 +439,8 @@ class PropagationSchema(Schema):
 
 class PlaybookChangeSchema(Schema):
     """One flag's change in a playbook: switch it, or serve another default variant."""
+
+    OPENAPI = {"minProperties": 1}
 
     enabled = StrictBool()
     default_variant = fields.String(validate=FullMatch(VARIANT_NAME))

@@ -494,6 +494,14 @@ BAD: list[Case] = [
         raw='{"kind": "release", "enabled": true, "tags": ["ok", "\\udc00"]}',
         field="tags.1",
     ),
+    # -- PATCH may leave out top-level fields, never part of a rule
+    Case(
+        "patch-condition-without-values",
+        "PATCH",
+        f"{FLAGS}/live",
+        {"rules": [{"conditions": [{"attribute": "a", "operator": "gt"}], "variant": "on"}]},
+        field="rules.0.conditions.0.values",
+    ),
     # -- a reason is required and not blank, on revert as on apply
     Case("revert-blank-reason", "POST", f"{BASE}/playbooks/p/revert", {"reason": "   "}, field="reason"),
     # -- a route without a body still rejects one rather than silently dropping it

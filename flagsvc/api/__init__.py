@@ -9,9 +9,11 @@ from apispec.ext.marshmallow.common import resolve_schema_cls
 from flask import Flask
 from flask_smorest import Api
 
+from ..errors import PROBLEM_JSON
 from ..schemas import ProblemSchema
 from . import audit, clients, envs, flags, health, ofrep, playbooks, snapshot
 from .common import init_request_hooks
+from .contract import ContractPlugin, dict_constraints
 
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "fsk_<id>_<secret>"}}
 
@@ -24,9 +26,17 @@ def schema_name(schema: Any) -> str:
 
 
 class FlagsvcApi(Api):
-    """flask-smorest's Api, documenting errors as problem+json."""
+    """flask-smorest's Api, documenting errors as ``application/problem+json``, as they are sent."""
 
     ERROR_SCHEMA = ProblemSchema
+
+    def _register_responses(self) -> None:
+        default = self.DEFAULT_RESPONSE_CONTENT_TYPE
+        self.DEFAULT_RESPONSE_CONTENT_TYPE = PROBLEM_JSON
+        try:
+            super()._register_responses()
+        finally:
+            self.DEFAULT_RESPONSE_CONTENT_TYPE = default
 
 
 def init_app(app: Flask) -> Api:
@@ -34,10 +44,12 @@ def init_app(app: Flask) -> Api:
         app,
         spec_kwargs={
             "marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name),
+            "extra_plugins": [ContractPlugin()],
             "security": [{"bearer": []}],
             "components": {"securitySchemes": SECURITY_SCHEMES},
         },
     )
+    api.ma_plugin.converter.add_attribute_function(dict_constraints)
     for blp in (envs.blp, flags.blp, playbooks.blp, snapshot.blp, clients.blp, audit.blp):
         api.register_blueprint(blp)
     app.register_blueprint(health.bp)

@@ -64,10 +64,12 @@ class Audit(MethodView):
     @blp.doc(
         responses={
             "200": {
+                "description": "A page of entries (JSON), or every matching entry (CSV, NDJSON)",
                 "content": {
+                    "application/json": {"schema": AuditPageSchema},
                     CSV: {"schema": {"type": "string"}},
                     NDJSON: {"schema": {"type": "string"}},
-                }
+                },
             }
         }
     )

@@ -20,6 +20,7 @@ from ..schemas import (
     FlagDefinitionSchema,
     FlagListQuerySchema,
     FlagListSchema,
+    FlagPreviewSchema,
     FlagSchema,
 )
 from ..tokens import Role
@@ -38,7 +39,8 @@ from .common import (
 blp = Blueprint("flags", __name__, url_prefix="/api/v1/envs/<env>/flags", description="Flags")
 
 _FULL = FlagDefinitionSchema()
-_PARTIAL = FlagDefinitionSchema(partial=True)
+#: PATCH: any top-level field may be left out; what is given is whole (a rule, a condition).
+_PARTIAL = FlagDefinitionSchema(partial=tuple(_FULL.fields))
 
 
 def _check(env: str, key: str | None = None) -> None:
@@ -168,6 +170,14 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
     @require(Role.OPERATOR)
     @blp.arguments(ActionSchema)
     @blp.response(200, FlagSchema)
+    @blp.doc(
+        responses={
+            "200": {
+                "description": "The flag, or with dry_run what would change and who evaluated it lately",
+                "content": {"application/json": {"schema": {"oneOf": [FlagSchema, FlagPreviewSchema]}}},
+            }
+        }
+    )
     def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
         _check(env, key)
         if body["dry_run"]:

@@ -19,6 +19,17 @@ from ..streaming import EventStream, events
 from ..tokens import Role
 from .common import STALE_HEADER, check_env, etag, if_none_match_version
 
+#: One Server-Sent Event of the stream, as the OpenAPI document describes each.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["snapshot", "shutdown", "revoked"]},
+        "data": {"type": "string", "description": "snapshot: the snapshot's JSON; revoked: {detail}"},
+        "id": {"type": "string", "description": "the environment version"},
+        "retry": {"type": "integer"},
+    },
+}
+
 blp = Blueprint("snapshot", __name__, url_prefix="/api/v1/envs/<env>", description="Snapshot for SDKs")
 
 
@@ -62,7 +73,7 @@ class StreamResource(MethodView):
             "200": {
                 "description": "text/event-stream: `snapshot` events (id = version, data = the snapshot), "
                 "`: heartbeat` comments every 15 s, a `shutdown` event before the server closes it",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": SSE_EVENT}},
             }
         }
     )

@@ -1,0 +1,115 @@
+"""The parts of the API's contract that flask-smorest does not infer from the views: path
+parameter patterns, request headers, and errors as ``application/problem+json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apispec import BasePlugin
+from marshmallow import fields, validate
+
+from ..envs import ENV_NAME
+from ..schemas import FLAG_KEY, INSTANCE_ID
+
+#: Path parameters by name, as every route checks them (422 otherwise).
+PATH_PATTERNS = {
+    "env": ENV_NAME.pattern,
+    "key": FLAG_KEY.pattern,
+    "name": FLAG_KEY.pattern,
+    "instance": INSTANCE_ID,
+}
+
+ETAG = {"type": "string", "pattern": r'^(W/)?"?[0-9]{1,18}"?$'}
+IDEMPOTENCY_KEY = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "description": "A retry with the same key and request replays the first answer "
+    "(Idempotent-Replayed: true); the same key with another request is 422. Kept 24 h.",
+    "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+}
+IF_MATCH = {
+    "in": "header",
+    "name": "If-Match",
+    "required": False,
+    "description": 'The version last read, such as "3": 412 if it moved. "*" matches any.',
+    "schema": {"anyOf": [ETAG, {"const": "*"}]},
+}
+IF_NONE_MATCH_ANY = {
+    "in": "header",
+    "name": "If-None-Match",
+    "required": False,
+    "description": '"*": create only (412 if the flag exists).',
+    "schema": {"const": "*"},
+}
+IF_NONE_MATCH_VERSION = {
+    "in": "header",
+    "name": "If-None-Match",
+    "required": False,
+    "description": 'The environment version held, such as "3": 304 if it is current.',
+    "schema": {"type": "string"},
+}
+LAST_EVENT_ID = {
+    "in": "header",
+    "name": "Last-Event-ID",
+    "required": False,
+    "description": "The version held: no snapshot event on connect if it is current.",
+    "schema": {"type": "string"},
+}
+
+#: Request headers of each operation beyond Idempotency-Key (every write takes that one).
+HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("/api/v1/envs/{env}/flags/{key}", "put"): [IF_MATCH, IF_NONE_MATCH_ANY],
+    ("/api/v1/envs/{env}/flags/{key}", "patch"): [IF_MATCH],
+    ("/api/v1/envs/{env}/flags/{key}", "delete"): [IF_MATCH],
+    ("/api/v1/envs/{env}/flags/{key}/kill", "post"): [IF_MATCH],
+    ("/api/v1/envs/{env}/flags/{key}/restore", "post"): [IF_MATCH],
+    ("/api/v1/envs/{env}/playbooks/{name}/apply", "post"): [IF_MATCH],
+    ("/api/v1/envs/{env}/snapshot", "get"): [IF_NONE_MATCH_VERSION],
+    ("/api/v1/envs/{env}/stream", "get"): [LAST_EVENT_ID],
+}
+WRITES = ("post", "put", "patch", "delete")
+#: Writes that are not state changes of their own: an SDK heartbeat.
+NOT_IDEMPOTENT = {("/api/v1/envs/{env}/clients/{instance}", "post")}
+
+
+class ContractPlugin(BasePlugin):
+    """An apispec plugin, run after flask-smorest's: patterns and headers by route, and what a
+    schema declares in ``OPENAPI`` (constraints of the whole object, such as minProperties)."""
+
+    def schema_helper(self, name: str, _: Any, schema: Any = None, **kwargs: Any) -> dict[str, Any] | None:
+        extra = getattr(schema, "OPENAPI", None)
+        return dict(extra) if extra else None
+
+    def path_helper(
+        self, path: str | None = None, operations: Any = None, parameters: Any = None, **_: Any
+    ) -> None:
+        for parameter in parameters or []:
+            pattern = PATH_PATTERNS.get(parameter.get("name"))
+            if parameter.get("in") == "path" and pattern:
+                parameter["schema"] = {"type": "string", "pattern": pattern}
+
+    def operation_helper(self, path: str | None = None, operations: Any = None, **_: Any) -> None:
+        for method, operation in (operations or {}).items():
+            headers = list(HEADERS.get((str(path), method), []))
+            if method in WRITES and (path, method) not in NOT_IDEMPOTENT:
+                headers.append(IDEMPOTENCY_KEY)
+            if headers:
+                operation.setdefault("parameters", []).extend(headers)
+
+
+def dict_constraints(_converter: Any, field: fields.Field, **_: Any) -> dict[str, Any]:
+    """A marshmallow ``Dict``'s key pattern and size, which apispec leaves out."""
+    if not isinstance(field, fields.Dict):
+        return {}
+    out: dict[str, Any] = {}
+    for validator in getattr(field.key_field, "validators", []):
+        if isinstance(validator, validate.Regexp):
+            out["propertyNames"] = {"pattern": validator.regex.pattern}
+    for validator in field.validators:
+        if isinstance(validator, validate.Length):
+            if validator.min is not None:
+                out["minProperties"] = validator.min
+            if validator.max is not None:
+                out["maxProperties"] = validator.max
+    return out
