@@ -29,7 +29,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     app.wsgi_app = SnapshotPolls(  # type: ignore[method-assign]
         app.wsgi_app,
-        lambda: app.extensions["flagsvc"],
+        lambda: extensions.stores_of(app),
         log_requests=bool(app.config.get("LOG_FORMAT")),
     )
     proxies = int(app.config["TRUSTED_PROXIES"])

@@ -171,15 +171,15 @@ def token_create(
 def token_list(as_json: bool, data_dir: Path, redis_url: str | None) -> None:
     """List tokens (never their secrets)."""
     with redis_for(redis_url, data_dir) as client:
-        tokens = [t.public() for t in TokenStore(client).list()]
+        records = TokenStore(client).list()
     if as_json:
-        click.echo(json.dumps(tokens))
+        click.echo(json.dumps([t.public() for t in records]))
         return
-    for t in tokens:
-        state = "active" if t["active"] else ("revoked" if t["revoked_at"] else "expired")
+    for t in records:
+        state = "active" if t.is_active() else ("revoked" if t.revoked_at else "expired")
         click.echo(
-            f"{t['id']}  {t['name']:<24} {t['role']:<8} {','.join(t['envs']):<20} {state:<8} "
-            f"expires {t['expires_at'] or 'never'}"
+            f"{t.id}  {t.name:<24} {t.role:<8} {','.join(t.envs):<20} {state:<8} "
+            f"expires {t.expires_at or 'never'}"
         )
 
 

@@ -149,45 +149,15 @@ class Committer:
         logs a warning), and a stream id from that time: ids and times agree, so a time window is
         an id range. Raises :class:`Conflict` if the head moved.
         """
-        keys = [ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head]
-
-        def key_index(key: str) -> int:
-            if key not in keys:
-                keys.append(key)
-            return keys.index(key) + 1
-
-        plan_ops = [[op.cmd, key_index(op.key), *op.args] for op in ops]
-        plan: dict[str, Any] = {
-            "expect_head": (head.decode() if isinstance(head, bytes) else head) or "",
-            "ops": plan_ops,
-        }
+        keys = _Keys(ns.audit, ns.audit_head, idempotency.key if idempotency else ns.audit_head)
         entries = [audit] if isinstance(audit, Mapping) else audit
         time_ms = self._clock_ms() if time_ms is None else time_ms
-        if idempotency:
-            plan["idempotency"] = {
-                "value": idempotency.value,
-                "ttl": idempotency.ttl,
-                "index": key_index(idempotency.index),
-                "cap": idempotency.cap,
-                "now": time_ms // 1000,
-            }
-        if notify is not None:
-            plan["channel"] = ns.changes_channel
-            plan["message"] = notify
+        expect_head = _text(head) or ""
+        plan = _plan(ns, keys, expect_head, ops, idempotency, notify, time_ms)
         for _ in range(2):  # with the head unchanged, the newest id is too: the second try fits
             chained = _chain(head, entries, time_ms)
-            plan["time_ms"] = str(time_ms)
-            plan["new_head"] = (
-                f"{chained[-1]['seq']}:{chained[-1]['hash']}" if chained else plan["expect_head"]
-            )
-            plan["entries"] = [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained]
-            plan["indexes"] = [
-                [key_index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]]
-                for e in chained
-            ]
-            status, value = self._script(keys=keys, args=[json.dumps(plan)])
-            status = status.decode() if isinstance(status, bytes) else status
-            value = value.decode() if isinstance(value, bytes) else value
+            _add_entries(plan, ns, keys, chained, time_ms, expect_head)
+            status, value = (_text(x) for x in self._script(keys=keys.names, args=[json.dumps(plan)]))
             if status != "clock":
                 break
             log.warning(
@@ -201,6 +171,67 @@ class Committer:
         if status == "replay":
             return Replayed(value)
         return Committed(stream_id=value, entries=chained)
+
+
+class _Keys:
+    """The KEYS of one script call; the plan names each by its (1-based, as in Lua) index."""
+
+    def __init__(self, *first: str) -> None:
+        self.names = list(first)
+
+    def index(self, key: str) -> int:
+        if key not in self.names:
+            self.names.append(key)
+        return self.names.index(key) + 1
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _plan(
+    ns: Namespace,
+    keys: _Keys,
+    expect_head: str,
+    ops: Sequence[Op],
+    idempotency: Idempotency | None,
+    notify: str | None,
+    time_ms: int,
+) -> dict[str, Any]:
+    """The commit's plan for ``commit.lua`` but its entries (see :func:`_add_entries`)."""
+    plan: dict[str, Any] = {
+        "expect_head": expect_head,
+        "ops": [[op.cmd, keys.index(op.key), *op.args] for op in ops],
+    }
+    if idempotency:
+        plan["idempotency"] = {
+            "value": idempotency.value,
+            "ttl": idempotency.ttl,
+            "index": keys.index(idempotency.index),
+            "cap": idempotency.cap,
+            "now": time_ms // 1000,
+        }
+    if notify is not None:
+        plan["channel"] = ns.changes_channel
+        plan["message"] = notify
+    return plan
+
+
+def _add_entries(
+    plan: dict[str, Any],
+    ns: Namespace,
+    keys: _Keys,
+    chained: list[dict[str, str]],
+    time_ms: int,
+    expect_head: str,
+) -> None:
+    """The chained audit entries, their time, their index keys and the head after them."""
+    plan["time_ms"] = str(time_ms)
+    plan["new_head"] = f"{chained[-1]['seq']}:{chained[-1]['hash']}" if chained else expect_head
+    plan["entries"] = [[x for name in AUDIT_FIELDS for x in (name, e[name])] for e in chained]
+    plan["indexes"] = [
+        [keys.index(ns.audit_index(name, e[name])) for name in INDEXED_FIELDS if e[name]] for e in chained
+    ]
 
 
 def _chain(

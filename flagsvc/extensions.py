@@ -13,9 +13,12 @@ from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .audit import AuditLog
+from .changes import ChangeListener
 from .clients import ClientRegistry, Limits
 from .envs import EnvStore
 from .flags import FlagStore
+from .keys import EnvKeys
 from .playbooks import PlaybookStore
 from .snapshots import SnapshotCache
 from .streaming import StreamLimiter
@@ -24,6 +27,8 @@ from .tokens import TokenStore
 
 @dataclass
 class Stores:
+    """Everything the requests of one app reach Redis through."""
+
     redis: redis.Redis
     envs: EnvStore
     flags: FlagStore
@@ -32,6 +37,24 @@ class Stores:
     clients: ClientRegistry
     playbooks: PlaybookStore
     streams: StreamLimiter
+    listener: ChangeListener
+
+    def audit(self, env: str) -> AuditLog:
+        """The audit log of ``env``."""
+        return AuditLog(self.redis, EnvKeys(env))
+
+    def ping(self) -> None:
+        """Raise ``redis.RedisError`` unless Redis answers."""
+        self.redis.ping()
+
+    def started(self) -> Stores:
+        """These stores, with this process's change listener running."""
+        self.listener.ensure_started()
+        return self
+
+    def close(self) -> None:
+        """Stop the change listener (an app embedded in tests, say)."""
+        self.listener.stop()
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
@@ -59,23 +82,18 @@ def make_stores(
 ) -> Stores:
     flags = FlagStore(client)
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
-
-    def on_system_change(event: dict[str, object]) -> None:
-        if event.get("type") in ("token.create", "token.revoke"):
-            tokens.reload(str(event.get("id")))
-
     envs = EnvStore(client)
+    snapshots = SnapshotCache(client, flags, list_envs=envs.list)
     return Stores(
         redis=client,
         envs=envs,
         flags=flags,
         tokens=tokens,
-        snapshots=SnapshotCache(
-            client, flags, on_system_change=on_system_change, list_envs=envs.list, also_refresh=tokens.refresh
-        ),
+        snapshots=snapshots,
         clients=ClientRegistry(client, limits),
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
+        listener=ChangeListener(client, [snapshots, tokens]),
     )
 
 
@@ -96,5 +114,11 @@ def init_app(app: Flask) -> None:
 
 
 def stores() -> Stores:
-    s: Stores = current_app.extensions["flagsvc"]
-    return s
+    """The current app's stores, with this process's change listener running."""
+    return stores_of(current_app)
+
+
+def stores_of(app: Flask) -> Stores:
+    """``app``'s stores, with this process's change listener running."""
+    s: Stores = app.extensions["flagsvc"]
+    return s.started()

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .api.common import request_id_for, version_named_by
-from .api.snapshot import poll_answer
 from .auth import authorize, bearer
 from .envs import ENV_NAME
 from .logs import log_request
 from .metrics import observe_request
+from .snapshots import poll_answer
 from .tokens import Role
 
 StartResponse = Callable[..., Any]

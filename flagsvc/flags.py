@@ -14,34 +14,24 @@ from .commit import Op
 from .errors import FlagNotFound, VersionMismatch
 from .keys import EnvKeys
 from .reverts import revert_at, schedule
-from .writes import Change, Codec, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
+from .writes import (
+    Change,
+    Codec,
+    Done,
+    IdempotencyRequest,
+    State,
+    WriteContext,
+    Writer,
+    audit_entry,
+    next_record,
+)
 
+#: What an SDK needs to evaluate a flag (with its version): what the snapshot carries.
+RULE_FIELDS = ("kind", "type", "enabled", "variants", "default_variant", "off_variant", "rules", "salt")
 #: Fields a client defines; everything else on a flag is owned by the server.
-DEFINITION_FIELDS = (
-    "kind",
-    "type",
-    "enabled",
-    "variants",
-    "default_variant",
-    "off_variant",
-    "rules",
-    "salt",
-    "description",
-    "owner",
-    "tags",
-)
-#: Fields an SDK needs to evaluate a flag: what the snapshot carries.
-EVALUATION_FIELDS = (
-    "kind",
-    "type",
-    "enabled",
-    "variants",
-    "default_variant",
-    "off_variant",
-    "rules",
-    "salt",
-    "version",
-)
+DEFINITION_FIELDS = (*RULE_FIELDS, "description", "owner", "tags")
+#: Fields of the snapshot.
+EVALUATION_FIELDS = (*RULE_FIELDS, "version")
 #: Kill switches first, then the other kinds, everywhere flags are listed.
 KIND_ORDER = {"kill_switch": 0, "ops": 1, "release": 2, "experiment": 3}
 
@@ -60,17 +50,11 @@ def new_record(
     key: str, definition: Flag, stored: Flag | None, actor: str, now: str, archived: bool = False
 ) -> Flag:
     """The stored record of ``definition`` as the next version of ``stored`` (the flag as it is
-    in Redis, archived or not, or ``None``)."""
-    live = live_flag(stored)
-    return {
-        "key": key,
-        **definition,
-        "version": (stored["version"] if stored else 0) + 1,
-        "created_at": live["created_at"] if live else now,
-        "updated_at": now,
-        "updated_by": actor,
-        "archived": archived,
-    }
+    in Redis, archived or not, or ``None``); a flag re-created after its archive starts anew."""
+    record = next_record(
+        {"key": key, **definition}, actor, now, version_of=stored, created_of=live_flag(stored)
+    )
+    return {**record, "archived": archived}
 
 
 def next_version(flag: Flag, change: Flag, actor: str, now: str) -> Flag:

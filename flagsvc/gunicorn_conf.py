@@ -46,7 +46,7 @@ def post_worker_init(worker: Any) -> None:
     set_worker(worker)
     stores = getattr(worker.wsgi, "extensions", {}).get("flagsvc")
     if stores is not None:
-        stores.snapshots.start()
+        stores.listener.start()
         if os.environ.get("FLAGSVC_SCHEDULER", "1") != "0":
             # Automatic reverts: safe to run in every worker, each revert happens once.
             from flagsvc.scheduler import Scheduler

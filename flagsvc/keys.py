@@ -12,6 +12,13 @@ from dataclasses import dataclass
 
 PREFIX = "flagsvc"
 SYSTEM = "_system"
+#: Pattern of every namespace's change channel (see :attr:`Namespace.changes_channel`).
+ALL_CHANGES = f"{PREFIX}:{{*}}:changes"
+
+
+def is_system(namespace: str) -> bool:
+    """Whether ``namespace`` is the system one (an environment name cannot start with ``_``)."""
+    return namespace.startswith("_")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
+from typing import TextIO
 
 from flask import Flask, Response, g, request
 
@@ -54,7 +55,7 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(shown)
 
 
-class _FlagsvcHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _FlagsvcHandler(logging.StreamHandler[TextIO]):
     """Marks the handler this module installs, so that it is installed once."""
 
 

@@ -31,7 +31,17 @@ from .flags import (
 )
 from .keys import EnvKeys
 from .reverts import revert_at, schedule
-from .writes import Change, Codec, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
+from .writes import (
+    Change,
+    Codec,
+    Done,
+    IdempotencyRequest,
+    State,
+    WriteContext,
+    Writer,
+    audit_entry,
+    next_record,
+)
 
 CHANGEABLE = ("enabled", "default_variant")
 #: The fields of a playbook that its author defines.
@@ -58,14 +68,7 @@ def playbook_record(
     name: str, definition: dict[str, Any], before: dict[str, Any] | None, actor: str, now: str
 ) -> dict[str, Any]:
     """The stored record of ``definition`` as the next version of ``before`` (or the first)."""
-    return {
-        "name": name,
-        **definition,
-        "version": (before["version"] if before else 0) + 1,
-        "created_at": before["created_at"] if before else now,
-        "updated_at": now,
-        "updated_by": actor,
-    }
+    return next_record({"name": name, **definition}, actor, now, version_of=before, created_of=before)
 
 
 @dataclass

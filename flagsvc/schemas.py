@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate
@@ -17,6 +17,8 @@ from marshmallow import ValidationError, fields, validate
 from flagsvc_client.engine import compile_flag, is_number, is_semver, value_matches_type
 
 from .durations import parse_duration, parse_moment
+
+T = TypeVar("T")
 
 FLAG_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -236,11 +238,24 @@ MAX_TEMPORARY = timedelta(days=7)
 DURATION_PATTERN = r"^[0-9]{1,6}[smhdw]$"
 
 
-class DurationField(fields.String):
+class ParsedString(fields.Field[T]):
+    """A JSON string parsed into another type (documented as a string: see ``api.init_app``)."""
+
+    default_error_messages = {"invalid": "Not a valid string."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> T:
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        return self.parse(value)
+
+    def parse(self, text: str) -> T:
+        raise NotImplementedError
+
+
+class DurationField(ParsedString[timedelta]):
     """``30m``, ``2h``, ``1d`` (at most 7 days) -> ``timedelta``."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> timedelta:
-        text = super()._deserialize(value, attr, data, **kwargs)
+    def parse(self, text: str) -> timedelta:
         try:
             duration = parse_duration(text)
         except ValueError as exc:
@@ -301,12 +316,12 @@ class SnapshotSchema(Schema):
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class MomentField(fields.String):
+class MomentField(ParsedString[datetime]):
     """ISO 8601 (``2026-11-26T14:00:00Z``; no zone means UTC) or relative to now (``2h``, ``30m``)."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+    def parse(self, text: str) -> datetime:
         try:
-            moment = parse_moment(super()._deserialize(value, attr, data, **kwargs))
+            moment = parse_moment(text)
         except ValueError:
             raise ValidationError(
                 "an ISO 8601 time such as 2026-11-26T14:00:00Z, or a duration ago: 2h"
@@ -405,17 +420,13 @@ class HeartbeatSchema(Schema):
     )
 
 
-class ClientInstanceSchema(Schema):
+class ClientInstanceSchema(HeartbeatSchema):
+    """An SDK instance as the propagation view shows it: its last heartbeat, and where it stands."""
+
+    class Meta:
+        exclude = ("counts",)
+
     instance = fields.String()
-    app = fields.String()
-    host = fields.String()
-    pid = fields.Integer(allow_none=True)
-    sdk = fields.String()
-    mode = fields.String()
-    applied_version = fields.Integer()
-    source = fields.String()
-    stale = fields.Boolean()
-    last_error = fields.String(allow_none=True)
     address = fields.String()
     seen_at = fields.String()
     age_seconds = fields.Float()

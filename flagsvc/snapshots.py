@@ -1,19 +1,15 @@
 """Per-process cache of each environment's snapshot, pre-serialized, kept current in the background.
 
-The request path reads only memory: a poll answered ``304`` or ``200`` costs no Redis round trip.
-A background thread (a greenlet under gevent) keeps the cache current: it listens to the change
-notifications every commit publishes, and at least every ``check_interval`` seconds compares the
-stored environment versions with the cached ones (pub/sub drops messages across reconnects, so
-the periodic check is what guarantees convergence). When Redis is unreachable the last snapshot
+The request path reads only memory: a poll answered ``304`` or ``200`` costs no Redis round trip
+(:func:`poll_answer`). The per-worker change listener (:mod:`flagsvc.changes`) keeps the cache
+current: it hands over the change notice of every commit, and every second asks it to compare the
+stored environment versions with the cached ones. When Redis is unreachable the last snapshot
 keeps serving and :attr:`SnapshotCache.stale` says so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,12 +21,15 @@ import redis
 from flagsvc_client.engine import CompiledFlag, compile_flag
 
 from .flags import FlagStore
-from .keys import PREFIX, EnvKeys
-from .metrics import ENV_VERSION
+from .keys import EnvKeys, is_system
+from .metrics import ENV_VERSION, POLLS
 
-log = logging.getLogger(__name__)
+#: Set on answers served from memory that Redis could not confirm recently.
+STALE_HEADER = "X-Flagsvc-Stale"
 
-CHANGES_PATTERN = f"{PREFIX}:{{*}}:changes"
+
+def etag(version: int) -> str:
+    return f'"{version}"'
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,6 @@ class Published:
         return self._compiled
 
 
-def _env_of_channel(channel: str) -> str | None:
-    start, end = channel.find("{"), channel.find("}")
-    return channel[start + 1 : end] if 0 <= start < end else None
-
-
 class SnapshotCache:
     """Snapshots of the environments this process serves; see the module docstring."""
 
@@ -63,33 +57,23 @@ class SnapshotCache:
         client: redis.Redis,
         flags: FlagStore,
         *,
-        check_interval: float = 1.0,
         stale_after: float = 3.0,
-        on_system_change: Callable[[dict[str, object]], None] | None = None,
         list_envs: Callable[[], list[str]] | None = None,
-        also_refresh: Callable[[], None] | None = None,
     ) -> None:
         self._redis = client
         self._flags = flags
-        self._check_interval = check_interval
         self._stale_after = stale_after
-        self._on_system_change = on_system_change
         self._list_envs = list_envs
-        self._also_refresh = also_refresh
         self._entries: dict[str, Published] = {}
         self._written: dict[str, int] = {}  # env -> newest version this process committed
         self._changed = threading.Condition()
         self._last_ok = time.monotonic()
-        self._started_pid: int | None = None
-        self._start_lock = threading.Lock()
-        self._stop = threading.Event()
 
     # -- the request path ------------------------------------------------------------------------
 
     def get(self, env: str) -> Published:
         """The current snapshot of ``env`` (loads it from Redis the first time, and after a write
         of this process that it does not hold yet)."""
-        self._ensure_started()
         entry = self._entries.get(env)
         if entry is None or entry.version < self._written.get(env, 0):
             try:
@@ -120,9 +104,8 @@ class SnapshotCache:
 
     def reload_after_write(self, env: str, version: int) -> None:
         """Read-your-writes in this process: ``env`` is at ``version`` or later now. The next
-        :meth:`get` here reloads it if the background thread has not yet (it does on the write's
-        notification, after the write's response is on its way: the reload is not on the
-        write's path)."""
+        :meth:`get` here reloads it if the change listener has not yet (it does on the write's
+        notice, after the write's response is on its way: the reload is not on the write's path)."""
         if version > self._written.get(env, 0):
             self._written[env] = version
 
@@ -141,17 +124,19 @@ class SnapshotCache:
         ENV_VERSION.labels(env).set(entry.version)
         return entry
 
-    def preload(self) -> None:
-        """Load every environment, so that a Redis outage soon after start still finds them here."""
-        if self._list_envs is not None:
-            for env in self._list_envs():
-                if env not in self._entries:
-                    self._load(env)
+    # -- driven by the change listener -----------------------------------------------------------
+
+    def reset(self) -> None:
+        self._entries.clear()
+        self._written.clear()
+        self._changed = threading.Condition()
 
     def refresh(self) -> None:
-        """Compare every cached version with Redis and reload the ones that moved."""
-        if self._also_refresh is not None:
-            self._also_refresh()
+        """Load every environment not held yet (an outage soon after start still finds them here),
+        and reload those whose stored version moved."""
+        for env in self._list_envs() if self._list_envs is not None else []:
+            if env not in self._entries:
+                self._load(env)
         envs = list(self._entries)
         if envs:
             pipe = self._redis.pipeline(transaction=False)
@@ -164,75 +149,28 @@ class SnapshotCache:
             self._redis.ping()
         self._last_ok = time.monotonic()
 
-    # -- the background thread -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the background thread now (gunicorn's ``post_worker_init``): every environment
-        and token is in memory before the first request, and stays there through an outage."""
-        self._ensure_started()
-
-    def _ensure_started(self) -> None:
-        if self._started_pid == os.getpid():
-            return
-        with self._start_lock:
-            if self._started_pid == os.getpid():
-                return
-            # First use in this process (a forked worker never inherits a running thread).
-            self._entries.clear()
-            self._written.clear()
-            self._changed = threading.Condition()
-            self._started_pid = os.getpid()
-            thread = threading.Thread(target=self._run, name="flagsvc-snapshot-cache", daemon=True)
-            thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.psubscribe(CHANGES_PATTERN)
-                self.preload()
-                self.refresh()  # whatever changed while not subscribed
-                backoff = 0.1
-                next_check = time.monotonic() + self._check_interval
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=max(0.0, next_check - time.monotonic()))
-                    if message is not None:
-                        self._handle(message)
-                    if time.monotonic() >= next_check:
-                        self.refresh()
-                        next_check = time.monotonic() + self._check_interval
-            except redis.RedisError as exc:
-                log.warning("snapshot cache: Redis unavailable (%s); serving cached snapshots", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._check_interval)
-            except Exception:
-                log.exception("snapshot cache: unexpected error")
-                self._stop.wait(self._check_interval)
-            finally:
-                with contextlib.suppress(redis.RedisError):
-                    pubsub.close()
-
-    def _handle(self, message: dict[str, object]) -> None:
-        channel = str(message.get("channel", ""))
-        env = _env_of_channel(channel)
-        if env is None:
-            return
-        if env.startswith("_"):
-            if self._on_system_change is not None:
-                with contextlib.suppress(ValueError):
-                    self._on_system_change(json.loads(str(message.get("data", "{}"))))
-            return
-        cached = self._entries.get(env)
-        if cached is None:
+    def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
+        cached = self._entries.get(namespace)
+        if is_system(namespace) or cached is None:
             return
         try:
-            announced = int(json.loads(str(message.get("data", "{}"))).get("version", 0))
-        except (ValueError, TypeError, AttributeError):
+            announced = int(notice.get("version", 0))
+        except (ValueError, TypeError):
             announced = 0
         if announced and announced <= cached.version:
             return  # this process has it already (a read after its own write loaded it)
-        self._load(env)
+        self._load(namespace)
+
+
+def poll_answer(
+    cache: SnapshotCache, env: str, known_version: int | None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A snapshot poll's status, headers and body (``304`` when ``known_version`` is current),
+    counted in the poll metrics; shared by the snapshot view and :mod:`flagsvc.fastpath`."""
+    published = cache.get(env)
+    headers = [("ETag", etag(published.version)), ("Cache-Control", "no-cache")]
+    if cache.stale:
+        headers.append((STALE_HEADER, "true"))
+    status, body = (304, b"") if known_version == published.version else (200, published.body)
+    POLLS.labels(env, str(status)).inc()
+    return status, headers, body

@@ -15,12 +15,13 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import redis
 
 from .commit import Op, iso_from_ms
 from .errors import AlreadyExists, StoreUnavailable, TokenNotFound
-from .keys import SystemKeys
+from .keys import SystemKeys, is_system
 from .writes import Change, State, WriteContext, Writer, audit_entry
 
 TOKEN_PREFIX = "fsk_"
@@ -242,6 +243,15 @@ class TokenStore:
     def reload(self, token_id: str) -> None:
         """Re-read one token now (its change was announced: a revocation, a new token)."""
         self._remember(token_id, self._lookup(token_id))
+
+    def reset(self) -> None:
+        """Forget every cached token (the change listener starts in a new process)."""
+        self._cache.clear()
+
+    def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
+        """A token created or revoked anywhere is re-read here at once."""
+        if is_system(namespace) and notice.get("type") in ("token.create", "token.revoke"):
+            self.reload(str(notice.get("id")))
 
     def now(self) -> datetime:
         """Redis' time, as measured at the last refresh (expiry is judged on it)."""

@@ -95,6 +95,20 @@ class Done(Generic[T]):
     replayed: bool = False
 
 
+def next_record(
+    fields: dict[str, Any], actor: str, now: str, *, version_of: Any = None, created_of: Any = None
+) -> dict[str, Any]:
+    """``fields`` as the next version of a stored record: one version past ``version_of``'s (the
+    first without one), created when ``created_of`` was (else now), updated now by ``actor``."""
+    return {
+        **fields,
+        "version": (version_of["version"] if version_of else 0) + 1,
+        "created_at": created_of["created_at"] if created_of else now,
+        "updated_at": now,
+        "updated_by": actor,
+    }
+
+
 def audit_entry(
     ctx: WriteContext,
     action: str,

@@ -47,7 +47,7 @@ def app(r: redis.Redis, redis_url: str) -> Iterator[Any]:
     app = create_app({"REDIS_URL": redis_url, "TESTING": True})
     EnvStore(r).create(ENV, actor="test-setup")
     yield app
-    app.extensions["flagsvc"].snapshots.stop()
+    app.extensions["flagsvc"].close()
 
 
 @pytest.fixture

@@ -25,17 +25,23 @@ class SlowReplies:
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._closed = False
-        threading.Thread(target=self._accept, name="redis-proxy", daemon=True).start()
+        self._threads = [threading.Thread(target=self._accept, name="redis-proxy", daemon=True)]
+        self._threads[0].start()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def close(self) -> None:
+        """Stop accepting, end every connection, and wait for the threads that served them."""
         self._closed = True
         for sock in [self._listener, *self._sockets]:
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -46,8 +52,9 @@ class SlowReplies:
             server = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, server]
             late = threading.Event()  # the next reply on this connection is to be held
-            threading.Thread(target=self._pump, args=(client, server, late, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, late, False), daemon=True).start()
+            for args in ((client, server, late, True), (server, client, late, False)):
+                self._threads.append(threading.Thread(target=self._pump, args=args, daemon=True))
+                self._threads[-1].start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, late: threading.Event, upstream: bool) -> None:
         with contextlib.suppress(OSError):

@@ -101,9 +101,10 @@ def world(client: Any, auth: Any, r: Any) -> dict[str, str]:
     store = TokenStore(r)
     _, revoked = store.create(name="revoked-admin", role=Role.ADMIN, envs=[], actor="t")
     store.revoke("revoked-admin", actor="t")
-    record, expired = store.create(name="expired-admin", role=Role.ADMIN, envs=[], actor="t")
-    past = {**dataclasses.asdict(record), "expires_at": "2020-01-01T00:00:00Z"}
-    r.hset(SystemKeys().tokens, record.id, json.dumps(past))
+    _, expired = store.create(
+        name="expired-admin", role=Role.ADMIN, envs=[], expires_in=timedelta(milliseconds=1), actor="t"
+    )
+    time.sleep(0.01)
     admin = auth("admin")["Authorization"].removeprefix("Bearer ")
     return {
         "garbage": "Bearer garbage",

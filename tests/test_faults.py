@@ -54,7 +54,7 @@ def hung_stack(own_redis: RedisServer) -> Iterator[dict[str, Any]]:
         if own_redis.proc is not None:
             own_redis.proc.send_signal(signal.SIGCONT)
         server.stop()
-        app.extensions["flagsvc"].snapshots.stop()
+        app.extensions["flagsvc"].close()
         direct.close()
 
 
@@ -103,7 +103,7 @@ def slow_commits(r: redis.Redis, redis_url: str) -> Iterator[tuple[Any, SlowRepl
     try:
         yield app, proxy
     finally:
-        app.extensions["flagsvc"].snapshots.stop()
+        app.extensions["flagsvc"].close()
         proxy.close()
 
 
@@ -172,4 +172,4 @@ def test_a_redis_failure_never_discloses_where_redis_is(tmp_path):
             text = resp.get_data(as_text=True)
             assert "hidden-redis" not in text and str(tmp_path) not in text, text
     finally:
-        app.extensions["flagsvc"].snapshots.stop()
+        app.extensions["flagsvc"].close()

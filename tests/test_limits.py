@@ -39,7 +39,7 @@ def limited(r: redis.Redis, redis_url: str) -> Iterator[Any]:
     )
     EnvStore(r).create(ENV, actor="test-setup")
     yield app
-    app.extensions["flagsvc"].snapshots.stop()
+    app.extensions["flagsvc"].close()
 
 
 def beat(client: Any, headers: dict[str, str], instance: str, **body: Any) -> Any:

@@ -43,7 +43,7 @@ def test_json_request_log_carries_the_request_id_of_the_audit_entry(app, redis_u
         assert entry["request_id"] == "req-42"
         assert "fsk_" not in json.dumps(line), "no secret in logs"
     finally:
-        json_app.extensions["flagsvc"].snapshots.stop()
+        json_app.extensions["flagsvc"].close()
         root = logging.getLogger()
         root.handlers[:] = [h for h in root.handlers if type(h).__name__ != "_FlagsvcHandler"]
 
@@ -65,7 +65,7 @@ def test_polls_answered_before_flask_log_the_same_fields(app, redis_url, auth, c
         assert line["path"] == "/api/v1/envs/production/snapshot" and line["method"] == "GET"
         assert line["duration_ms"] >= 0 and "fsk_" not in json.dumps(line)
     finally:
-        json_app.extensions["flagsvc"].snapshots.stop()
+        json_app.extensions["flagsvc"].close()
         root = logging.getLogger()
         root.handlers[:] = [h for h in root.handlers if type(h).__name__ != "_FlagsvcHandler"]
 
@@ -85,7 +85,7 @@ def text_log(app, redis_url) -> Iterator[tuple[Any, io.StringIO]]:
     stream = io.StringIO()
     handler.setStream(stream)
     yield text_app.test_client(), stream
-    text_app.extensions["flagsvc"].snapshots.stop()
+    text_app.extensions["flagsvc"].close()
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if type(h).__name__ != "_FlagsvcHandler"]
 

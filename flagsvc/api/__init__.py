@@ -10,7 +10,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from ..errors import PROBLEM_JSON
-from ..schemas import ProblemSchema
+from ..schemas import ParsedString, ProblemSchema
 from . import audit, clients, envs, flags, health, ofrep, playbooks, snapshot
 from .common import init_request_hooks
 from .contract import ContractPlugin, dict_constraints
@@ -21,7 +21,7 @@ SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat
 def schema_name(schema: Any) -> str:
     """OpenAPI component name: the class name without ``Schema``; ``...Patch`` when partial."""
     cls = resolve_schema_cls(schema)
-    name = cls.__name__.removesuffix("Schema")
+    name = (cls[0] if isinstance(cls, list) else cls).__name__.removesuffix("Schema")
     return f"{name}Patch" if getattr(schema, "partial", False) else name
 
 
@@ -29,6 +29,7 @@ class FlagsvcApi(Api):
     """flask-smorest's Api, documenting errors as ``application/problem+json``, as they are sent."""
 
     ERROR_SCHEMA = ProblemSchema
+    DEFAULT_RESPONSE_CONTENT_TYPE: str = "application/json"
 
     def _register_responses(self) -> None:
         default = self.DEFAULT_RESPONSE_CONTENT_TYPE
@@ -50,6 +51,7 @@ def init_app(app: Flask) -> Api:
         },
     )
     api.ma_plugin.converter.add_attribute_function(dict_constraints)
+    api.register_field(ParsedString, "string", None)
     for blp in (envs.blp, flags.blp, playbooks.blp, snapshot.blp, clients.blp, audit.blp):
         api.register_blueprint(blp)
     app.register_blueprint(health.bp)

@@ -13,11 +13,10 @@ from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from ..audit import AuditFilter, AuditLog, decode_entry
+from ..audit import AuditFilter, decode_entry
 from ..auth import require
 from ..commit import AUDIT_FIELDS
 from ..extensions import stores
-from ..keys import EnvKeys
 from ..schemas import AuditPageSchema, AuditQuerySchema
 from ..tokens import Role
 from .common import check_env
@@ -88,7 +87,7 @@ class Audit(MethodView):
             since=query.get("since"),
             until=query.get("until"),
         )
-        log = AuditLog(stores().redis, EnvKeys(env))
+        log = stores().audit(env)
         oldest_first = query["order"] == "oldest"
         wanted = request.accept_mimetypes.best_match(["application/json", CSV, NDJSON], "application/json")
         if wanted in (CSV, NDJSON):

@@ -16,8 +16,6 @@ from ..extensions import stores
 from ..schemas import FLAG_KEY
 from ..writes import Done, IdempotencyRequest, WriteContext
 
-#: Set on answers served from memory that Redis could not confirm recently.
-STALE_HEADER = "X-Flagsvc-Stale"
 #: On write answers: the environment version that includes the write (``flagctl --wait``).
 ENV_VERSION_HEADER = "X-Flagsvc-Env-Version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -60,10 +58,6 @@ def check_env(env: str, *, must_exist: bool = True) -> None:
 def check_key(key: str) -> None:
     if not FLAG_KEY.fullmatch(key):
         raise path_error("key", "lower-case [a-z0-9] then [a-z0-9._-], at most 128 characters")
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'
 
 
 def _parse_etag_header(name: str) -> int | None:

@@ -20,42 +20,30 @@ PATH_PATTERNS = {
 }
 
 ETAG = {"type": "string", "pattern": r'^(W/)?"?[0-9]{1,18}"?$'}
-IDEMPOTENCY_KEY = {
-    "in": "header",
-    "name": "Idempotency-Key",
-    "required": False,
-    "description": "A retry with the same key and request replays the first answer "
-    "(Idempotent-Replayed: true); the same key with another request is 422. Kept 24 h.",
-    "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
-}
-IF_MATCH = {
-    "in": "header",
-    "name": "If-Match",
-    "required": False,
-    "description": 'The version last read, such as "3": 412 if it moved. "*" matches any.',
-    "schema": {"anyOf": [ETAG, {"const": "*"}]},
-}
-IF_NONE_MATCH_ANY = {
-    "in": "header",
-    "name": "If-None-Match",
-    "required": False,
-    "description": '"*": create only (412 if the flag exists).',
-    "schema": {"const": "*"},
-}
-IF_NONE_MATCH_VERSION = {
-    "in": "header",
-    "name": "If-None-Match",
-    "required": False,
-    "description": 'The environment version held, such as "3": 304 if it is current.',
-    "schema": {"type": "string"},
-}
-LAST_EVENT_ID = {
-    "in": "header",
-    "name": "Last-Event-ID",
-    "required": False,
-    "description": "The version held: no snapshot event on connect if it is current.",
-    "schema": {"type": "string"},
-}
+
+
+def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"in": "header", "name": name, "required": False, "description": description, "schema": schema}
+
+
+IDEMPOTENCY_KEY = _header(
+    "Idempotency-Key",
+    "A retry with the same key and request replays the first answer (Idempotent-Replayed: true); "
+    "the same key with another request is 422. Kept 24 h.",
+    {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+)
+IF_MATCH = _header(
+    "If-Match",
+    'The version last read, such as "3": 412 if it moved. "*" matches any.',
+    {"anyOf": [ETAG, {"const": "*"}]},
+)
+IF_NONE_MATCH_ANY = _header("If-None-Match", '"*": create only (412 if the flag exists).', {"const": "*"})
+IF_NONE_MATCH_VERSION = _header(
+    "If-None-Match", 'The environment version held, such as "3": 304 if it is current.', {"type": "string"}
+)
+LAST_EVENT_ID = _header(
+    "Last-Event-ID", "The version held: no snapshot event on connect if it is current.", {"type": "string"}
+)
 
 #: Request headers of each operation beyond Idempotency-Key (every write takes that one).
 HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
@@ -77,8 +65,8 @@ class ContractPlugin(BasePlugin):
     """An apispec plugin, run after flask-smorest's: patterns and headers by route, and what a
     schema declares in ``OPENAPI`` (constraints of the whole object, such as minProperties)."""
 
-    def schema_helper(self, name: str, _: Any, schema: Any = None, **kwargs: Any) -> dict[str, Any] | None:
-        extra = getattr(schema, "OPENAPI", None)
+    def schema_helper(self, name: str, definition: dict[Any, Any], **kwargs: Any) -> dict[Any, Any] | None:
+        extra = getattr(kwargs.get("schema"), "OPENAPI", None)
         return dict(extra) if extra else None
 
     def path_helper(

@@ -23,12 +23,12 @@ from ..schemas import (
     FlagPreviewSchema,
     FlagSchema,
 )
+from ..snapshots import etag
 from ..tokens import Role
 from .common import (
     ENV_VERSION_HEADER,
     check_env,
     check_key,
-    etag,
     idempotency,
     if_match,
     if_none_match_any,
@@ -178,7 +178,7 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
             }
         }
     )
-    def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]]:
+    def view(body: dict[str, Any], env: str, key: str) -> tuple[Flag, int, dict[str, str]] | Response:
         _check(env, key)
         if body["dry_run"]:
             return _preview(env, key, enabled)

@@ -24,7 +24,7 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """Redis answers: the service can read and write flags."""
     try:
-        stores().redis.ping()
+        stores().ping()
     except redis.RedisError as exc:
         log.warning("readiness: Redis unavailable: %s", exc)
         return jsonify(status="unavailable", redis=type(exc).__name__), 503

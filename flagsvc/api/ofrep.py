@@ -19,8 +19,8 @@ from flask import Blueprint, Response, request
 from ..auth import authorize, bearer
 from ..errors import Forbidden, Unauthorized
 from ..extensions import stores
+from ..snapshots import STALE_HEADER
 from ..tokens import ALL_ENVS, Role, Token
-from .common import STALE_HEADER
 
 bp = Blueprint("ofrep", __name__, url_prefix="/ofrep/v1")
 

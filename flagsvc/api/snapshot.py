@@ -12,12 +12,11 @@ from flask_smorest import Blueprint
 from ..auth import current_token, require
 from ..clients import TooManyRequests
 from ..extensions import stores
-from ..metrics import POLLS
 from ..schemas import SnapshotSchema
-from ..snapshots import SnapshotCache
+from ..snapshots import poll_answer
 from ..streaming import EventStream, events
 from ..tokens import Role
-from .common import STALE_HEADER, check_env, etag, if_none_match_version
+from .common import check_env, if_none_match_version
 
 #: One Server-Sent Event of the stream, as the OpenAPI document describes each.
 SSE_EVENT = {
@@ -49,20 +48,6 @@ class SnapshotResource(MethodView):
         if status == 304:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)
-
-
-def poll_answer(
-    cache: SnapshotCache, env: str, known_version: int | None
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """A snapshot poll's status, headers and body (``304`` when ``known_version`` is current),
-    counted in the poll metrics; shared by this view and :mod:`flagsvc.fastpath`."""
-    published = cache.get(env)
-    headers = [("ETag", etag(published.version)), ("Cache-Control", "no-cache")]
-    if cache.stale:
-        headers.append((STALE_HEADER, "true"))
-    status, body = (304, b"") if known_version == published.version else (200, published.body)
-    POLLS.labels(env, str(status)).inc()
-    return status, headers, body
 
 
 @blp.route("/stream")
