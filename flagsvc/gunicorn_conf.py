@@ -3,15 +3,21 @@
 Worker model: ``gevent``. SDKs hold Server-Sent Events streams open for hours; a greenlet per
 connection lets one worker hold thousands of them at a few KiB each, while REST calls (short: a
 Redis round trip or two, or none for a snapshot poll) interleave on the same event loop.
-redis-py and the snapshot cache's background thread run as greenlets under gevent's monkey
-patching, which the gevent worker applies before the app is imported (``preload_app`` is off).
+redis-py and the change listener's background thread run as greenlets under gevent's monkey
+patching. It is applied here, first, when gunicorn loads this file by its path (``flagsvc serve``
+does): before anything imports ssl, sockets or threads, so the workers do not warn that they
+patch too late. The app is imported by each worker after its fork (``preload_app`` is off).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from typing import Any
+from gevent import monkey
+
+monkey.patch_all()
+
+import multiprocessing  # noqa: E402 - after the monkey patching
+import os  # noqa: E402
+from typing import Any  # noqa: E402
 
 bind = os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000")
 # One gevent worker per core: a worker already multiplexes its connections, more workers only

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 
@@ -134,8 +135,8 @@ def _gunicorn_command(bind: str, workers: int | None) -> list[str]:
         sys.executable,
         "-m",
         "gunicorn",
-        "--config",
-        "python:flagsvc.gunicorn_conf",
+        "--config",  # by path: the file patches for gevent before anything else is imported
+        str(resources.files(__package__).joinpath("gunicorn_conf.py")),
         "--bind",
         bind,
         *(["--workers", str(workers)] if workers else []),

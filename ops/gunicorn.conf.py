@@ -5,4 +5,8 @@ override any of them below or with ``FLAGSVC_BIND``, ``FLAGSVC_WORKERS``,
 ``FLAGSVC_WORKER_CONNECTIONS``.
 """
 
-from flagsvc.gunicorn_conf import *  # noqa: F403
+from gevent import monkey
+
+monkey.patch_all()  # first: before flagsvc (and ssl, sockets, threads) is imported
+
+from flagsvc.gunicorn_conf import *  # noqa: E402, F403

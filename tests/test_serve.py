@@ -41,6 +41,7 @@ def test_serve_with_embedded_redis_end_to_end(tmp_path):
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text().strip()
         assert token.startswith("fsk_") and token in served.output(), "the first admin token is printed once"
+        assert "MonkeyPatchWarning" not in served.output(), "gevent patches before ssl is imported"
         headers = {"Authorization": f"Bearer {token}"}
         base = f"{served.url}/api/v1/envs/production"
 
