@@ -23,10 +23,10 @@ import redis
 from . import embedded
 from . import serve as serve_mod
 from .audit import AuditLog
+from .connection import connect
 from .durations import parse_duration, parse_moment
 from .envs import ENV_NAME, EnvStore
 from .errors import AlreadyExists, TokenNotFound
-from .extensions import connect
 from .keys import EnvKeys, SystemKeys
 from .retention import read_archive, trim
 from .scheduler import Scheduler

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 
+from .connection import durability_of
 from .keys import Namespace
 
 #: Audit fields, in the order they are written to the stream.
@@ -157,7 +158,7 @@ class Committer:
         for _ in range(2):  # with the head unchanged, the newest id is too: the second try fits
             chained = _chain(head, entries, time_ms)
             _add_entries(plan, ns, keys, chained, time_ms, expect_head)
-            status, value = (_text(x) for x in self._script(keys=keys.names, args=[json.dumps(plan)]))
+            status, value = self._call(keys.names, plan)
             if status != "clock":
                 break
             log.warning(
@@ -171,6 +172,36 @@ class Committer:
         if status == "replay":
             return Replayed(value)
         return Committed(stream_id=value, entries=chained)
+
+    def replay(self, key: str, ttl: int) -> str | None:
+        """The idempotency record at ``key``, renewed for ``ttl`` seconds and, with durability rules,
+        confirmed on the replicas like a commit; ``None`` if there is none."""
+        durability = durability_of(self._redis)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.expire(key, ttl)
+        if durability is not None and durability.active:
+            pipe.execute_command("WAIT", durability.wanted(), durability.timeout_ms)
+        record, _, *acked = pipe.execute()
+        if record is not None and durability is not None and durability.active:
+            durability.confirm(int(acked[0]))
+        return _text(record) or None
+
+    def _call(self, keys: list[str], plan: dict[str, Any]) -> tuple[str, str]:
+        """Run ``commit.lua``; with :class:`~flagsvc.connection.Durability` rules, ``WAIT`` on the
+        same connection in the same round trip, and :class:`~flagsvc.connection.Unconfirmed` if an
+        applied (or replayed) commit is not known to survive a failover."""
+        durability = durability_of(self._redis)
+        if durability is None or not durability.active:
+            status, value = self._script(keys=keys, args=[json.dumps(plan)])
+            return _text(status), _text(value)
+        pipe = self._redis.pipeline(transaction=False)
+        self._script(keys=keys, args=[json.dumps(plan)], client=pipe)
+        pipe.execute_command("WAIT", durability.wanted(), durability.timeout_ms)
+        (status, value), acked = pipe.execute()
+        if _text(status) in ("ok", "replay"):
+            durability.confirm(int(acked))
+        return _text(status), _text(value)
 
 
 class _Keys:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 DEFAULTS: dict[str, object] = {
-    # Redis: a redis:// rediss:// or unix:// URL. ``flagsvc serve`` sets it to the embedded
-    # server when none is given.
+    # Redis: redis://, rediss://, unix://, redis+sentinel://.../MASTER or redis+cluster://
+    # (flagsvc/connection.py). ``flagsvc serve`` sets it to the embedded server when none is given.
     "REDIS_URL": None,
     "REDIS_SOCKET_TIMEOUT": 5.0,
+    # A commit is acknowledged once this many replicas confirm it (WAIT): "auto" waits for one
+    # when the master has replicas; 0 never waits. Beyond the timeout the answer is 503
+    # outcome-unknown (the change is on the master, not yet known to survive a failover).
+    "REDIS_WAIT_REPLICAS": "auto",
+    "REDIS_WAIT_TIMEOUT_MS": 1000,
     # Request bodies larger than this are refused with 413 before they are parsed.
     "MAX_CONTENT_LENGTH": 64 * 1024,
     # How long a verified token is cached in a worker; revocation takes effect within it.

@@ -188,16 +188,31 @@ def handle_http_exception(error: HTTPException) -> Response:
     return problem_response(status, error.name, str(detail), headers=headers)
 
 
-#: Redis failures that mean "not reachable right now", as opposed to a bug in a command.
+#: Redis failures that mean "not available right now" (down, hung, loading, a replica, a
+#: failover or a cluster reshard in progress), as opposed to a bug in a command.
 REDIS_UNAVAILABLE = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
     redis.ReadOnlyError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
 )
+#: Error replies of the same kind that redis-py raises as a plain ``ResponseError``.
+UNAVAILABLE_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING", "READONLY", "CLUSTERDOWN", "TRYAGAIN")
 
 
-def handle_redis_error(error: redis.RedisError) -> Response:
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means Redis cannot take the request now, rather than a bug."""
+    if isinstance(error, REDIS_UNAVAILABLE):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith(UNAVAILABLE_REPLIES)
+
+
+def handle_redis_error(error: Exception) -> Response:
     """503. The client learns the kind of failure, never its text (addresses, socket paths):
     that goes to the log."""
     log.error("redis unavailable: %s", error)
@@ -206,6 +221,8 @@ def handle_redis_error(error: redis.RedisError) -> Response:
 
 
 def handle_unexpected(error: Exception) -> Response:
+    if is_unavailable(error):
+        return handle_redis_error(error)
     log.exception("unhandled error")
     return problem_response(500, "Internal Server Error", "Unexpected error; see the server log.")
 

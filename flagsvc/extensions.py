@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import redis
 from flask import Flask, current_app
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .audit import AuditLog
 from .changes import ChangeListener
 from .clients import ClientRegistry, Limits
+from .connection import connect, durability_of, writable
 from .envs import EnvStore
 from .flags import FlagStore
 from .keys import EnvKeys
@@ -43,9 +42,10 @@ class Stores:
         """The audit log of ``env``."""
         return AuditLog(self.redis, EnvKeys(env))
 
-    def ping(self) -> None:
-        """Raise ``redis.RedisError`` unless Redis answers."""
-        self.redis.ping()
+    def unready(self) -> str | None:
+        """Why the service cannot take writes now (``None``: it can). Raises ``redis.RedisError``
+        when Redis does not answer."""
+        return writable(self.redis)
 
     def started(self) -> Stores:
         """These stores, with this process's change listener running."""
@@ -55,22 +55,6 @@ class Stores:
     def close(self) -> None:
         """Stop the change listener (an app embedded in tests, say)."""
         self.listener.stop()
-
-
-def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
-    """A Redis client for ``url`` (redis://, rediss:// or unix://), decoding to ``str``."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        health_check_interval=30,
-        # One immediate retry covers a pooled connection that died with a Redis restart; more
-        # would only delay the 503 an outage must give. Retrying a commit is safe: its audit-head
-        # check refuses to apply the same change twice. A timeout is not retried: Redis is hung,
-        # and a commit in flight has an unknown outcome that the answer must say.
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-    )
 
 
 def make_stores(
@@ -93,7 +77,7 @@ def make_stores(
         clients=ClientRegistry(client, limits),
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
-        listener=ChangeListener(client, [snapshots, tokens]),
+        listener=ChangeListener(client, [snapshots, tokens, *filter(None, [durability_of(client)])]),
     )
 
 
@@ -104,7 +88,13 @@ def init_app(app: Flask) -> None:
             "FLAGSVC_REDIS_URL is not set: use `flagsvc serve` for the embedded Redis, "
             "or point FLAGSVC_REDIS_URL at a Redis server"
         )
-    client = connect(str(url), socket_timeout=float(app.config["REDIS_SOCKET_TIMEOUT"]))
+    wait = str(app.config["REDIS_WAIT_REPLICAS"])
+    client = connect(
+        str(url),
+        socket_timeout=float(app.config["REDIS_SOCKET_TIMEOUT"]),
+        wait_replicas=None if wait == "auto" else int(wait),
+        wait_timeout_ms=int(app.config["REDIS_WAIT_TIMEOUT_MS"]),
+    )
     app.extensions["flagsvc"] = make_stores(
         client,
         token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .api.common import request_id_for, version_named_by
+from .api.common import request_id_for, snapshot_named_by
 from .auth import authorize, bearer
 from .envs import ENV_NAME
 from .logs import log_request
@@ -63,14 +63,14 @@ class SnapshotPolls:
         if "HTTP_TRANSFER_ENCODING" in environ:
             return None
         env = match.group(1)
-        known_version = version_named_by(environ.get("HTTP_IF_NONE_MATCH"))
+        known = snapshot_named_by(environ.get("HTTP_IF_NONE_MATCH"))
         stores = self._stores()
         try:
             secret = bearer(environ.get("HTTP_AUTHORIZATION"))
             token = authorize(stores.tokens, secret, Role.SDK, env, may_wait=False)
             if not stores.envs.exists(env):
                 return None
-            status, headers, body = poll_answer(stores.snapshots, env, known_version)
+            status, headers, body = poll_answer(stores.snapshots, env, known)
         except Exception:  # noqa: BLE001 - a refusal, Redis trouble...: Flask answers and reports it
             return None
         if status == 200:

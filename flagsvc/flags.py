@@ -38,6 +38,14 @@ KIND_ORDER = {"kill_switch": 0, "ops": 1, "release": 2, "experiment": 3}
 Flag = dict[str, Any]
 
 
+NO_HISTORY = "0" * 12
+
+
+def history_of(mark: str | None) -> str:
+    """The history part of a snapshot's identity, from a version mark ``<seq>:<hash>``."""
+    return mark.partition(":")[2][:12] if mark else NO_HISTORY
+
+
 def sort_flags(flags: list[Flag]) -> list[Flag]:
     return sorted(flags, key=lambda f: (KIND_ORDER.get(f["kind"], 9), f["key"]))
 
@@ -101,9 +109,9 @@ def flag_change(
     return op, entry
 
 
-def bump_version(keys: EnvKeys, env_version: int) -> Op:
-    """The environment's new version, set in the commit of its flag changes."""
-    return Op("SET", keys.version, (str(env_version),))
+def bump_version(keys: EnvKeys, env_version: int) -> list[Op]:
+    """The environment's new version, set in the commit of its flag changes, and its mark."""
+    return [Op("SET", keys.version, (str(env_version),)), Op("SETHEAD", keys.version_mark, ())]
 
 
 @dataclass(frozen=True)
@@ -141,9 +149,17 @@ class Snapshot:
     env: str
     version: int
     flags: dict[str, Flag]
+    #: The first 12 hex digits of the audit hash where the version last moved: a version number
+    #: reused after a rollback of Redis comes with another history.
+    history: str = NO_HISTORY
+
+    @property
+    def identity(self) -> str:
+        """``<version>-<history>``: the snapshot's ETag and event id."""
+        return f"{self.version}-{self.history}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"env": self.env, "version": self.version, "flags": self.flags}
+        return {"env": self.env, "version": self.version, "history": self.history, "flags": self.flags}
 
 
 class FlagStore:
@@ -175,13 +191,14 @@ class FlagStore:
         k = EnvKeys(env)
         pipe = self._redis.pipeline(transaction=True)
         pipe.get(k.version)
+        pipe.get(k.version_mark)
         pipe.hvals(k.flags)
-        version, raw = pipe.execute()
+        version, mark, raw = pipe.execute()
         flags: dict[str, Flag] = {}
         for flag in sort_flags([json.loads(r) for r in raw]):
             if not flag.get("archived"):
                 flags[flag["key"]] = {f: flag[f] for f in EVALUATION_FIELDS if f in flag}
-        return Snapshot(env, int(version or 0), flags)
+        return Snapshot(env, int(version or 0), flags, history_of(mark))
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -265,7 +282,7 @@ def _flag_write(
     write, entry = flag_change(k, live, flag, ctx, mutation.action, env_version)
     return Change(
         WriteResult(flag, changed=True, created=live is None, env_version=env_version),
-        ops=[write, bump_version(k, env_version), *ops],
+        ops=[write, *bump_version(k, env_version), *ops],
         audit=[entry],
         notify={"env": k.name, "version": env_version, "flag": key, "action": mutation.action},
     )

@@ -79,6 +79,12 @@ class EnvKeys(Namespace):
         return f"{self.base}:version"
 
     @property
+    def version_mark(self) -> str:
+        """``<seq>:<hash>`` of the audit head when the version last moved: with the version, the
+        snapshot's identity (a version number reused after a rollback has another mark)."""
+        return f"{self.base}:version:mark"
+
+    @property
     def reverts(self) -> str:
         """Sorted set of scheduled automatic reverts (score: when, epoch seconds)."""
         return f"{self.base}:reverts"

@@ -136,7 +136,7 @@ class _Plan:
         ``summary`` entry before the flags' entries."""
         self.outcome.env_version = self.env_version if self.ops else self.env_version - 1
         summary["env_version"] = str(self.outcome.env_version)
-        version = [bump_version(self.keys, self.env_version)] if self.ops else []
+        version = bump_version(self.keys, self.env_version) if self.ops else []
         return Change(
             self.outcome,
             ops=[*self.ops, *version, *tail],

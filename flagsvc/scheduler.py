@@ -120,7 +120,7 @@ class Scheduler:
             write, entry = flag_change(k, flag, after, ctx, "flag.auto_revert", env_version)
             return Change(
                 "reverted",
-                ops=[write, bump_version(k, env_version), unschedule],
+                ops=[write, *bump_version(k, env_version), unschedule],
                 audit=[entry],
                 notify={"env": env, "version": env_version, "flag": key, "action": "flag.auto_revert"},
             )

@@ -310,6 +310,9 @@ class EnvListSchema(Schema):
 class SnapshotSchema(Schema):
     env = fields.String()
     version = fields.Integer()
+    history = fields.String(
+        metadata={"description": "12 hex digits: with version, the snapshot's identity (its ETag)"}
+    )
     flags = fields.Dict(keys=fields.String(), values=fields.Dict())
 
 

@@ -17,8 +17,8 @@ import click
 import redis
 
 from . import embedded
+from .connection import connect
 from .envs import EnvStore
-from .extensions import connect
 from .tokens import Role, TokenStore
 
 DEFAULT_ENV = "production"

@@ -20,7 +20,7 @@ import redis
 
 from flagsvc_client.engine import CompiledFlag, compile_flag
 
-from .flags import FlagStore
+from .flags import FlagStore, history_of
 from .keys import EnvKeys, is_system
 from .metrics import ENV_VERSION, POLLS
 
@@ -28,8 +28,8 @@ from .metrics import ENV_VERSION, POLLS
 STALE_HEADER = "X-Flagsvc-Stale"
 
 
-def etag(version: int) -> str:
-    return f'"{version}"'
+def etag(identity: str | int) -> str:
+    return f'"{identity}"'
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Published:
 
     env: str
     version: int
+    identity: str  #: ``<version>-<history>``, see :class:`flagsvc.flags.Snapshot`
     body: bytes
     flags: dict[str, Any] = field(default_factory=dict, repr=False)
     _compiled: dict[str, CompiledFlag] = field(default_factory=dict, repr=False, compare=False)
@@ -89,13 +90,13 @@ class SnapshotCache:
         """True when Redis has not confirmed the cached versions recently."""
         return time.monotonic() - self._last_ok > self._stale_after
 
-    def wait_for_change(self, env: str, version: int, timeout: float) -> Published | None:
-        """Block (a greenlet under gevent) until ``env`` moves past ``version``, at most ``timeout``."""
+    def wait_for_change(self, env: str, identity: str, timeout: float) -> Published | None:
+        """Block (a greenlet under gevent) until ``env`` moves past ``identity``, at most ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 entry = self._entries.get(env)
-                if entry is not None and entry.version != version:
+                if entry is not None and entry.identity != identity:
                     return entry
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -113,12 +114,11 @@ class SnapshotCache:
 
     def _load(self, env: str) -> Published:
         snap = self._flags.snapshot(env)
-        entry = Published(
-            env, snap.version, json.dumps(snap.to_dict(), separators=(",", ":")).encode(), snap.flags
-        )
+        body = json.dumps(snap.to_dict(), separators=(",", ":")).encode()
+        entry = Published(env, snap.version, snap.identity, body, snap.flags)
         with self._changed:
             current = self._entries.get(env)
-            if current is None or current.version != entry.version:
+            if current is None or current.identity != entry.identity:
                 self._entries[env] = entry
                 self._changed.notify_all()
         ENV_VERSION.labels(env).set(entry.version)
@@ -142,8 +142,11 @@ class SnapshotCache:
             pipe = self._redis.pipeline(transaction=False)
             for env in envs:
                 pipe.get(EnvKeys(env).version)
-            for env, stored in zip(envs, pipe.execute(), strict=True):
-                if int(stored or 0) != self._entries[env].version:
+                pipe.get(EnvKeys(env).version_mark)
+            stored = pipe.execute()
+            for i, env in enumerate(envs):
+                version, mark = int(stored[2 * i] or 0), history_of(stored[2 * i + 1])
+                if f"{version}-{mark}" != self._entries[env].identity:
                     self._load(env)
         else:
             self._redis.ping()
@@ -162,15 +165,21 @@ class SnapshotCache:
         self._load(namespace)
 
 
+def holds(published: Published, known: str | None) -> bool:
+    """Whether a client that names ``known`` (an identity, or a bare version from an SDK older
+    than identities) holds ``published``."""
+    return known is not None and known in (published.identity, str(published.version))
+
+
 def poll_answer(
-    cache: SnapshotCache, env: str, known_version: int | None
+    cache: SnapshotCache, env: str, known: str | None
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """A snapshot poll's status, headers and body (``304`` when ``known_version`` is current),
-    counted in the poll metrics; shared by the snapshot view and :mod:`flagsvc.fastpath`."""
+    """A snapshot poll's status, headers and body (``304`` when the client ``holds`` the current
+    snapshot), counted in the poll metrics; shared by the snapshot view and :mod:`flagsvc.fastpath`."""
     published = cache.get(env)
-    headers = [("ETag", etag(published.version)), ("Cache-Control", "no-cache")]
+    headers = [("ETag", etag(published.identity)), ("Cache-Control", "no-cache")]
     if cache.stale:
         headers.append((STALE_HEADER, "true"))
-    status, body = (304, b"") if known_version == published.version else (200, published.body)
+    status, body = (304, b"") if holds(published, known) else (200, published.body)
     POLLS.labels(env, str(status)).inc()
     return status, headers, body

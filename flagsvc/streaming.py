@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .metrics import OPEN_STREAMS
-from .snapshots import Published, SnapshotCache
+from .snapshots import Published, SnapshotCache, holds
 
 HEARTBEAT_SECONDS = 15.0
 #: How often a waiting stream wakes to check for shutdown.
@@ -98,7 +98,7 @@ class EventStream:
 
 
 def snapshot_event(published: Published) -> bytes:
-    return b"id: %d\nevent: snapshot\ndata: %s\n\n" % (published.version, published.body)
+    return b"id: %s\nevent: snapshot\ndata: %s\n\n" % (published.identity.encode(), published.body)
 
 
 def peer_gone(sock: socket.socket | None) -> bool:
@@ -118,7 +118,7 @@ def events(
     cache: SnapshotCache,
     env: str,
     first: Published,
-    last_event_id: int | None,
+    last_event_id: str | None,
     sock: socket.socket | None = None,
     *,
     still_allowed: Callable[[], bool] = lambda: True,
@@ -136,13 +136,13 @@ def _events(
     cache: SnapshotCache,
     env: str,
     first: Published,
-    last_event_id: int | None,
+    last_event_id: str | None,
     sock: socket.socket | None,
     still_allowed: Callable[[], bool],
 ) -> Iterator[bytes]:
     yield b"retry: %d\n\n" % RETRY_MS
     current = first
-    if last_event_id != current.version:
+    if not holds(current, last_event_id):
         yield snapshot_event(current)
     last_sent = time.monotonic()
     while not shutting_down():
@@ -151,7 +151,7 @@ def _events(
         if not still_allowed():
             yield b'event: revoked\ndata: {"detail": "the token was revoked or has expired"}\n\n'
             return
-        changed = cache.wait_for_change(env, current.version, WAKE_SECONDS)
+        changed = cache.wait_for_change(env, current.identity, WAKE_SECONDS)
         if changed is not None:
             current = changed
             yield snapshot_event(current)

@@ -99,7 +99,7 @@ def import_env(client: redis.Redis, env: str, document: Any, *, actor: str, sour
         env_version = int(version or 0) + 1
         ops, entries = _import_flags(k, ctx, state, flags, stored_flags, env_version, counts)
         if ops:
-            ops.append(bump_version(k, env_version))
+            ops += bump_version(k, env_version)
         more_ops, more_entries = _import_playbooks(k, ctx, state, playbooks, stored_playbooks, counts)
         notify = {"env": env, "version": env_version, "action": "import"} if entries else None
         return Change(counts, ops=[*ops, *more_ops], audit=[*entries, *more_entries], notify=notify)

@@ -14,16 +14,18 @@ a failure while the commit is in flight means the outcome is unknown, and the an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis
 
 from .commit import Committer, Conflict, Idempotency, Op, Replayed, iso_from_ms
+from .connection import Unconfirmed
 from .errors import IdempotencyKeyReused, OutcomeUnknown, WriteContention
 from .keys import Namespace
 from .metrics import FLAG_CHANGES
@@ -168,7 +170,10 @@ class Writer:
         conflict until ``deadline_seconds`` (then 503, nothing written). ``decide`` may raise
         :class:`~flagsvc.commit.Conflict` too, when what it read shows a concurrent change."""
         if idempotency is not None:
-            prior = self.client.get(ns.idempotency(idempotency.actor, idempotency.digest))
+            with outcome_unknown_on_failure(redis_errors=()):
+                prior = self.committer.replay(
+                    ns.idempotency(idempotency.actor, idempotency.digest), idempotency.ttl
+                )
             if prior:
                 return Done(_replayed(prior, idempotency, codec), replayed=True)
         deadline = time.monotonic() + deadline_seconds
@@ -213,7 +218,7 @@ class Writer:
                 ns.idempotency_index(idempotency.actor),
                 IDEMPOTENCY_RECORDS_PER_TOKEN,
             )
-        try:
+        with outcome_unknown_on_failure():
             outcome = self.committer.commit(
                 ns,
                 state.head,
@@ -223,12 +228,6 @@ class Writer:
                 notify=json.dumps(change.notify) if change.notify is not None else None,
                 time_ms=state.now_ms,
             )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise OutcomeUnknown(
-                f"Redis failed while the change was being committed ({type(exc).__name__}): it may or "
-                "may not have been applied. Retry with the same Idempotency-Key, or read the current "
-                "state before trying again."
-            ) from exc
         if isinstance(outcome, Replayed):
             assert idempotency is not None
             return Done(_replayed(outcome.value, idempotency, codec), replayed=True)
@@ -236,6 +235,27 @@ class Writer:
             if entry.get("flag") and entry.get("after"):  # a flag's new state, not a skip
                 FLAG_CHANGES.labels(ns.name, entry["action"]).inc()
         return Done(change.result)
+
+
+@contextlib.contextmanager
+def outcome_unknown_on_failure(
+    redis_errors: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError),
+) -> Iterator[None]:
+    """Answer a write that Redis may have applied, but did not confirm, with ``outcome-unknown``:
+    a commit not known to survive a failover, or (``redis_errors``) one whose answer was lost."""
+    try:
+        yield
+    except Unconfirmed as exc:
+        raise OutcomeUnknown(
+            f"{exc}. Retry with the same Idempotency-Key (it replays, and confirms, a change that "
+            "landed), or read the current state before trying again."
+        ) from exc
+    except redis_errors as exc:
+        raise OutcomeUnknown(
+            f"Redis failed while the change was being committed ({type(exc).__name__}): it may or "
+            "may not have been applied. Retry with the same Idempotency-Key, or read the current "
+            "state before trying again."
+        ) from exc
 
 
 def _encode(result: Any, codec: Codec[Any] | None) -> Any:

@@ -36,10 +36,21 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server on a free loopback port with its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durable: bool = False,
+        extra_args: tuple[str, ...] = (),
+        sentinel_conf: Path | None = None,
+    ) -> None:
+        """``extra_args``: more ``redis-server`` options; ``sentinel_conf``: run as a sentinel with
+        that (writable) configuration file instead."""
         self.data_dir = data_dir
         self.port = free_port()
         self.durable = durable
+        self.extra_args = extra_args
+        self.sentinel_conf = sentinel_conf
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,25 +59,18 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
-        if self.durable:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            args += ["--appendonly", "no"]
+        args = [redis_server_binary()]
+        if self.sentinel_conf is not None:
+            args += [str(self.sentinel_conf), "--sentinel"]
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
+        args += ["--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
+        if self.sentinel_conf is None:
+            args += ["--save", ""]
+            if self.durable:
+                args += ["--appendonly", "yes", "--appendfsync", "always"]
+            else:
+                args += ["--appendonly", "no"]
+        args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self._wait_ready()

@@ -150,7 +150,8 @@ def test_snapshot_etag_and_304(client, auth):
     put_flag(client, auth, "a", {"kind": "kill_switch", "enabled": True})
     put_flag(client, auth, "b", RELEASE)
     snap = client.get(f"{BASE}/snapshot", headers=auth("sdk"))
-    assert snap.status_code == 200 and snap.headers["ETag"] == '"2"'
+    assert snap.status_code == 200 and snap.json["version"] == 2
+    assert snap.headers["ETag"] == f'"2-{snap.json["history"]}"', "the ETag is the snapshot's identity"
     body = snap.json
     assert body["env"] == "production" and body["version"] == 2
     assert list(body["flags"]) == ["a", "b"]

@@ -30,14 +30,15 @@ def flask_calls(app: Any) -> list[str]:
 
 
 @pytest.fixture
-def version(client: Any, auth: Any, flask_calls: list[str]) -> int:
-    """The current version, after a flag was created (these requests are not counted)."""
+def version(client: Any, auth: Any, flask_calls: list[str]) -> str:
+    """The current snapshot identity (``<version>-<history>``, its ETag), after a flag was created
+    (these requests are not counted)."""
     client.put(
         "/api/v1/envs/production/flags/pay",
         json={"kind": "kill_switch", "enabled": True},
         headers=auth("admin"),
     )
-    current = int(client.get(SNAPSHOT, headers=auth("sdk")).headers["ETag"].strip('"'))
+    current = str(client.get(SNAPSHOT, headers=auth("sdk")).headers["ETag"].strip('"'))
     flask_calls.clear()
     return current
 
@@ -68,11 +69,12 @@ def both(
     ],
 )
 def test_polls_get_the_flask_views_answer_without_reaching_flask(
-    app: Any, auth: Any, version: int, flask_calls: list[str], if_none_match: str | None, status: int
+    app: Any, auth: Any, version: str, flask_calls: list[str], if_none_match: str | None, status: int
 ) -> None:
     headers = {**auth("sdk"), "X-Request-ID": "req-1"}
     if if_none_match is not None:
-        tag = if_none_match.replace("current", str(version)).replace("older", f'"{version - 1}"')
+        older = int(version.partition("-")[0]) - 1
+        tag = if_none_match.replace("current", version).replace("older", f'"{older}"')
         headers["If-None-Match"] = tag if '"' in tag or tag.startswith("not") else f'"{tag}"'
     fast, flask = both(app, path=SNAPSHOT, headers=headers)
     assert fast == flask
@@ -81,7 +83,7 @@ def test_polls_get_the_flask_views_answer_without_reaching_flask(
     assert flask_calls == [SNAPSHOT]  # only the direct call to the Flask app reached it
 
 
-def test_a_bad_request_id_is_replaced_as_flask_replaces_it(app: Any, auth: Any, version: int) -> None:
+def test_a_bad_request_id_is_replaced_as_flask_replaces_it(app: Any, auth: Any, version: str) -> None:
     fast, flask = both(app, path=SNAPSHOT, headers={**auth("sdk"), "X-Request-ID": "bad id\t!"})
     assert len(fast[1]["X-Request-ID"]) == len(flask[1]["X-Request-ID"]) == 32
     assert fast[1]["X-Request-ID"] != "bad id\t!"
@@ -100,7 +102,7 @@ def test_a_bad_request_id_is_replaced_as_flask_replaces_it(app: Any, auth: Any, 
     ],
 )
 def test_anything_else_is_answered_by_flask(
-    app: Any, auth: Any, version: int, flask_calls: list[str], request_kwargs: dict[str, Any], status: int
+    app: Any, auth: Any, version: str, flask_calls: list[str], request_kwargs: dict[str, Any], status: int
 ) -> None:
     request = {"path": SNAPSHOT, "headers": auth("sdk"), **request_kwargs}
     resp = app.test_client().open(**request)
@@ -111,7 +113,7 @@ def test_anything_else_is_answered_by_flask(
 
 
 def test_a_token_of_another_environment_is_refused(
-    app: Any, make_token: Any, version: int, flask_calls: list[str]
+    app: Any, make_token: Any, version: str, flask_calls: list[str]
 ) -> None:
     staging_only = make_token("sdk", envs=["staging"])
     resp = app.test_client().get(SNAPSHOT, headers={"Authorization": f"Bearer {staging_only}"})
@@ -119,7 +121,7 @@ def test_a_token_of_another_environment_is_refused(
 
 
 def test_a_revoked_token_stops_polling_within_a_second(
-    r: Any, client: Any, make_token: Any, version: int
+    r: Any, client: Any, make_token: Any, version: str
 ) -> None:
     secret = make_token("sdk", name="soon-revoked")
     headers = {"Authorization": f"Bearer {secret}", "If-None-Match": f'"{version}"'}
@@ -132,7 +134,7 @@ def test_a_revoked_token_stops_polling_within_a_second(
     assert client.get(SNAPSHOT, headers=headers).status_code == 401
 
 
-def test_polls_are_counted_as_before(app: Any, auth: Any, version: int) -> None:
+def test_polls_are_counted_as_before(app: Any, auth: Any, version: str) -> None:
     from prometheus_client import REGISTRY
 
     def count(outcome: str) -> float:
@@ -171,5 +173,5 @@ def test_a_read_right_after_a_write_in_the_same_process_sees_the_write(
         )
         version = done.headers["X-Flagsvc-Env-Version"]
         snap = client.get(SNAPSHOT, headers=auth("sdk"))
-        assert snap.headers["ETag"] == f'"{version}"'
+        assert snap.headers["ETag"].startswith(f'"{version}-')
         assert snap.json["flags"]["pay"]["enabled"] is (action == "restore")

@@ -137,7 +137,7 @@ def read_events(resp: requests.Response, into: queue.Queue) -> None:
         into.put(exc)
 
 
-def open_stream(stack: Stack, last_event_id: int | None = None) -> tuple[requests.Response, queue.Queue]:
+def open_stream(stack: Stack, last_event_id: str | None = None) -> tuple[requests.Response, queue.Queue]:
     headers = {**stack.headers("sdk"), "Accept": "text/event-stream"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
@@ -169,22 +169,24 @@ def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack)
     resp, events = open_stream(stack)
     first = next_event(events)
     assert first.type == "snapshot" and json.loads(first.data)["flags"]["a"]["enabled"] is True
-    version = int(first.id)
+    identity = first.id
+    version = int(identity.partition("-")[0])
+    assert identity == f"{version}-{json.loads(first.data)['history']}", "event id = snapshot identity"
     close_stream(resp)
 
-    # A client that already has the current version gets no snapshot until something changes.
-    resp, events = open_stream(stack, last_event_id=version)
+    # A client that already has the current snapshot gets none until something changes.
+    resp, events = open_stream(stack, last_event_id=identity)
     with pytest.raises(queue.Empty):
         events.get(timeout=1.5)
     assert stack.flip("a", "kill").status_code == 200
     change = next_event(events)
-    assert change.type == "snapshot" and int(change.id) == version + 1
+    assert change.type == "snapshot" and change.id.startswith(f"{version + 1}-")
     assert json.loads(change.data)["flags"]["a"]["enabled"] is False
     close_stream(resp)
 
     # One that is behind gets the current snapshot at once.
-    resp, events = open_stream(stack, last_event_id=version)
-    assert int(next_event(events).id) == version + 1
+    resp, events = open_stream(stack, last_event_id=identity)
+    assert next_event(events).id.startswith(f"{version + 1}-")
     close_stream(resp)
 
 

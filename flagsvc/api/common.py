@@ -20,6 +20,7 @@ from ..writes import Done, IdempotencyRequest, WriteContext
 ENV_VERSION_HEADER = "X-Flagsvc-Env-Version"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_SNAPSHOT_ETAG = re.compile(r'^(?:W/)?"?([0-9]{1,18}(?:-[0-9a-f]{12})?)"?$')
 _ETAG = re.compile(r'^(?:W/)?"?([0-9]{1,18})"?$')
 
 
@@ -84,17 +85,18 @@ def if_none_match_any() -> bool:
     return request.headers.get("If-None-Match", "").strip() == "*"
 
 
-def if_none_match_version() -> int | None:
-    """The version named by ``If-None-Match`` (snapshot polling), ``None`` if absent or unparsable."""
-    return version_named_by(request.headers.get("If-None-Match"))
+def if_none_match_snapshot() -> str | None:
+    """The snapshot named by ``If-None-Match`` (polling), ``None`` if absent or unparsable."""
+    return snapshot_named_by(request.headers.get("If-None-Match"))
 
 
-def version_named_by(raw: str | None) -> int | None:
-    """The version in an ``If-None-Match`` value (its first ETag), ``None`` if absent or unparsable."""
+def snapshot_named_by(raw: str | None) -> str | None:
+    """The snapshot identity (``<version>-<history>``, or a bare version from an older SDK) in an
+    ``If-None-Match`` value (its first ETag), ``None`` if absent or unparsable."""
     if not raw:
         return None
-    match = _ETAG.fullmatch(raw.split(",")[0].strip())
-    return int(match.group(1)) if match else None
+    match = _SNAPSHOT_ETAG.fullmatch(raw.split(",")[0].strip())
+    return match.group(1) if match else None
 
 
 def write_context(actor: str, reason: str = "", incident: str = "") -> WriteContext:

