@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Flask, Response, g, request
 
-from flagsvc_client.escaping import printable
+from flagsvc_client._escaping import printable
 
 log = logging.getLogger("flagsvc.requests")
 

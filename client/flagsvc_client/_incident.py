@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .escaping import printable
+from ._escaping import printable
 
 FLAG_ACTIONS = ("flag.kill", "flag.restore", "flag.update", "flag.auto_revert", "flag.create", "flag.delete")
 

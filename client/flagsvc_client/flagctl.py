@@ -20,9 +20,9 @@ from urllib.parse import quote
 
 import requests
 
+from ._escaping import printable
 from ._incident import build_report
 from ._version import __version__
-from .escaping import printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
 EXIT_INVALID, EXIT_NOT_CONFIRMED = 7, 8
