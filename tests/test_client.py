@@ -291,3 +291,21 @@ def test_close_is_idempotent_and_stops_the_thread(make_client):
     client.close()
     assert client.status().closed
     assert client.is_enabled("x", default=True) is True
+
+
+def updater_alive() -> bool:
+    """Whether a client's updater thread (the stream or poll loop) is running."""
+    return any(t.name == "flagsvc-poller-production" and t.is_alive() for t in threading.enumerate())
+
+
+def test_unexpected_stream_error_ends_start_up_and_updates_go_on(make_client):
+    """A token that HTTP headers cannot carry makes every request raise ``UnicodeEncodeError``,
+    which is no requests error: start-up still ends at once, and the thread keeps retrying."""
+    start = time.monotonic()
+    client = make_client(mode="stream", token="fsk_000000000000_\u20ac", init_timeout=5)
+    assert time.monotonic() - start < 2, "an unexpected stream error does not make start-up wait"
+    status = client.status()
+    assert status.ready and status.stale and not status.fatal
+    assert "UnicodeEncodeError" in status.last_error
+    time.sleep(5 * POLL)  # the fallback polls meet the same error
+    assert updater_alive(), "an unexpected error in a fallback poll does not end the updates"

@@ -356,6 +356,7 @@ class FlagClient:
                 failures += 1
                 self._record_failure(f"{type(exc).__name__}: {exc}")
                 log.exception("flagsvc: unexpected error in the event stream")
+                self._ready.set()
                 delay = self._backoff(failures)
             if not self._poll_until(time.monotonic() + delay):
                 return
@@ -376,6 +377,9 @@ class FlagClient:
                     self._fatal_stop(exc)
                     return False
                 self._record_failure(str(exc))
+            except Exception as exc:
+                self._record_failure(f"{type(exc).__name__}: {exc}")
+                log.exception("flagsvc: unexpected error while polling")
         return False
 
     def _consume_stream(self) -> None:
