@@ -309,3 +309,68 @@ def test_unexpected_stream_error_ends_start_up_and_updates_go_on(make_client):
     assert "UnicodeEncodeError" in status.last_error
     time.sleep(5 * POLL)  # the fallback polls meet the same error
     assert updater_alive(), "an unexpected error in a fallback poll does not end the updates"
+
+
+def test_close_returns_at_once_while_the_stream_is_open(server, rest, make_client):
+    rest.put("recs", {"kind": "kill_switch", "enabled": True})
+    client = make_client(mode="stream", poll_interval=60)
+    assert client.is_enabled("recs")
+    rest.kill("recs")
+    wait_for(lambda: not client.is_enabled("recs"), timeout=3)  # only the stream is this fast
+    start = time.monotonic()
+    client.close()  # the thread is blocked reading the stream until the next heartbeat (15 s)
+    assert time.monotonic() - start < 1.5
+    assert not updater_alive()
+
+
+class SlowStreamServer:
+    """Answers the event stream's request after ``delay`` seconds with headers and no event;
+    anything else with a 503."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            if b"/stream " not in head.split(b"\r\n", 1)[0]:
+                conn.sendall(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            time.sleep(self.delay)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_close_while_the_stream_opens_returns_once_it_answers(make_client):
+    slow = SlowStreamServer(delay=1.0)
+    try:
+        client = make_client(url=slow.url, mode="stream", init_timeout=0.2)
+        start = time.monotonic()
+        client.close()  # the stream's request is under way: its answer must not be read
+        assert time.monotonic() - start < 2.5
+        assert not updater_alive()
+    finally:
+        slow.close()

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
 import weakref
@@ -118,6 +117,7 @@ class FlagClient:
 
     def _init_sync(self) -> None:
         self._write_lock = threading.Lock()
+        self._stream_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
 
@@ -385,7 +385,11 @@ class FlagClient:
     def _consume_stream(self) -> None:
         known = self._snapshot.version if self._snapshot.source == "server" else None
         resp = self._fetcher.open_stream(known, self._stream_read_timeout)
-        self._stream_response = resp
+        with self._stream_lock:
+            if self._stop.is_set():
+                resp.close()  # close() ran while the stream opened: nothing to read
+                return
+            self._stream_response = resp
         try:
             for event in sse.parse(resp.iter_lines(chunk_size=None)):
                 if self._stop.is_set():
@@ -407,7 +411,8 @@ class FlagClient:
             if not self._stop.is_set():
                 raise FetchError(f"event stream broken: {type(exc).__name__}") from None
         finally:
-            self._stream_response = None
+            with self._stream_lock:
+                self._stream_response = None
             resp.close()
 
     def _run_poll(self) -> None:
@@ -476,11 +481,11 @@ class FlagClient:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
+        with self._stream_lock:
+            self._stop.set()
+            if self._stream_response is not None:
+                _interrupt(self._stream_response)
         self._reporter.stop()
-        stream = self._stream_response
-        if stream is not None:
-            _interrupt(stream)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self._fetcher._timeout + 1)
         self._fetcher.close()
@@ -507,15 +512,11 @@ class FlagClient:
 
 
 def _interrupt(response: Any) -> None:
-    """Unblock the thread reading ``response``: closing the socket would wait for that thread's
-    read; shutting it down wakes it (the reader closes the response itself)."""
-    with contextlib.suppress(Exception):
-        raw = response.raw
-        connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is None:  # urllib3 lets go of the connection object once reading started
-            sock = raw._fp.fp.raw._sock
-        sock.shutdown(socket.SHUT_RDWR)
+    """Unblock the thread reading ``response``: closing it would wait for that thread's read;
+    urllib3's ``HTTPResponse.shutdown()`` wakes it (the reader closes the response itself)."""
+    # OSError: the peer closed it first; RuntimeError: urllib3 released it, the stream had ended.
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        response.raw.shutdown()
 
 
 _clients: weakref.WeakSet[FlagClient] = weakref.WeakSet()
