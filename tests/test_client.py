@@ -174,9 +174,10 @@ def test_start_up_waits_at_most_init_timeout_on_a_silent_server(make_client):
         silent.close()
 
 
-def test_forked_child_sees_later_changes(rest, make_client):
+@pytest.mark.parametrize("mode", ["poll", "stream"])
+def test_forked_child_sees_later_changes(rest, make_client, mode):
     rest.put("child.flag", {"kind": "kill_switch", "enabled": True})
-    client = make_client()
+    client = make_client(mode=mode)
     assert client.is_enabled("child.flag")
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -286,8 +287,8 @@ def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
 def test_close_is_idempotent_and_stops_the_thread(make_client):
     client = make_client()
     with client:
-        assert client._thread.is_alive()
-    assert not client._thread.is_alive()
+        assert client._source.thread.is_alive()
+    assert not client._source.thread.is_alive()
     client.close()
     assert client.status().closed
     assert client.is_enabled("x", default=True) is True
