@@ -12,6 +12,7 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
+import flagsvc_client
 from flagsvc_client import FlagClient
 from flagsvc_client.openfeature import FlagsvcProvider
 
@@ -75,6 +76,13 @@ def of_client(server, auth, tokens):
     api.set_provider(provider)
     yield api.get_client()
     api.shutdown()
+
+
+def test_reasons_and_error_codes_are_openfeatures():
+    for reason in flagsvc_client.Reason:
+        assert Reason(reason) is Reason[reason.name] and Reason[reason.name] == reason
+    for code in flagsvc_client.ErrorCode:
+        assert ErrorCode(code) is ErrorCode[code.name] and ErrorCode[code.name] == code
 
 
 def test_typed_resolution_with_reasons(of_client):

@@ -38,6 +38,7 @@ any other value of the wrong type (``{}``, ``""``, ``0``) makes the flag malform
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -60,8 +61,8 @@ __all__ = [
 ]
 
 
-class Reason:
-    """OpenFeature resolution reasons."""
+class Reason(enum.StrEnum):
+    """Why an evaluation gave its value: OpenFeature's resolution reasons (the same strings)."""
 
     STATIC = "STATIC"
     DEFAULT = "DEFAULT"
@@ -71,8 +72,8 @@ class Reason:
     ERROR = "ERROR"
 
 
-class ErrorCode:
-    """OpenFeature error codes."""
+class ErrorCode(enum.StrEnum):
+    """Why an evaluation gave the caller's default: OpenFeature's error codes (the same strings)."""
 
     FLAG_NOT_FOUND = "FLAG_NOT_FOUND"
     PARSE_ERROR = "PARSE_ERROR"
@@ -89,14 +90,14 @@ class EvaluationDetails:
     key: str
     value: Any
     variant: str | None
-    reason: str
-    error_code: str | None = None
+    reason: Reason
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     flag_version: int | None = None
 
 
 class _ContextError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -372,11 +373,11 @@ class CompiledFlag:
             raise _ParseError(f"rule {index}: bucket_by must be a non-empty string")
         return _Rule(conditions, None, tuple(parts), cumulative, bucket_by)
 
-    def _details(self, variant: str, reason: str) -> EvaluationDetails:
+    def _details(self, variant: str, reason: Reason) -> EvaluationDetails:
         """Results are immutable: built once here, shared by every evaluation."""
         return EvaluationDetails(self.key, self.variants[variant], variant, reason, flag_version=self.version)
 
-    def _error(self, default: Any, code: str, message: str) -> EvaluationDetails:
+    def _error(self, default: Any, code: ErrorCode, message: str) -> EvaluationDetails:
         return EvaluationDetails(self.key, default, None, Reason.ERROR, code, message, self.version)
 
     def evaluate(self, context: Mapping[str, Any] | None, default: Any) -> EvaluationDetails:
