@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from flagsvc_client import FlagClient, Reason
+from flagsvc_client import ErrorCode, FlagClient, Reason
 from flagsvc_client._snapshot import Snapshot
 
 BASE = "/api/v1/envs/production/flags"
@@ -267,6 +267,16 @@ def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
     assert mismatch.value == 3000
     assert client.get_string("payments.timeout-ms", default="x") == "x"
     assert client.get_boolean("missing", default=True) is True
+
+    typed = client.evaluate("payments.timeout-ms", expected_type="number")
+    assert (typed.value, typed.variant, typed.reason, typed.error_code) == (3000, "normal", "STATIC", None)
+    wrong = client.evaluate("payments.timeout-ms", {}, "x", expected_type="string")
+    assert (wrong.value, wrong.variant, wrong.reason) == ("x", None, Reason.ERROR)
+    assert wrong.error_code == ErrorCode.TYPE_MISMATCH and wrong.flag_version == typed.flag_version
+    assert client.evaluate("missing", expected_type="boolean").value is False
+    assert client.evaluate("missing").value is None
+    unknown = client.evaluate("payments.timeout-ms", expected_type="integer")  # not a flag type
+    assert (unknown.value, unknown.error_code) == (None, ErrorCode.GENERAL)
 
     changes = []
     client.on_change(lambda change: 1 / 0)  # a broken listener cannot stop the others

@@ -18,7 +18,7 @@ from ._poll import PollingSource
 from ._report import Reporter, default_app_name
 from ._snapshot import Snapshot, load_cache, save_cache
 from ._stream import StreamingSource
-from .engine import ErrorCode, EvaluationDetails, Reason, value_matches_type
+from .engine import FLAG_TYPES, ErrorCode, EvaluationDetails, FlagType, Reason, value_matches_type
 
 log = logging.getLogger("flagsvc_client")
 
@@ -133,31 +133,47 @@ class FlagClient:
                 return value  # type: ignore[no-any-return]
         else:
             return bool(default if default is not None else self._defaults.get(key, False))
-        return bool(self._typed(key, context, default, "boolean", counted=True).value)
+        return bool(self._details(key, context, default, "boolean", counted=True).value)
 
     def get_boolean(
         self, key: str, context: Mapping[str, Any] | None = None, default: bool | None = None
     ) -> bool:
-        return bool(self._typed(key, context, default, "boolean").value)
+        """The value of boolean flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        return bool(self._details(key, context, default, "boolean").value)
 
     def get_string(
         self, key: str, context: Mapping[str, Any] | None = None, default: str | None = None
     ) -> str:
-        return self._typed(key, context, default, "string").value  # type: ignore[no-any-return]
+        """The value of string flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        value: str = self._details(key, context, default, "string").value
+        return value
 
     def get_number(
         self, key: str, context: Mapping[str, Any] | None = None, default: float | None = None
     ) -> float:
-        return self._typed(key, context, default, "number").value  # type: ignore[no-any-return]
+        """The value of number flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        value: float = self._details(key, context, default, "number").value
+        return value
 
     def get_json(self, key: str, context: Mapping[str, Any] | None = None, default: Any = None) -> Any:
-        return self._typed(key, context, default, "json").value
+        """The value of JSON flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        return self._details(key, context, default, "json").value
 
     def evaluate(
-        self, key: str, context: Mapping[str, Any] | None = None, default: Any = None
+        self,
+        key: str,
+        context: Mapping[str, Any] | None = None,
+        default: Any = None,
+        *,
+        expected_type: FlagType | None = None,
     ) -> EvaluationDetails:
-        """Value, variant, reason and error of ``key`` for ``context``; never raises."""
-        return self._typed(key, context, default, None)
+        """Value, variant, reason and error of ``key`` for ``context``; never raises.
+
+        ``default`` (else ``defaults[key]``) is the value when there is an error. With
+        ``expected_type`` (``"boolean"``, ``"string"``, ``"number"`` or ``"json"``), a value of
+        another type is an error too (``TYPE_MISMATCH``), and a boolean's default is ``False``.
+        """
+        return self._details(key, context, default, expected_type)
 
     def all_values(self, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every flag's value for ``context`` (flags that error give ``defaults[key]`` or ``None``)."""
@@ -166,12 +182,12 @@ class FlagClient:
             key: flag.evaluate(context, self._defaults.get(key)).value for key, flag in snapshot.flags.items()
         }
 
-    def _typed(
+    def _details(
         self,
         key: str,
         context: Mapping[str, Any] | None,
         default: Any,
-        expected: str | None,
+        expected: FlagType | None,
         *,
         counted: bool = False,
     ) -> EvaluationDetails:
@@ -180,26 +196,20 @@ class FlagClient:
         try:
             flag = self._snapshot.flags.get(key)
             if flag is None:
-                return EvaluationDetails(
-                    key, default, None, Reason.ERROR, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}"
-                )
+                return _error(key, default, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}")
             if not counted:
                 flag.evaluations += 1
             details = flag.evaluate(context, default)
-            if (
-                expected is not None
-                and details.reason != Reason.ERROR
-                and not value_matches_type(details.value, expected)
-            ):
+            if expected is None or details.reason == Reason.ERROR:
+                return details
+            if expected not in FLAG_TYPES:
+                return _error(key, default, ErrorCode.GENERAL, f"unknown expected_type {expected!r}")
+            if not value_matches_type(details.value, expected):
                 message = f"flag {key!r} does not hold a {expected} value"
-                return EvaluationDetails(
-                    key, default, None, Reason.ERROR, ErrorCode.TYPE_MISMATCH, message, details.flag_version
-                )
+                return _error(key, default, ErrorCode.TYPE_MISMATCH, message, details.flag_version)
             return details
         except Exception as exc:  # noqa: BLE001 - an evaluation never raises into the caller
-            return EvaluationDetails(
-                key, default, None, Reason.ERROR, ErrorCode.GENERAL, f"{type(exc).__name__}"
-            )
+            return _error(key, default, ErrorCode.GENERAL, f"{type(exc).__name__}")
 
     def kill_switch(
         self, key: str, fallback: Any = None, *, context: Callable[..., Mapping[str, Any]] | None = None
@@ -348,6 +358,12 @@ class FlagClient:
         if not self._closed and not self._sink.fatal:
             self._source.start()
             self._reporter.start()
+
+
+def _error(
+    key: str, default: Any, code: ErrorCode, message: str, flag_version: int | None = None
+) -> EvaluationDetails:
+    return EvaluationDetails(key, default, None, Reason.ERROR, code, message, flag_version)
 
 
 _clients: weakref.WeakSet[FlagClient] = weakref.WeakSet()

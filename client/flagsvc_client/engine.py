@@ -43,14 +43,16 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from . import _semver
 
 __all__ = [
+    "FLAG_TYPES",
     "CompiledFlag",
     "ErrorCode",
     "EvaluationDetails",
+    "FlagType",
     "Reason",
     "bucket",
     "compile_flag",
@@ -106,7 +108,8 @@ class _ParseError(Exception):
     pass
 
 
-_TYPES = ("boolean", "string", "number", "json")
+FlagType: TypeAlias = Literal["boolean", "string", "number", "json"]
+FLAG_TYPES: tuple[FlagType, ...] = ("boolean", "string", "number", "json")
 
 
 def is_number(value: Any) -> bool:
@@ -290,7 +293,7 @@ class CompiledFlag:
         if not isinstance(raw, Mapping):
             raise _ParseError("not an object")
         flag_type = raw.get("type", "boolean")
-        if flag_type not in _TYPES:
+        if flag_type not in FLAG_TYPES:
             raise _ParseError(f"unknown type {flag_type!r}")
         enabled = raw.get("enabled")
         if not isinstance(enabled, bool):
