@@ -38,7 +38,7 @@ class Backoff:
     def next_delay(self) -> float:
         """Count one more failure in a row; the pause before trying again."""
         self.failures += 1
-        delay = min(self._cap, BACKOFF_BASE * 2 ** min(self.failures, 16))
+        delay = min(self._cap, BACKOFF_BASE * 2.0 ** min(self.failures, 16))
         return max(delay * random.uniform(0.5, 1.0), 0.05)
 
     def reset(self) -> None:

@@ -33,7 +33,8 @@ def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 def parse(lines: Iterable[bytes | str]) -> Iterator[Event]:
     """Events from the stream's lines (without their line terminators)."""
-    event_type, data, last_id = "", [], None
+    event_type, last_id = "", None
+    data: list[str] = []
     for raw in lines:
         line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if line == "":

@@ -130,7 +130,7 @@ class FlagClient:
                 details = flag.evaluate(context, _NO_VALUE)  # never raises
             value = details.value
             if value.__class__ is bool:
-                return value  # type: ignore[no-any-return]
+                return value  # a bool: the fast path's answer
         else:
             return bool(default if default is not None else self._defaults.get(key, False))
         return bool(self._details(key, context, default, "boolean", counted=True).value)
