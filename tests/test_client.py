@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from flagsvc_client import ErrorCode, FlagClient, Reason
+from flagsvc_client import _sse as sse
 from flagsvc_client._snapshot import Snapshot
 
 BASE = "/api/v1/envs/production/flags"
@@ -385,3 +386,12 @@ def test_close_while_the_stream_opens_returns_once_it_answers(make_client):
         assert not updater_alive()
     finally:
         slow.close()
+
+
+def test_event_stream_lines_are_the_same_however_the_bytes_arrive():
+    """CRLF, LF and CR end lines, a CRLF split between two reads included."""
+    body = b"event: snapshot\r\ndata: {}\r\n\r\n: heartbeat\n\nid: 3\rdata: x\r\r"
+    expected = [b"event: snapshot", b"data: {}", b"", b": heartbeat", b"", b"id: 3", b"data: x", b""]
+    for size in range(1, len(body) + 1):
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        assert list(sse.lines(chunks)) == expected, size

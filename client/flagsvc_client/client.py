@@ -10,7 +10,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from ._datasource import DataSource, Sink, fetch_snapshot
 from ._http import SnapshotFetcher
@@ -18,7 +18,7 @@ from ._poll import PollingSource
 from ._report import Reporter, default_app_name
 from ._snapshot import Snapshot, load_cache, save_cache
 from ._stream import StreamingSource
-from .engine import FLAG_TYPES, ErrorCode, EvaluationDetails, FlagType, Reason, value_matches_type
+from .engine import ErrorCode, EvaluationDetails, FlagType, Reason, value_matches_type
 
 log = logging.getLogger("flagsvc_client")
 
@@ -26,6 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 ChangeListener = Callable[["FlagChange"], None]
 
 _NO_VALUE = object()  # marks "fell back to the default" on the is_enabled fast path
+_FLAG_TYPES = frozenset(get_args(FlagType))
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class FlagClient:
             details = flag.evaluate(context, default)
             if expected is None or details.reason == Reason.ERROR:
                 return details
-            if expected not in FLAG_TYPES:
+            if expected not in _FLAG_TYPES:
                 return _error(key, default, ErrorCode.GENERAL, f"unknown expected_type {expected!r}")
             if not value_matches_type(details.value, expected):
                 message = f"flag {key!r} does not hold a {expected} value"

@@ -43,12 +43,11 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 from . import _semver
 
 __all__ = [
-    "FLAG_TYPES",
     "CompiledFlag",
     "ErrorCode",
     "EvaluationDetails",
@@ -109,7 +108,7 @@ class _ParseError(Exception):
 
 
 FlagType: TypeAlias = Literal["boolean", "string", "number", "json"]
-FLAG_TYPES: tuple[FlagType, ...] = ("boolean", "string", "number", "json")
+_TYPES: tuple[str, ...] = get_args(FlagType)
 
 
 def is_number(value: Any) -> bool:
@@ -312,7 +311,7 @@ class CompiledFlag:
         if not isinstance(raw, Mapping):
             raise _ParseError("not an object")
         flag_type = raw.get("type", "boolean")
-        if flag_type not in FLAG_TYPES:
+        if flag_type not in _TYPES:
             raise _ParseError(f"unknown type {flag_type!r}")
         enabled = raw.get("enabled")
         if not isinstance(enabled, bool):
