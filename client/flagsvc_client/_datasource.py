@@ -11,6 +11,7 @@ start-up never waits on a service that is down.
 
 from __future__ import annotations
 
+import abc
 import logging
 import random
 import threading
@@ -116,9 +117,11 @@ def fetch_snapshot(fetcher: SnapshotFetcher, sink: Sink, *, keep_alive: bool = T
     sink.succeeded()
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """One daemon thread keeping the snapshot current until :meth:`stop`. Subclasses write
     :meth:`_run` from :meth:`_guarded` calls and pauses on ``self._stop``."""
+
+    _keep_alive = True  # whether polls keep their connection open for the next one
 
     def __init__(self, fetcher: SnapshotFetcher, sink: Sink, poll_interval: float, env: str) -> None:
         self._fetcher = fetcher
@@ -126,7 +129,6 @@ class DataSource:
         self.poll_interval = poll_interval
         self._stop = threading.Event()
         self._backoff = Backoff(poll_interval)
-        self._keep_alive = True  # keep the polls' connection open between polls
         self.thread = threading.Thread(target=self._run, name=f"flagsvc-poller-{env}", daemon=True)
 
     def start(self) -> None:
@@ -141,8 +143,9 @@ class DataSource:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The thread: until ``self._stop`` is set."""
 
     def _guarded(self, fetch: Callable[[], None], doing: str) -> bool:
         """Run one fetch; ``False`` if it failed. A failure is recorded, never raised; a fatal one

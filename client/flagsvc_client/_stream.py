@@ -23,12 +23,13 @@ from ._http import FetchError, SnapshotFetcher
 class StreamingSource(DataSource):
     """Holds the event stream; :meth:`stop` wakes a read blocked on it."""
 
+    _keep_alive = False  # fallback polls leave no idle connection open beside the stream
+
     def __init__(
         self, fetcher: SnapshotFetcher, sink: Sink, poll_interval: float, env: str, read_timeout: float
     ) -> None:
         super().__init__(fetcher, sink, poll_interval, env)
         self._read_timeout = read_timeout
-        self._keep_alive = False  # fallback polls: no idle connection left open beside the stream
         self._lock = threading.Lock()  # orders stop() against a stream that is being opened
         self._response: requests.Response | None = None
 
