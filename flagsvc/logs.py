@@ -17,7 +17,7 @@ from typing import TextIO
 
 from flask import Flask, Response, g, request
 
-from flagsvc_client.escaping import printable
+from flagsvc_client._escaping import printable
 
 log = logging.getLogger("flagsvc.requests")
 

@@ -12,7 +12,8 @@ import time
 import pytest
 import requests
 
-from flagsvc_client import FlagClient, Reason
+from flagsvc_client import ErrorCode, FlagClient, Reason
+from flagsvc_client import _sse as sse
 from flagsvc_client._snapshot import Snapshot
 
 BASE = "/api/v1/envs/production/flags"
@@ -174,9 +175,10 @@ def test_start_up_waits_at_most_init_timeout_on_a_silent_server(make_client):
         silent.close()
 
 
-def test_forked_child_sees_later_changes(rest, make_client):
+@pytest.mark.parametrize("mode", ["poll", "stream"])
+def test_forked_child_sees_later_changes(rest, make_client, mode):
     rest.put("child.flag", {"kind": "kill_switch", "enabled": True})
-    client = make_client()
+    client = make_client(mode=mode)
     assert client.is_enabled("child.flag")
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -267,6 +269,16 @@ def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
     assert client.get_string("payments.timeout-ms", default="x") == "x"
     assert client.get_boolean("missing", default=True) is True
 
+    typed = client.evaluate("payments.timeout-ms", expected_type="number")
+    assert (typed.value, typed.variant, typed.reason, typed.error_code) == (3000, "normal", "STATIC", None)
+    wrong = client.evaluate("payments.timeout-ms", {}, "x", expected_type="string")
+    assert (wrong.value, wrong.variant, wrong.reason) == ("x", None, Reason.ERROR)
+    assert wrong.error_code == ErrorCode.TYPE_MISMATCH and wrong.flag_version == typed.flag_version
+    assert client.evaluate("missing", expected_type="boolean").value is False
+    assert client.evaluate("missing").value is None
+    unknown = client.evaluate("payments.timeout-ms", expected_type="integer")  # not a flag type
+    assert (unknown.value, unknown.error_code) == (None, ErrorCode.GENERAL)
+
     changes = []
     client.on_change(lambda change: 1 / 0)  # a broken listener cannot stop the others
     client.on_change(changes.append)
@@ -286,8 +298,100 @@ def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
 def test_close_is_idempotent_and_stops_the_thread(make_client):
     client = make_client()
     with client:
-        assert client._thread.is_alive()
-    assert not client._thread.is_alive()
+        assert client._source.thread.is_alive()
+    assert not client._source.thread.is_alive()
     client.close()
     assert client.status().closed
     assert client.is_enabled("x", default=True) is True
+
+
+def updater_alive() -> bool:
+    """Whether a client's updater thread (the stream or poll loop) is running."""
+    return any(t.name == "flagsvc-poller-production" and t.is_alive() for t in threading.enumerate())
+
+
+def test_unexpected_stream_error_ends_start_up_and_updates_go_on(make_client):
+    """A token that HTTP headers cannot carry makes every request raise ``UnicodeEncodeError``,
+    which is no requests error: start-up still ends at once, and the thread keeps retrying."""
+    start = time.monotonic()
+    client = make_client(mode="stream", token="fsk_000000000000_\u20ac", init_timeout=5)
+    assert time.monotonic() - start < 2, "an unexpected stream error does not make start-up wait"
+    status = client.status()
+    assert status.ready and status.stale and not status.fatal
+    assert "UnicodeEncodeError" in status.last_error
+    time.sleep(5 * POLL)  # the fallback polls meet the same error
+    assert updater_alive(), "an unexpected error in a fallback poll does not end the updates"
+
+
+def test_close_returns_at_once_while_the_stream_is_open(server, rest, make_client):
+    rest.put("recs", {"kind": "kill_switch", "enabled": True})
+    client = make_client(mode="stream", poll_interval=60)
+    assert client.is_enabled("recs")
+    rest.kill("recs")
+    wait_for(lambda: not client.is_enabled("recs"), timeout=3)  # only the stream is this fast
+    start = time.monotonic()
+    client.close()  # the thread is blocked reading the stream until the next heartbeat (15 s)
+    assert time.monotonic() - start < 1.5
+    assert not updater_alive()
+
+
+class SlowStreamServer:
+    """Answers the event stream's request after ``delay`` seconds with headers and no event;
+    anything else with a 503."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            if b"/stream " not in head.split(b"\r\n", 1)[0]:
+                conn.sendall(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            time.sleep(self.delay)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_close_while_the_stream_opens_returns_once_it_answers(make_client):
+    slow = SlowStreamServer(delay=1.0)
+    try:
+        client = make_client(url=slow.url, mode="stream", init_timeout=0.2)
+        start = time.monotonic()
+        client.close()  # the stream's request is under way: its answer must not be read
+        assert time.monotonic() - start < 2.5
+        assert not updater_alive()
+    finally:
+        slow.close()
+
+
+def test_event_stream_lines_are_the_same_however_the_bytes_arrive():
+    """CRLF, LF and CR end lines, a CRLF split between two reads included."""
+    body = b"event: snapshot\r\ndata: {}\r\n\r\n: heartbeat\n\nid: 3\rdata: x\r\r"
+    expected = [b"event: snapshot", b"data: {}", b"", b": heartbeat", b"", b"id: 3", b"data: x", b""]
+    for size in range(1, len(body) + 1):
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        assert list(sse.lines(chunks)) == expected, size

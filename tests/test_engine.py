@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import random
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flagsvc_client.engine import bucket, compile_flag, evaluate
+from flagsvc_client.engine import ErrorCode, Reason, bucket, compile_flag, evaluate
 
 SPEC_PATH = Path(__file__).parent.parent / "client/spec/evaluation-cases.json"
 SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
@@ -55,6 +56,15 @@ def test_spec_shape() -> None:
         else:
             assert expected["error_code"] is None, case["name"]
             assert isinstance(expected["variant"], str), case["name"]
+
+
+def test_reason_and_error_code_are_str_enums_of_the_spec_strings() -> None:
+    assert issubclass(Reason, enum.StrEnum) and issubclass(ErrorCode, enum.StrEnum)
+    assert {r.value for r in Reason} == REASONS and {c.value for c in ErrorCode} == ERROR_CODES
+    missing = evaluate("k", None, {}, True)
+    assert isinstance(missing.reason, Reason) and isinstance(missing.error_code, ErrorCode)
+    assert json.dumps([missing.reason, missing.error_code]) == '["ERROR", "FLAG_NOT_FOUND"]'
+    assert f"{missing.reason}/{missing.error_code}" == "ERROR/FLAG_NOT_FOUND"
 
 
 @pytest.mark.parametrize("case", [_case_param(case) for case in CASES])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,6 +14,7 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
+import flagsvc_client
 from flagsvc_client import FlagClient
 from flagsvc_client.openfeature import FlagsvcProvider
 
@@ -77,6 +80,13 @@ def of_client(server, auth, tokens):
     api.shutdown()
 
 
+def test_reasons_and_error_codes_are_openfeatures():
+    for reason in flagsvc_client.Reason:
+        assert Reason(reason) is Reason[reason.name] and Reason[reason.name] == reason
+    for code in flagsvc_client.ErrorCode:
+        assert ErrorCode(code) is ErrorCode[code.name] and ErrorCode[code.name] == code
+
+
 def test_typed_resolution_with_reasons(of_client):
     assert of_client.get_boolean_value("recs", False) is True
     fr = of_client.get_boolean_details("search.v2", False, EvaluationContext("u1", {"country": "FR"}))
@@ -124,3 +134,33 @@ def test_configuration_changed_event_on_kill(of_client, server, auth):
     assert ["recs"] in changed
     killed = of_client.get_boolean_details("recs", True)
     assert (killed.value, killed.reason) == (False, Reason.DISABLED)
+
+
+NARROWED = """
+import sys
+from openfeature import api
+from flagsvc_client import FlagClient
+from flagsvc_client.openfeature import FlagsvcProvider
+
+assert sys.flags.optimize == 2, "docstrings are stripped"
+api.set_provider(FlagsvcProvider(FlagClient(sys.argv[1], sys.argv[2], "production", mode="poll")))
+client = api.get_client()
+print(client.get_integer_details("payments.ratio", 7).error_message)
+print(client.get_object_details("payments.timeout-ms", {}).error_message)
+api.shutdown()
+"""
+
+
+def test_narrowed_type_mismatch_messages_survive_stripped_docstrings(of_client, server, tokens):
+    """Under ``python -OO`` (no docstrings) the integer and object mismatches still say what they are."""
+    done = subprocess.run(
+        [sys.executable, "-OO", "-c", NARROWED, server.url, tokens["sdk"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "flag 'payments.ratio' is not an integer",
+        "flag 'payments.timeout-ms' is not an object or a list",
+    ]

@@ -20,7 +20,7 @@ from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 from flagsvc_client import FlagClient
 from flagsvc_client import _sse as sse
-from flagsvc_client.client import _interrupt
+from flagsvc_client._stream import interrupt
 from flagsvc_client.flagctl import main as flagctl
 
 from .redis_server import RedisServer
@@ -116,7 +116,7 @@ def test_change_reaches_a_streaming_client_without_waiting_for_a_poll(stack, cli
     client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=60)
     clients.append(client)
     assert client.is_enabled("checkout.recs")
-    wait_for(lambda: client._stream_response is not None)
+    wait_for(lambda: client._source.connected)
     for action, expected in (("kill", False), ("restore", True), ("kill", False)):
         start = time.monotonic()
         assert stack.flip("checkout.recs", action).status_code == 200
@@ -154,7 +154,7 @@ def open_stream(stack: Stack, last_event_id: str | None = None) -> tuple[request
 
 def close_stream(resp: requests.Response) -> None:
     """Close a stream another thread is reading (a plain close would wait for its next read)."""
-    _interrupt(resp)
+    interrupt(resp)
     resp.close()
 
 
@@ -211,7 +211,7 @@ def test_streams_end_cleanly_on_shutdown_and_clients_reconnect(stack, clients):
     )
     assert stack.flip("a", "kill").status_code == 200
     wait_for(lambda: client.is_enabled("a") is False, timeout=15)
-    wait_for(lambda: client._stream_response is not None, timeout=15)
+    wait_for(lambda: client._source.connected, timeout=15)
     assert not client.status().stale
 
 

@@ -44,6 +44,11 @@ class SnapshotFetcher:
         session.headers.update({"Authorization": f"Bearer {self._token}", "User-Agent": USER_AGENT})
         return session
 
+    @property
+    def timeout(self) -> float:
+        """Seconds to connect, and to wait for each answer but the event stream's."""
+        return self._timeout
+
     def reset_session(self) -> None:
         """A fresh session (after ``fork()``: never share sockets with the parent)."""
         self.session = self._new_session()

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .escaping import printable
+from ._escaping import printable
 
 FLAG_ACTIONS = ("flag.kill", "flag.restore", "flag.update", "flag.auto_revert", "flag.create", "flag.delete")
 
@@ -73,11 +73,24 @@ def build_report(
     now = now or datetime.now(UTC)
     entries = list(entries)
     flags = list(flags)
-    current = {f["key"]: f for f in flags}
     lines = [f"# {_md(title)}", ""]
     if not entries:
         return "\n".join([*lines, f"No change in {_code(env)} matches.", ""])
-    lines += [
+    lines += _timeline(entries, env, now)
+    lines += _section("Playbooks", _playbook_lines(entries))
+    current = {f["key"]: f for f in flags}
+    lines += _section("Kills and how long they lasted", _kill_table(_kills(entries), current, now))
+    lines += ["", "## Still disabled now", "", *_still_disabled(flags, env)]
+    return "\n".join([*lines, ""])
+
+
+def _section(heading: str, body: list[str]) -> list[str]:
+    """A section, or nothing when there is nothing to say."""
+    return ["", f"## {heading}", "", *body] if body else []
+
+
+def _timeline(entries: list[Mapping[str, Any]], env: str, now: datetime) -> list[str]:
+    lines = [
         f"Environment {_code(env)}: {len(entries)} audited changes from {_hm(entries[0]['time'])} to "
         f"{_hm(entries[-1]['time'])} UTC. Generated {now.strftime('%Y-%m-%d %H:%M')} UTC from the audit log.",
         "",
@@ -97,12 +110,16 @@ def build_report(
             f"| {_hm(e['time'])} | {_md(e['actor'])} | {_md(e['action'])} | {target} | {change} | "
             f"{_md(e.get('reason'))} |"
         )
+    return lines
 
-    playbook_lines = []
+
+def _playbook_lines(entries: list[Mapping[str, Any]]) -> list[str]:
+    """One line per playbook applied or reverted."""
+    lines = []
     for e in entries:
         if e["action"] == "playbook.apply":
             changed = ", ".join(_code(c["flag"]) for c in (e.get("after") or {}).get("changed", []))
-            playbook_lines.append(
+            lines.append(
                 f"- {_code(e['playbook'])} **applied** {_hm(e['time'])} by {_md(e['actor'])} "
                 f"(operation {_code(e.get('operation'))}): {changed or 'nothing to change'}"
             )
@@ -110,13 +127,15 @@ def build_report(
             after = e.get("after") or {}
             reverted = ", ".join(_code(c["flag"]) for c in after.get("reverted", []))
             skipped = ", ".join(_code(c["flag"]) for c in after.get("skipped", []))
-            playbook_lines.append(
+            lines.append(
                 f"- {_code(e['playbook'])} **reverted** {_hm(e['time'])} by {_md(e['actor'])}: "
                 f"{reverted or 'nothing'}" + (f"; left alone (changed since): {skipped}" if skipped else "")
             )
-    if playbook_lines:
-        lines += ["", "## Playbooks", "", *playbook_lines]
+    return lines
 
+
+def _kills(entries: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each change that turned a flag off, with the one that turned it on again (``end``) if any."""
     kills: list[dict[str, Any]] = []
     open_kills: dict[str, dict[str, Any]] = {}
     for e in entries:
@@ -129,35 +148,37 @@ def build_report(
             kill = open_kills.pop(e["flag"])
             kill.update(end=e["time"], end_by=e["actor"])
             kills.append(kill)
-    kills += open_kills.values()
-    if kills:
-        lines += [
-            "",
-            "## Kills and how long they lasted",
-            "",
-            "| flag | killed | by | restored | by | lasted |",
-            "|---|---|---|---|---|---|",
-        ]
-        for k in sorted(kills, key=lambda k: k["killed"]):
-            start = f"| {_code(k['flag'])} | {_hm(k['killed'])} | {_md(k['by'])}"
-            if k["end"]:
-                lasted = _duration((_time(k["end"]) - _time(k["killed"])).total_seconds())
-                lines.append(f"{start} | {_hm(k['end'])} | {_md(k['end_by'])} | {lasted} |")
-            elif current.get(k["flag"], {}).get("enabled"):
-                lines.append(f"{start} | — | — | restored by a change outside this report |")
-            else:
-                lasted = _duration((now - _time(k["killed"])).total_seconds())
-                lines.append(f"{start} | — | — | still off ({lasted} so far) |")
+    return kills + list(open_kills.values())
 
+
+def _kill_table(
+    kills: list[dict[str, Any]], current: Mapping[str, Mapping[str, Any]], now: datetime
+) -> list[str]:
+    if not kills:
+        return []
+    lines = ["| flag | killed | by | restored | by | lasted |", "|---|---|---|---|---|---|"]
+    for k in sorted(kills, key=lambda k: k["killed"]):
+        start = f"| {_code(k['flag'])} | {_hm(k['killed'])} | {_md(k['by'])}"
+        if k["end"]:
+            lasted = _duration((_time(k["end"]) - _time(k["killed"])).total_seconds())
+            lines.append(f"{start} | {_hm(k['end'])} | {_md(k['end_by'])} | {lasted} |")
+        elif current.get(k["flag"], {}).get("enabled"):
+            lines.append(f"{start} | — | — | restored by a change outside this report |")
+        else:
+            lasted = _duration((now - _time(k["killed"])).total_seconds())
+            lines.append(f"{start} | — | — | still off ({lasted} so far) |")
+    return lines
+
+
+def _still_disabled(flags: list[Mapping[str, Any]], env: str) -> list[str]:
     disabled = [f for f in flags if not f.get("enabled") and not f.get("archived")]
-    lines += ["", "## Still disabled now", ""]
-    if disabled:
-        for f in disabled:
-            revert = f" — reverts by itself at {_hm(f['revert_at'])}" if f.get("revert_at") else ""
-            lines.append(
-                f"- {_code(f['key'])} ({_md(f['kind'])}), since {_hm(f['updated_at'])} by "
-                f"{_md(f['updated_by'])}{revert}"
-            )
-    else:
-        lines.append(f"Nothing: every flag of {_code(env)} is enabled.")
-    return "\n".join([*lines, ""])
+    if not disabled:
+        return [f"Nothing: every flag of {_code(env)} is enabled."]
+    lines = []
+    for f in disabled:
+        revert = f" — reverts by itself at {_hm(f['revert_at'])}" if f.get("revert_at") else ""
+        lines.append(
+            f"- {_code(f['key'])} ({_md(f['kind'])}), since {_hm(f['updated_at'])} by "
+            f"{_md(f['updated_by'])}{revert}"
+        )
+    return lines

@@ -1,26 +1,24 @@
-"""``FlagClient``: local evaluation, kept current by a background poller that cannot die."""
+"""``FlagClient``: local evaluation, kept current by a data source (``_stream`` or ``_poll``)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import os
-import random
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-from . import _sse as sse
-from ._http import FetchError, SnapshotFetcher
+from ._datasource import DataSource, Sink, fetch_snapshot
+from ._http import SnapshotFetcher
+from ._poll import PollingSource
 from ._report import Reporter, default_app_name
 from ._snapshot import Snapshot, load_cache, save_cache
-from .engine import ErrorCode, EvaluationDetails, Reason, value_matches_type
+from ._stream import StreamingSource
+from .engine import ErrorCode, EvaluationDetails, FlagType, Reason, value_matches_type
 
 log = logging.getLogger("flagsvc_client")
 
@@ -28,8 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 ChangeListener = Callable[["FlagChange"], None]
 
 _NO_VALUE = object()  # marks "fell back to the default" on the is_enabled fast path
-_BACKOFF_BASE = 0.5
-_BACKOFF_CAP = 30.0
+_FLAG_TYPES = frozenset(get_args(FlagType))
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class ClientStatus:
 
 
 class FlagClient:
-    """Evaluate flags of one environment locally; a daemon thread polls the snapshot.
+    """Evaluate flags of one environment locally; a daemon thread keeps the snapshot current.
 
     Evaluations never raise and never block on the network: an unknown flag gives the caller's
     default (or ``defaults[key]``); when the service is unreachable the last known good snapshot
@@ -88,7 +85,6 @@ class FlagClient:
         self.mode = mode
         self.app_name = app_name or default_app_name()
         self._stream_read_timeout = stream_read_timeout
-        self._stream_response: Any = None
         self.poll_interval = float(poll_interval)
         self._url = url
         self._defaults = dict(defaults or {})
@@ -98,15 +94,13 @@ class FlagClient:
         self._listeners: list[ChangeListener] = []
         self._closed = False
         self._pending_counts: dict[str, int] = {}
-        self._last_success: float | None = None
-        self._last_error: str | None = None
-        self._failing = False
-        self._fatal = False
-        self._init_sync()
+        self._write_lock = threading.Lock()
+        self._sink = Sink(env, lambda: self._snapshot, self._apply)
         self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
-        self._start_poller()
+        self._source = self._new_source()
+        self._source.start()
         _register_fork_handler(self)
-        self._ready.wait(init_timeout)
+        self._sink.ready.wait(init_timeout)
         if self._snapshot.source == "defaults" and cache_path:
             cached = load_cache(cache_path, env)
             if cached is not None:
@@ -116,10 +110,12 @@ class FlagClient:
                 )
         self._reporter.start()  # the first heartbeat reports the version start-up ended with
 
-    def _init_sync(self) -> None:
-        self._write_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
+    def _new_source(self) -> DataSource:
+        if self.mode == "stream":
+            return StreamingSource(
+                self._fetcher, self._sink, self.poll_interval, self.env, self._stream_read_timeout
+            )
+        return PollingSource(self._fetcher, self._sink, self.poll_interval, self.env)
 
     # -- evaluation (hot path: no locks, no I/O) -----------------------------------------------
 
@@ -135,34 +131,50 @@ class FlagClient:
                 details = flag.evaluate(context, _NO_VALUE)  # never raises
             value = details.value
             if value.__class__ is bool:
-                return value  # type: ignore[no-any-return]
+                return value  # a bool: the fast path's answer
         else:
             return bool(default if default is not None else self._defaults.get(key, False))
-        return bool(self._typed(key, context, default, "boolean", counted=True).value)
+        return bool(self._details(key, context, default, "boolean", counted=True).value)
 
     def get_boolean(
         self, key: str, context: Mapping[str, Any] | None = None, default: bool | None = None
     ) -> bool:
-        return bool(self._typed(key, context, default, "boolean").value)
+        """The value of boolean flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        return bool(self._details(key, context, default, "boolean").value)
 
     def get_string(
         self, key: str, context: Mapping[str, Any] | None = None, default: str | None = None
     ) -> str:
-        return self._typed(key, context, default, "string").value  # type: ignore[no-any-return]
+        """The value of string flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        value: str = self._details(key, context, default, "string").value
+        return value
 
     def get_number(
         self, key: str, context: Mapping[str, Any] | None = None, default: float | None = None
     ) -> float:
-        return self._typed(key, context, default, "number").value  # type: ignore[no-any-return]
+        """The value of number flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        value: float = self._details(key, context, default, "number").value
+        return value
 
     def get_json(self, key: str, context: Mapping[str, Any] | None = None, default: Any = None) -> Any:
-        return self._typed(key, context, default, "json").value
+        """The value of JSON flag ``key``; ``default`` if there is none (see :meth:`evaluate`)."""
+        return self._details(key, context, default, "json").value
 
     def evaluate(
-        self, key: str, context: Mapping[str, Any] | None = None, default: Any = None
+        self,
+        key: str,
+        context: Mapping[str, Any] | None = None,
+        default: Any = None,
+        *,
+        expected_type: FlagType | None = None,
     ) -> EvaluationDetails:
-        """Value, variant, reason and error of ``key`` for ``context``; never raises."""
-        return self._typed(key, context, default, None)
+        """Value, variant, reason and error of ``key`` for ``context``; never raises.
+
+        ``default`` (else ``defaults[key]``) is the value when there is an error. With
+        ``expected_type`` (``"boolean"``, ``"string"``, ``"number"`` or ``"json"``), a value of
+        another type is an error too (``TYPE_MISMATCH``), and a boolean's default is ``False``.
+        """
+        return self._details(key, context, default, expected_type)
 
     def all_values(self, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Every flag's value for ``context`` (flags that error give ``defaults[key]`` or ``None``)."""
@@ -171,12 +183,12 @@ class FlagClient:
             key: flag.evaluate(context, self._defaults.get(key)).value for key, flag in snapshot.flags.items()
         }
 
-    def _typed(
+    def _details(
         self,
         key: str,
         context: Mapping[str, Any] | None,
         default: Any,
-        expected: str | None,
+        expected: FlagType | None,
         *,
         counted: bool = False,
     ) -> EvaluationDetails:
@@ -185,26 +197,20 @@ class FlagClient:
         try:
             flag = self._snapshot.flags.get(key)
             if flag is None:
-                return EvaluationDetails(
-                    key, default, None, Reason.ERROR, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}"
-                )
+                return _error(key, default, ErrorCode.FLAG_NOT_FOUND, f"no flag {key!r}")
             if not counted:
                 flag.evaluations += 1
             details = flag.evaluate(context, default)
-            if (
-                expected is not None
-                and details.reason != Reason.ERROR
-                and not value_matches_type(details.value, expected)
-            ):
+            if expected is None or details.reason == Reason.ERROR:
+                return details
+            if expected not in _FLAG_TYPES:
+                return _error(key, default, ErrorCode.GENERAL, f"unknown expected_type {expected!r}")
+            if not value_matches_type(details.value, expected):
                 message = f"flag {key!r} does not hold a {expected} value"
-                return EvaluationDetails(
-                    key, default, None, Reason.ERROR, ErrorCode.TYPE_MISMATCH, message, details.flag_version
-                )
+                return _error(key, default, ErrorCode.TYPE_MISMATCH, message, details.flag_version)
             return details
         except Exception as exc:  # noqa: BLE001 - an evaluation never raises into the caller
-            return EvaluationDetails(
-                key, default, None, Reason.ERROR, ErrorCode.GENERAL, f"{type(exc).__name__}"
-            )
+            return _error(key, default, ErrorCode.GENERAL, f"{type(exc).__name__}")
 
     def kill_switch(
         self, key: str, fallback: Any = None, *, context: Callable[..., Mapping[str, Any]] | None = None
@@ -239,22 +245,24 @@ class FlagClient:
         return self._snapshot.version
 
     def on_change(self, listener: ChangeListener) -> ChangeListener:
-        """Call ``listener(FlagChange)`` after each new snapshot (from the poller thread)."""
+        """Call ``listener(FlagChange)`` after each new snapshot (from the updater thread)."""
         self._listeners.append(listener)
         return listener
 
     def status(self) -> ClientStatus:
-        last = self._last_success
-        stale = self._failing or last is None or time.time() - last > 2 * self.poll_interval + 5
+        """Where the values come from and how fetching them goes; never blocks."""
+        sink = self._sink
+        last = sink.last_success
+        stale = sink.failing or last is None or time.time() - last > 2 * self.poll_interval + 5
         return ClientStatus(
             env=self.env,
             version=self._snapshot.version,
             source=self._snapshot.source,
-            ready=self._ready.is_set(),
+            ready=sink.ready.is_set(),
             stale=stale,
             last_success=last,
-            last_error=self._last_error,
-            fatal=self._fatal,
+            last_error=sink.last_error,
+            fatal=sink.fatal,
             closed=self._closed,
         )
 
@@ -313,172 +321,22 @@ class FlagClient:
                 except Exception:
                     log.exception("flagsvc: on_change listener failed")
 
-    # -- the poller ------------------------------------------------------------------------------
-
-    def _start_poller(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"flagsvc-poller-{self.env}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        if self.mode == "stream":
-            self._run_stream()
-        else:
-            self._run_poll()
-
-    def _backoff(self, failures: int) -> float:
-        """Exponential backoff with jitter, so a restarted server is not hit by every client at once."""
-        delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 16), self.poll_interval * 4)
-        return max(delay * random.uniform(0.5, 1.0), 0.05)
-
-    def _fatal_stop(self, exc: FetchError) -> None:
-        self._fatal = True
-        self._record_failure(str(exc))
-        log.error("flagsvc: %s; updates stopped, serving the last known values", exc)
-        self._ready.set()
-
-    def _run_stream(self) -> None:
-        """Hold the event stream; while it is broken, poll, and reconnect with backoff + jitter."""
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                self._consume_stream()
-                failures = 0
-                delay = random.uniform(0.1, 1.0)  # the server closed it (restart): spread reconnects
-            except FetchError as exc:
-                if exc.fatal:
-                    self._fatal_stop(exc)
-                    return
-                failures += 1
-                self._record_failure(str(exc))
-                self._ready.set()
-                delay = self._backoff(failures)
-            except Exception as exc:
-                failures += 1
-                self._record_failure(f"{type(exc).__name__}: {exc}")
-                log.exception("flagsvc: unexpected error in the event stream")
-                delay = self._backoff(failures)
-            if not self._poll_until(time.monotonic() + delay):
-                return
-
-    def _poll_until(self, deadline: float) -> bool:
-        """Fallback polling until ``deadline``; ``False`` if updates must stop."""
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            self._stop.wait(min(self.poll_interval, remaining))
-            if self._stop.is_set() or time.monotonic() >= deadline:
-                return not self._stop.is_set()
-            try:
-                self.poll_once(keep_alive=False)
-            except FetchError as exc:
-                if exc.fatal:
-                    self._fatal_stop(exc)
-                    return False
-                self._record_failure(str(exc))
-        return False
-
-    def _consume_stream(self) -> None:
-        known = self._snapshot.version if self._snapshot.source == "server" else None
-        resp = self._fetcher.open_stream(known, self._stream_read_timeout)
-        self._stream_response = resp
-        try:
-            for event in sse.parse(resp.iter_lines(chunk_size=None)):
-                if self._stop.is_set():
-                    return
-                if event.type == "snapshot":
-                    self._apply_document(json.loads(event.data))
-                    self._succeeded()
-                elif event.type == "comment":
-                    self._succeeded()
-                elif event.type == "shutdown":
-                    return
-            if not self._stop.is_set():
-                raise FetchError("the event stream ended")
-        except FetchError:
-            raise
-        except ValueError as exc:
-            raise FetchError(f"flagsvc sent an invalid event: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - requests/urllib3 raise various errors on a cut stream
-            if not self._stop.is_set():
-                raise FetchError(f"event stream broken: {type(exc).__name__}") from None
-        finally:
-            self._stream_response = None
-            resp.close()
-
-    def _run_poll(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            delay = self.poll_interval
-            try:
-                self.poll_once()
-                failures = 0
-            except FetchError as exc:
-                if exc.fatal:
-                    self._fatal_stop(exc)
-                    return
-                failures += 1
-                self._record_failure(str(exc))
-                delay = self._backoff(failures)
-            except Exception as exc:
-                failures += 1
-                self._record_failure(f"{type(exc).__name__}: {exc}")
-                log.exception("flagsvc: unexpected error while polling")
-            finally:
-                if failures:
-                    self._ready.set()  # start-up does not wait on a service that is down
-            self._stop.wait(delay)
-
     def poll_once(self, *, keep_alive: bool = True) -> None:
         """Fetch once and apply a new snapshot; raises ``FetchError``. Without ``keep_alive``
-        (stream mode's fallback polls) the connection is not kept open afterwards."""
-        known = self._snapshot.version if self._snapshot.source == "server" else None
-        fetched = self._fetcher.fetch(known, keep_alive=keep_alive)
-        if not fetched.not_modified:
-            self._apply_document(fetched.document or {})
-        self._succeeded()
-
-    def _apply_document(self, document: Any) -> None:
-        try:
-            snapshot = Snapshot.from_wire(document, source="server")
-        except ValueError as exc:
-            raise FetchError(f"flagsvc sent an invalid snapshot: {exc}") from None
-        if snapshot.env != self.env:
-            raise FetchError(f"flagsvc sent environment {snapshot.env!r}, not {self.env!r}", fatal=True)
-        self._apply(snapshot)
-
-    def _succeeded(self) -> None:
-        self._last_success = time.time()
-        self._last_error = None
-        if self._failing:
-            log.warning("flagsvc: service reachable again (version %d)", self._snapshot.version)
-            self._failing = False
-        self._ready.set()
-
-    def _record_failure(self, message: str) -> None:
-        self._last_error = message
-        if not self._failing:
-            self._failing = True
-            snap = self._snapshot
-            log.warning(
-                "flagsvc: %s; serving %s version %d until it recovers", message, snap.source, snap.version
-            )
+        the connection is not kept open afterwards."""
+        fetch_snapshot(self._fetcher, self._sink, keep_alive=keep_alive)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop polling and release the HTTP session. Idempotent. Evaluations keep answering
-        from the last snapshot; the cache file is kept."""
+        """Stop updates and heartbeats and release the HTTP session. Idempotent. Evaluations keep
+        answering from the last snapshot; the cache file is kept."""
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
+        self._source.stop()
         self._reporter.stop()
-        stream = self._stream_response
-        if stream is not None:
-            _interrupt(stream)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self._fetcher._timeout + 1)
+        self._source.join(self._fetcher.timeout + 1)
         self._fetcher.close()
 
     def __enter__(self) -> FlagClient:
@@ -488,30 +346,25 @@ class FlagClient:
         self.close()
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: new locks, a new HTTP session, a new poller; keep the warm snapshot."""
-        self._init_sync()
-        self._ready.set()
-        self._stream_response = None
+        """In a forked child: new locks, a new HTTP session, a new data source (the parent's
+        thread and stream are not this process's); keep the warm snapshot."""
+        self._write_lock = threading.Lock()
+        self._sink.after_fork()
         self._pending_counts = {}
         for flag in self._snapshot.flags.values():
             flag.reported = flag.evaluations  # the parent reports what it counted before the fork
         self._fetcher.reset_session()
         self._reporter.after_fork()
-        if not self._closed and not self._fatal:
-            self._start_poller()
+        self._source = self._new_source()
+        if not self._closed and not self._sink.fatal:
+            self._source.start()
             self._reporter.start()
 
 
-def _interrupt(response: Any) -> None:
-    """Unblock the thread reading ``response``: closing the socket would wait for that thread's
-    read; shutting it down wakes it (the reader closes the response itself)."""
-    with contextlib.suppress(Exception):
-        raw = response.raw
-        connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is None:  # urllib3 lets go of the connection object once reading started
-            sock = raw._fp.fp.raw._sock
-        sock.shutdown(socket.SHUT_RDWR)
+def _error(
+    key: str, default: Any, code: ErrorCode, message: str, flag_version: int | None = None
+) -> EvaluationDetails:
+    return EvaluationDetails(key, default, None, Reason.ERROR, code, message, flag_version)
 
 
 _clients: weakref.WeakSet[FlagClient] = weakref.WeakSet()

@@ -38,11 +38,12 @@ any other value of the wrong type (``{}``, ``""``, ``0``) makes the flag malform
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias, get_args
 
 from . import _semver
 
@@ -50,6 +51,7 @@ __all__ = [
     "CompiledFlag",
     "ErrorCode",
     "EvaluationDetails",
+    "FlagType",
     "Reason",
     "bucket",
     "compile_flag",
@@ -60,8 +62,8 @@ __all__ = [
 ]
 
 
-class Reason:
-    """OpenFeature resolution reasons."""
+class Reason(enum.StrEnum):
+    """Why an evaluation gave its value: OpenFeature's resolution reasons (the same strings)."""
 
     STATIC = "STATIC"
     DEFAULT = "DEFAULT"
@@ -71,8 +73,8 @@ class Reason:
     ERROR = "ERROR"
 
 
-class ErrorCode:
-    """OpenFeature error codes."""
+class ErrorCode(enum.StrEnum):
+    """Why an evaluation gave the caller's default: OpenFeature's error codes (the same strings)."""
 
     FLAG_NOT_FOUND = "FLAG_NOT_FOUND"
     PARSE_ERROR = "PARSE_ERROR"
@@ -89,14 +91,14 @@ class EvaluationDetails:
     key: str
     value: Any
     variant: str | None
-    reason: str
-    error_code: str | None = None
+    reason: Reason
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     flag_version: int | None = None
 
 
 class _ContextError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -105,7 +107,8 @@ class _ParseError(Exception):
     pass
 
 
-_TYPES = ("boolean", "string", "number", "json")
+FlagType: TypeAlias = Literal["boolean", "string", "number", "json"]
+_TYPES: tuple[str, ...] = get_args(FlagType)
 
 
 def is_number(value: Any) -> bool:
@@ -154,7 +157,8 @@ def _string_attr(op: str, attribute: str, value: Any) -> str:
 def _number_attr(op: str, attribute: str, value: Any) -> float:
     if not is_number(value):
         raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a number for {op}")
-    return value  # type: ignore[no-any-return]
+    number: float = value
+    return number
 
 
 def _compile_condition(raw: Any) -> tuple[str, Matcher]:
@@ -165,70 +169,88 @@ def _compile_condition(raw: Any) -> tuple[str, Matcher]:
         raise _ParseError("condition attribute must be a non-empty string")
     if not isinstance(values, list) or not values:
         raise _ParseError(f"condition on {attribute!r}: values must be a non-empty list")
+    if not isinstance(op, str) or op not in _OPERATORS:
+        raise _ParseError(f"unknown operator {op!r}")
+    return attribute, _OPERATORS[op](op, attribute, values)
 
-    if op in ("in", "not_in"):
-        if not all(isinstance(v, str | bool) or is_number(v) for v in values):
-            raise _ParseError(f"{op} takes strings, numbers or booleans")
-        # One set per JSON type, so that true never equals 1 while 1 equals 1.0.
-        strings = frozenset(v for v in values if isinstance(v, str))
-        bools = frozenset(v for v in values if isinstance(v, bool))
-        numbers = frozenset(v for v in values if is_number(v))
-        negate = op == "not_in"
 
-        def match_in(value: Any) -> bool:
-            if isinstance(value, str):
-                return (value in strings) != negate
-            if isinstance(value, bool):
-                return (value in bools) != negate
-            if is_number(value):
-                return (value in numbers) != negate
-            raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
+def _membership(op: str, attribute: str, values: list[Any]) -> Matcher:
+    """``in`` and ``not_in``: one set per JSON type, so that true never equals 1 while 1 equals 1.0."""
+    if not all(isinstance(v, str | bool) or is_number(v) for v in values):
+        raise _ParseError(f"{op} takes strings, numbers or booleans")
+    strings = frozenset(v for v in values if isinstance(v, str))
+    bools = frozenset(v for v in values if isinstance(v, bool))
+    numbers = frozenset(v for v in values if is_number(v))
+    negate = op == "not_in"
 
-        return attribute, match_in
+    def match_in(value: Any) -> bool:
+        if isinstance(value, str):
+            return (value in strings) != negate
+        if isinstance(value, bool):
+            return (value in bools) != negate
+        if is_number(value):
+            return (value in numbers) != negate
+        raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} must be a scalar for {op}")
 
-    if op in ("starts_with", "ends_with", "contains"):
-        if not all(isinstance(v, str) for v in values):
-            raise _ParseError(f"{op} takes strings")
-        needles = tuple(values)
-        if op == "starts_with":
-            return attribute, lambda v: _string_attr(op, attribute, v).startswith(needles)
-        if op == "ends_with":
-            return attribute, lambda v: _string_attr(op, attribute, v).endswith(needles)
-        return attribute, lambda v: any(n in _string_attr(op, attribute, v) for n in needles)
+    return match_in
 
-    if op in ("lt", "lte", "gt", "gte"):
-        if len(values) != 1 or not is_number(values[0]):
-            raise _ParseError(f"{op} takes exactly one number")
-        bound = values[0]
-        compare = {
-            "lt": lambda a: a < bound,
-            "lte": lambda a: a <= bound,
-            "gt": lambda a: a > bound,
-            "gte": lambda a: a >= bound,
-        }[op]
-        return attribute, lambda v: compare(_number_attr(op, attribute, v))
 
-    if op in ("semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte"):
-        target = _semver.parse(values[0]) if len(values) == 1 and isinstance(values[0], str) else None
-        if target is None:
-            raise _ParseError(f"{op} takes exactly one semantic version")
-        compare = {
-            "semver_eq": lambda a: a == target,
-            "semver_lt": lambda a: a < target,
-            "semver_lte": lambda a: a <= target,
-            "semver_gt": lambda a: a > target,
-            "semver_gte": lambda a: a >= target,
-        }[op]
+def _text(op: str, attribute: str, values: list[Any]) -> Matcher:
+    """``starts_with``, ``ends_with``, ``contains``: any of the strings."""
+    if not all(isinstance(v, str) for v in values):
+        raise _ParseError(f"{op} takes strings")
+    needles = tuple(values)
+    if op == "starts_with":
+        return lambda v: _string_attr(op, attribute, v).startswith(needles)
+    if op == "ends_with":
+        return lambda v: _string_attr(op, attribute, v).endswith(needles)
+    return lambda v: any(n in _string_attr(op, attribute, v) for n in needles)
 
-        def match_semver(value: Any) -> bool:
-            parsed = _semver.parse(value) if isinstance(value, str) else None
-            if parsed is None:
-                raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} is not a semantic version")
-            return compare(parsed)
 
-        return attribute, match_semver
+def _order(op: str, attribute: str, values: list[Any]) -> Matcher:
+    """``lt``, ``lte``, ``gt``, ``gte``: against one number."""
+    if len(values) != 1 or not is_number(values[0]):
+        raise _ParseError(f"{op} takes exactly one number")
+    bound: float = values[0]
+    compare: dict[str, Callable[[float], bool]] = {
+        "lt": lambda a: a < bound,
+        "lte": lambda a: a <= bound,
+        "gt": lambda a: a > bound,
+        "gte": lambda a: a >= bound,
+    }
+    test = compare[op]
+    return lambda v: test(_number_attr(op, attribute, v))
 
-    raise _ParseError(f"unknown operator {op!r}")
+
+def _version_order(op: str, attribute: str, values: list[Any]) -> Matcher:
+    """``semver_eq``, ``semver_lt``, ``semver_lte``, ``semver_gt``, ``semver_gte``: by precedence."""
+    target = _semver.parse(values[0]) if len(values) == 1 and isinstance(values[0], str) else None
+    if target is None:
+        raise _ParseError(f"{op} takes exactly one semantic version")
+    compare: dict[str, Callable[[_semver.SemVerKey], bool]] = {
+        "semver_eq": lambda a: a == target,
+        "semver_lt": lambda a: a < target,
+        "semver_lte": lambda a: a <= target,
+        "semver_gt": lambda a: a > target,
+        "semver_gte": lambda a: a >= target,
+    }
+    test = compare[op]
+
+    def match_semver(value: Any) -> bool:
+        parsed = _semver.parse(value) if isinstance(value, str) else None
+        if parsed is None:
+            raise _ContextError(ErrorCode.INVALID_CONTEXT, f"{attribute!r} is not a semantic version")
+        return test(parsed)
+
+    return match_semver
+
+
+_OPERATORS: dict[str, Callable[[str, str, list[Any]], Matcher]] = {
+    **dict.fromkeys(("in", "not_in"), _membership),
+    **dict.fromkeys(("starts_with", "ends_with", "contains"), _text),
+    **dict.fromkeys(("lt", "lte", "gt", "gte"), _order),
+    **dict.fromkeys(("semver_eq", "semver_lt", "semver_lte", "semver_gt", "semver_gte"), _version_order),
+}
 
 
 # -- flags --------------------------------------------------------------------------------------
@@ -372,11 +394,11 @@ class CompiledFlag:
             raise _ParseError(f"rule {index}: bucket_by must be a non-empty string")
         return _Rule(conditions, None, tuple(parts), cumulative, bucket_by)
 
-    def _details(self, variant: str, reason: str) -> EvaluationDetails:
+    def _details(self, variant: str, reason: Reason) -> EvaluationDetails:
         """Results are immutable: built once here, shared by every evaluation."""
         return EvaluationDetails(self.key, self.variants[variant], variant, reason, flag_version=self.version)
 
-    def _error(self, default: Any, code: str, message: str) -> EvaluationDetails:
+    def _error(self, default: Any, code: ErrorCode, message: str) -> EvaluationDetails:
         return EvaluationDetails(self.key, default, None, Reason.ERROR, code, message, self.version)
 
     def evaluate(self, context: Mapping[str, Any] | None, default: Any) -> EvaluationDetails:

@@ -15,14 +15,14 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import quote
 
 import requests
 
+from ._escaping import printable
 from ._incident import build_report
 from ._version import __version__
-from .escaping import printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
 EXIT_INVALID, EXIT_NOT_CONFIRMED = 7, 8
@@ -324,17 +324,7 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_URL)")
-    common.add_argument("--token", default=argparse.SUPPRESS, help="API token (FLAGSVC_TOKEN)")
-    common.add_argument(
-        "--env", default=argparse.SUPPRESS, help="environment (FLAGSVC_ENV, default production)"
-    )
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
-    )
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
-
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="flagctl",
         description="Operate flagsvc flags: list, show, kill, restore, playbooks, clients, audit, report.",
@@ -348,6 +338,43 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", parents=[common], help="one flag")
     show.add_argument("key")
     show.set_defaults(func=cmd_show)
+    _add_switch_commands(sub, common)
+    clients = sub.add_parser("clients", parents=[common], help="SDK instances and the version they run")
+    clients.set_defaults(func=cmd_clients)
+    _add_playbook_commands(sub, common)
+    report = sub.add_parser("report", parents=[common], help="post-incident report (Markdown)")
+    report.add_argument("--incident", help="the incident id given with the changes")
+    report.add_argument("--since", help="ISO 8601 time or a duration ago (2h)")
+    report.add_argument("--until", help="ISO 8601 time or a duration ago")
+    report.set_defaults(func=cmd_report)
+    audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
+    audit.add_argument("--flag", help="only this flag")
+    audit.add_argument("--limit", type=int, default=20)
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_URL)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="API token (FLAGSVC_TOKEN)")
+    common.add_argument(
+        "--env", default=argparse.SUPPRESS, help="environment (FLAGSVC_ENV, default production)"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
+    return common
+
+
+# argparse names the type of add_subparsers() only privately.
+_Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_switch_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> None:
+    """``kill`` and ``restore``."""
     for action, help_text in (
         ("kill", "disable a flag (serve its off variant)"),
         ("restore", "re-enable a flag"),
@@ -364,8 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
         )
         p.set_defaults(func=lambda api, args, _a=action: _switch(api, args, _a))
-    clients = sub.add_parser("clients", parents=[common], help="SDK instances and the version they run")
-    clients.set_defaults(func=cmd_clients)
+
+
+def _add_playbook_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> None:
+    """``playbook list|show|apply|revert``."""
     playbook = sub.add_parser("playbook", parents=[common], help="containment playbooks")
     pb = playbook.add_subparsers(dest="playbook_command", required=True, metavar="ACTION")
     pb.add_parser("list", parents=[common], help="playbooks and whether applied")
@@ -379,16 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "apply":
             p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")
     playbook.set_defaults(func=cmd_playbook)
-    report = sub.add_parser("report", parents=[common], help="post-incident report (Markdown)")
-    report.add_argument("--incident", help="the incident id given with the changes")
-    report.add_argument("--since", help="ISO 8601 time or a duration ago (2h)")
-    report.add_argument("--until", help="ISO 8601 time or a duration ago")
-    report.set_defaults(func=cmd_report)
-    audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
-    audit.add_argument("--flag", help="only this flag")
-    audit.add_argument("--limit", type=int, default=20)
-    audit.set_defaults(func=cmd_audit)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

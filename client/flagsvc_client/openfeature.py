@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from openfeature.evaluation_context import EvaluationContext
@@ -19,9 +20,21 @@ from openfeature.provider import AbstractProvider
 from openfeature.provider.metadata import Metadata
 
 from .client import FlagChange, FlagClient
-from .engine import ErrorCode, EvaluationDetails, Reason
+from .engine import ErrorCode, EvaluationDetails, FlagType, Reason
 
 __all__ = ["FlagsvcProvider"]
+
+
+@dataclass(frozen=True)
+class _Narrowing:
+    """An OpenFeature type narrower than the flag's: an integer is a number, an object is JSON."""
+
+    accepts: Callable[[Any], bool]
+    name: str  # in the message: "flag 'k' is not <name>"
+
+
+_INTEGER = _Narrowing(lambda value: isinstance(value, int) and not isinstance(value, bool), "an integer")
+_OBJECT = _Narrowing(lambda value: isinstance(value, dict | list), "an object or a list")
 
 
 def _context(ctx: EvaluationContext | None) -> dict[str, Any]:
@@ -58,18 +71,17 @@ class FlagsvcProvider(AbstractProvider):
             )
 
     def _resolve(
-        self, key: str, default: Any, ctx: EvaluationContext | None, expected: str, check: Any = None
+        self,
+        key: str,
+        default: Any,
+        ctx: EvaluationContext | None,
+        expected: FlagType,
+        narrowing: _Narrowing | None = None,
     ) -> FlagResolutionDetails[Any]:
-        details = self.client._typed(key, _context(ctx), default, expected)
-        if check is not None and details.reason != Reason.ERROR and not check(details.value):
-            details = EvaluationDetails(
-                key,
-                default,
-                None,
-                Reason.ERROR,
-                ErrorCode.TYPE_MISMATCH,
-                f"flag {key!r} is not {check.__doc__}",
-            )
+        details = self.client.evaluate(key, _context(ctx), default, expected_type=expected)
+        if narrowing is not None and details.reason != Reason.ERROR and not narrowing.accepts(details.value):
+            message = f"flag {key!r} is not {narrowing.name}"
+            details = EvaluationDetails(key, default, None, Reason.ERROR, ErrorCode.TYPE_MISMATCH, message)
         metadata = {"version": details.flag_version} if details.flag_version is not None else {}
         return FlagResolutionDetails(
             value=details.value,
@@ -93,7 +105,7 @@ class FlagsvcProvider(AbstractProvider):
     def resolve_integer_details(
         self, flag_key: str, default_value: int, evaluation_context: EvaluationContext | None = None
     ) -> FlagResolutionDetails[int]:
-        return self._resolve(flag_key, default_value, evaluation_context, "number", _is_integer)
+        return self._resolve(flag_key, default_value, evaluation_context, "number", _INTEGER)
 
     def resolve_float_details(
         self, flag_key: str, default_value: float, evaluation_context: EvaluationContext | None = None
@@ -109,14 +121,4 @@ class FlagsvcProvider(AbstractProvider):
         default_value: Sequence[Any] | Mapping[str, Any],
         evaluation_context: EvaluationContext | None = None,
     ) -> FlagResolutionDetails[Sequence[Any] | Mapping[str, Any]]:
-        return self._resolve(flag_key, default_value, evaluation_context, "json", _is_object)
-
-
-def _is_integer(value: Any) -> bool:
-    """an integer"""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_object(value: Any) -> bool:
-    """an object or a list"""
-    return isinstance(value, dict | list)
+        return self._resolve(flag_key, default_value, evaluation_context, "json", _OBJECT)
