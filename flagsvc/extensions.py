@@ -17,6 +17,7 @@ from .clients import ClientRegistry, Limits
 from .connection import connect, durability_of, writable
 from .envs import EnvStore
 from .flags import FlagStore
+from .history import HistoryGuard
 from .keys import EnvKeys
 from .playbooks import PlaybookStore
 from .snapshots import SnapshotCache
@@ -36,6 +37,7 @@ class Stores:
     clients: ClientRegistry
     playbooks: PlaybookStore
     streams: StreamLimiter
+    history: HistoryGuard
     listener: ChangeListener
 
     def audit(self, env: str) -> AuditLog:
@@ -67,7 +69,8 @@ def make_stores(
     flags = FlagStore(client)
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
     envs = EnvStore(client)
-    snapshots = SnapshotCache(client, flags, list_envs=envs.list)
+    history = HistoryGuard(client)
+    snapshots = SnapshotCache(client, flags, list_envs=envs.list, observe=history.observe)
     return Stores(
         redis=client,
         envs=envs,
@@ -77,6 +80,7 @@ def make_stores(
         clients=ClientRegistry(client, limits),
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
+        history=history,
         listener=ChangeListener(client, [snapshots, tokens, *filter(None, [durability_of(client)])]),
     )
 

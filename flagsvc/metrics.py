@@ -40,6 +40,9 @@ ENV_VERSION = Gauge("flagsvc_env_version", "Environment version served", ["env"]
 POLLS = Counter("flagsvc_snapshot_polls_total", "Snapshot polls", ["env", "outcome"])
 OPEN_STREAMS = Gauge("flagsvc_open_streams", "Open event streams", multiprocess_mode="livesum")
 REVERTS = Counter("flagsvc_scheduler_reverts_total", "Automatic reverts", ["env", "outcome"])
+HISTORY_ROLLBACKS = Counter(
+    "flagsvc_history_rollbacks_total", "Times Redis' history was seen going back (lost changes)", ["env"]
+)
 REDIS_ERRORS = Counter("flagsvc_redis_errors_total", "Requests that failed because Redis was unavailable")
 
 

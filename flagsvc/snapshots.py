@@ -60,11 +60,14 @@ class SnapshotCache:
         *,
         stale_after: float = 3.0,
         list_envs: Callable[[], list[str]] | None = None,
+        observe: Callable[[str, int, str, str | None], None] | None = None,
     ) -> None:
+        """``observe(env, version, version_mark, audit_head)`` sees what every refresh read."""
         self._redis = client
         self._flags = flags
         self._stale_after = stale_after
         self._list_envs = list_envs
+        self._observe = observe
         self._entries: dict[str, Published] = {}
         self._written: dict[str, int] = {}  # env -> newest version this process committed
         self._changed = threading.Condition()
@@ -143,11 +146,14 @@ class SnapshotCache:
             for env in envs:
                 pipe.get(EnvKeys(env).version)
                 pipe.get(EnvKeys(env).version_mark)
+                pipe.get(EnvKeys(env).audit_head)
             stored = pipe.execute()
             for i, env in enumerate(envs):
-                version, mark = int(stored[2 * i] or 0), history_of(stored[2 * i + 1])
-                if f"{version}-{mark}" != self._entries[env].identity:
+                version, mark, head = int(stored[3 * i] or 0), stored[3 * i + 1] or "", stored[3 * i + 2]
+                if f"{version}-{history_of(mark)}" != self._entries[env].identity:
                     self._load(env)
+                if self._observe is not None:
+                    self._observe(env, version, mark, head)
         else:
             self._redis.ping()
         self._last_ok = time.monotonic()

@@ -218,11 +218,9 @@ class TokenStore:
     def refresh(self) -> None:
         """Re-read every token and Redis' clock (the change listener calls this every second):
         the request path then rarely needs Redis, and an outage finds every token here."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(self._keys.tokens)
         try:
-            (seconds, micros), records = pipe.execute()
+            seconds, micros = self._redis.time()
+            records = self._redis.hgetall(self._keys.tokens)
         except redis.RedisError:
             self._unreachable = True
             raise

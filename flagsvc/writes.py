@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
 
 from .commit import Committer, Conflict, Idempotency, Op, Replayed, iso_from_ms
 from .connection import Unconfirmed
@@ -189,11 +190,15 @@ class Writer:
                 delay = min(delay * 2, 0.02)
 
     def _read(self, ns: Namespace, read: Callable[[Any], object]) -> State:
+        cluster = isinstance(self.client, RedisCluster)  # no keyless command in its transactions
+        clock = self.client.time() if cluster else None
         pipe = self.client.pipeline(transaction=True)
         pipe.get(ns.audit_head)
-        pipe.time()
+        if clock is None:
+            pipe.time()
         read(pipe)
-        head, (seconds, micros), *values = pipe.execute()
+        head, *values = pipe.execute()
+        seconds, micros = clock if clock is not None else values.pop(0)
         now_ms = self.clock_ms() if self.clock_ms else int(seconds) * 1000 + int(micros) // 1000
         return State(head or "", now_ms, values)
 

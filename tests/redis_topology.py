@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 
 MASTER_NAME = "flagsvc"
 
@@ -132,6 +132,8 @@ class Cluster:
             )
             for i in range(masters)
         ]
+        for server in self.servers:
+            server.port = free_port(below=55536)  # its cluster bus listens on port + 10000
 
     @property
     def url(self) -> str:

@@ -65,10 +65,10 @@ class Sink:
         self.ready = threading.Event()
         self.ready.set()
 
-    def known_version(self) -> int | None:
-        """The version to send as ``If-None-Match`` or ``Last-Event-ID``: only one the server sent."""
+    def known_identity(self) -> str | None:
+        """The snapshot to name in ``If-None-Match`` or ``Last-Event-ID``: only one the server sent."""
         snapshot = self._current()
-        return snapshot.version if snapshot.source == "server" else None
+        return snapshot.identity if snapshot.source == "server" else None
 
     def apply_document(self, document: Any) -> None:
         """Apply a snapshot document from the server; ``FetchError`` if it is not one of ``env``."""
@@ -111,7 +111,7 @@ class Sink:
 
 def fetch_snapshot(fetcher: SnapshotFetcher, sink: Sink, *, keep_alive: bool = True) -> None:
     """Fetch the snapshot once (``If-None-Match``) and apply it if it is new; raises ``FetchError``."""
-    fetched = fetcher.fetch(sink.known_version(), keep_alive=keep_alive)
+    fetched = fetcher.fetch(sink.known_identity(), keep_alive=keep_alive)
     if not fetched.not_modified:
         sink.apply_document(fetched.document or {})
     sink.succeeded()

@@ -53,12 +53,12 @@ class SnapshotFetcher:
         """A fresh session (after ``fork()``: never share sockets with the parent)."""
         self.session = self._new_session()
 
-    def open_stream(self, known_version: int | None, read_timeout: float) -> requests.Response:
+    def open_stream(self, known: str | None, read_timeout: float) -> requests.Response:
         """Open the Server-Sent Events stream; the caller iterates and closes the response."""
         # A stream's connection is not reused afterwards.
         headers = {"Accept": "text/event-stream", "Connection": "close"}
-        if known_version is not None:
-            headers["Last-Event-ID"] = str(known_version)
+        if known is not None:
+            headers["Last-Event-ID"] = known
         try:
             resp = self.session.get(
                 self.stream_url, headers=headers, stream=True, timeout=(self._timeout, read_timeout)
@@ -88,8 +88,9 @@ class SnapshotFetcher:
         """Another session with the same credentials (one per thread)."""
         return self._new_session()
 
-    def fetch(self, known_version: int | None, *, keep_alive: bool = True) -> Fetched:
-        headers = {"If-None-Match": f'"{known_version}"'} if known_version is not None else {}
+    def fetch(self, known: str | None, *, keep_alive: bool = True) -> Fetched:
+        """The snapshot, unless ``known`` (a snapshot identity, ``<version>-<history>``) is current."""
+        headers = {"If-None-Match": f'"{known}"'} if known is not None else {}
         if not keep_alive:
             headers["Connection"] = "close"
         try:

@@ -28,6 +28,26 @@ class Snapshot:
     flags: dict[str, CompiledFlag] = field(repr=False)
     source: str  # "server", "cache" or "defaults"
 
+    @property
+    def history(self) -> str:
+        """Where the version moved in the service's history: a version number reused after a
+        rollback of the service's store comes with another history ("" from an older service)."""
+        value = self.raw.get("history", "")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def identity(self) -> str:
+        """``<version>-<history>``, as the service names this snapshot (its ETag, its event id)."""
+        return f"{self.version}-{self.history}" if self.history else str(self.version)
+
+    def supersedes(self, held: Snapshot) -> bool:
+        """Whether this snapshot replaces ``held``: a newer version, the same version of another
+        history, or anything from the service over a cached or default one. Never an older
+        version: behind a load balancer, a host that lags a second must not take flags back."""
+        if held.source != self.source:
+            return self.source == "server" or held.source == "defaults"
+        return self.version > held.version or (self.version == held.version and self.history != held.history)
+
     @classmethod
     def from_wire(cls, data: Mapping[str, Any], source: str) -> Snapshot:
         """Build from the server's snapshot document; raises ``ValueError`` if it is not one."""

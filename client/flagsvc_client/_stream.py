@@ -65,7 +65,7 @@ class StreamingSource(DataSource):
 
     def _consume(self) -> None:
         """Read the stream until it ends: normally on ``shutdown`` or :meth:`stop`; else ``FetchError``."""
-        response = self._fetcher.open_stream(self._sink.known_version(), self._read_timeout)
+        response = self._fetcher.open_stream(self._sink.known_identity(), self._read_timeout)
         with self._lock:
             if self._stop.is_set():
                 response.close()  # stop() ran while the stream opened: nothing to read

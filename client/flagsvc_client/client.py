@@ -293,7 +293,7 @@ class FlagClient:
             old = self._snapshot
             if from_cache and old.source == "server":
                 return  # a fresher snapshot arrived meanwhile
-            if snapshot.version == old.version and old.source == snapshot.source:
+            if not snapshot.supersedes(old):
                 return
             self._snapshot = snapshot
             # Evaluations counted on the replaced flags still belong in the next heartbeat.

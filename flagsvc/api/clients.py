@@ -42,11 +42,14 @@ class ClientInstance(MethodView):
         check_env(env)
         if not _INSTANCE.fullmatch(instance):
             raise path_error("instance", "1-128 characters of [A-Za-z0-9._:-]")
+        published = stores().snapshots.get(env)
+        if body["applied_version"] > published.version:  # from another worker, or another history
+            stores().history.sdk_applied(env, body["applied_version"])
         stores().clients.report(
             env,
             instance,
             body,
             source=request.remote_addr or "",
             token_id=current_token().id,
-            flags=stores().snapshots.get(env).flags,
+            flags=published.flags,
         )

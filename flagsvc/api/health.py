@@ -28,6 +28,9 @@ def readyz() -> tuple[Response, int]:
     except redis.RedisError as exc:
         log.warning("readiness: Redis unavailable: %s", exc)
         return jsonify(status="unavailable", redis=type(exc).__name__), 503
+    rollbacks = stores().history.rollbacks()
     if problem is not None:
-        return jsonify(status="unavailable", redis=problem), 503
+        return jsonify(status="unavailable", redis=problem, rollbacks=rollbacks), 503
+    if rollbacks:  # ready (it serves the current history), and says what was lost
+        return jsonify(status="ready", rollbacks=rollbacks), 200
     return jsonify(status="ready"), 200
