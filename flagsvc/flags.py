@@ -152,6 +152,8 @@ class Snapshot:
     #: The first 12 hex digits of the audit hash where the version last moved: a version number
     #: reused after a rollback of Redis comes with another history.
     history: str = NO_HISTORY
+    #: The audit head (``<seq>:<hash>``) read with it.
+    head: str = ""
 
     @property
     def identity(self) -> str:
@@ -192,13 +194,14 @@ class FlagStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.get(k.version)
         pipe.get(k.version_mark)
+        pipe.get(k.audit_head)
         pipe.hvals(k.flags)
-        version, mark, raw = pipe.execute()
+        version, mark, head, raw = pipe.execute()
         flags: dict[str, Flag] = {}
         for flag in sort_flags([json.loads(r) for r in raw]):
             if not flag.get("archived"):
                 flags[flag["key"]] = {f: flag[f] for f in EVALUATION_FIELDS if f in flag}
-        return Snapshot(env, int(version or 0), flags, history_of(mark))
+        return Snapshot(env, int(version or 0), flags, history_of(mark), head or "")
 
     # -- writes ------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ class Seen:
     """The newest state of an environment this process has seen."""
 
     version: int
-    mark: str
+    history: str
     head: tuple[int, str]
 
 
@@ -70,7 +70,7 @@ class HistoryGuard:
         before = self._seen.get(env)
         if before is not None:
             went_back = now.version < before.version or now.head[0] < before.head[0]
-            rewritten = (now.version == before.version and now.mark != before.mark) or (
+            rewritten = (now.version == before.version and now.history != before.history) or (
                 now.head[0] == before.head[0] and now.head[1] != before.head[1]
             )
             if went_back or rewritten:
@@ -79,16 +79,19 @@ class HistoryGuard:
                     f"audit entry {before.head[0]} -> {now.head[0]}"
                     + (" (rewritten)" if rewritten and not went_back else "")
                 )
-                self._rolled_back(env, what, max(before.version, now.version))
+                # A version already past the newest seen needs no move: SDKs take it anyway.
+                self._rolled_back(env, what, before.version if now.version <= before.version else None)
                 return
         self._seen[env] = now
 
-    def _rolled_back(self, env: str, what: str, newest_seen: int) -> None:
+    def _rolled_back(self, env: str, what: str, newest_seen: int | None) -> None:
+        """Log, count and show it; move the version past ``newest_seen`` unless that is ``None``."""
         log.error("the history of environment %s went back (%s): Redis lost acknowledged changes", env, what)
         HISTORY_ROLLBACKS.labels(env).inc()
         self._detected[env] = (time.time(), what)
         self._seen.pop(env, None)
-        self._move_past(env, newest_seen, what)
+        if newest_seen is not None:
+            self._move_past(env, newest_seen, what)
 
     def _move_past(self, env: str, newest_seen: int, what: str) -> None:
         """Commit a version above ``newest_seen`` (once, whichever process gets there first)."""
@@ -113,9 +116,9 @@ class HistoryGuard:
 
     # -- fed by the snapshot cache's refresh, every second ----------------------------------------
 
-    def observe(self, env: str, version: int, mark: str, head: str | None) -> None:
-        """What Redis holds for ``env`` now."""
+    def observe(self, env: str, version: int, history: str, head: str | None) -> None:
+        """What Redis holds for ``env`` now: its version, that version's history, the audit head."""
         try:
-            self._check(env, Seen(version, mark, parse_head(head)))
+            self._check(env, Seen(version, history, parse_head(head)))
         except (redis.RedisError, ProblemError) as exc:
             log.warning("history guard: could not move %s past its rollback yet (%s)", env, exc)

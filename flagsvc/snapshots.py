@@ -62,7 +62,7 @@ class SnapshotCache:
         list_envs: Callable[[], list[str]] | None = None,
         observe: Callable[[str, int, str, str | None], None] | None = None,
     ) -> None:
-        """``observe(env, version, version_mark, audit_head)`` sees what every refresh read."""
+        """``observe(env, version, history, audit_head)`` sees what every load and refresh read."""
         self._redis = client
         self._flags = flags
         self._stale_after = stale_after
@@ -119,6 +119,8 @@ class SnapshotCache:
         snap = self._flags.snapshot(env)
         body = json.dumps(snap.to_dict(), separators=(",", ":")).encode()
         entry = Published(env, snap.version, snap.identity, body, snap.flags)
+        if self._observe is not None:
+            self._observe(env, snap.version, snap.history, snap.head)
         with self._changed:
             current = self._entries.get(env)
             if current is None or current.identity != entry.identity:
@@ -152,8 +154,8 @@ class SnapshotCache:
                 version, mark, head = int(stored[3 * i] or 0), stored[3 * i + 1] or "", stored[3 * i + 2]
                 if f"{version}-{history_of(mark)}" != self._entries[env].identity:
                     self._load(env)
-                if self._observe is not None:
-                    self._observe(env, version, mark, head)
+                elif self._observe is not None:
+                    self._observe(env, version, history_of(mark), head)
         else:
             self._redis.ping()
         self._last_ok = time.monotonic()

@@ -8,20 +8,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import redis
 from werkzeug.serving import make_server
 
 from flagsvc import create_app, streaming
+from flagsvc.connection import connect
 from flagsvc.envs import EnvStore
 from flagsvc.tokens import Role, TokenStore
 
 from .redis_server import RedisServer
+from .redis_topology import Cluster
 
 ENV = "production"
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def single_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis for the whole run: ``FLAGSVC_TEST_REDIS_URL``, or our own redis-server."""
     external = os.environ.get("FLAGSVC_TEST_REDIS_URL")
     if external:
@@ -32,10 +33,24 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster for the whole run (started when a test first asks for it)."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster.url
+    cluster.stop()
+
+
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on the test Redis, emptied before and after each test."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def redis_url(single_redis_url: str) -> str:
+    """The Redis of a test; a module may override this fixture to run against a cluster too."""
+    return single_redis_url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[Any]:
+    """A client on the test Redis (a cluster client for a cluster), emptied before and after."""
+    client = connect(redis_url)
     client.flushdb()
     yield client
     client.flushdb()
@@ -43,7 +58,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def app(r: redis.Redis, redis_url: str) -> Iterator[Any]:
+def app(r: Any, redis_url: str) -> Iterator[Any]:
     app = create_app({"REDIS_URL": redis_url, "TESTING": True})
     EnvStore(r).create(ENV, actor="test-setup")
     yield app
@@ -56,7 +71,7 @@ def client(app: Any) -> Any:
 
 
 @pytest.fixture
-def make_token(r: redis.Redis) -> Callable[..., str]:
+def make_token(r: Any) -> Callable[..., str]:
     """Create a token straight in Redis: ``make_token("operator", envs=["production"])``."""
 
     def make(role: str, *, name: str | None = None, envs: list[str] | None = None) -> str:
@@ -97,7 +112,7 @@ def live_server(app: Any) -> Iterator[str]:
     thread.join(timeout=5)
 
 
-def dataset(client: redis.Redis) -> dict[str, Any]:
+def dataset(client: Any) -> dict[str, Any]:
     """Every key and its content: compare before/after to prove that nothing was written."""
     out: dict[str, Any] = {}
     for key in sorted(client.scan_iter(count=1000)):
@@ -116,7 +131,7 @@ def dataset(client: redis.Redis) -> dict[str, Any]:
 
 
 @pytest.fixture
-def snapshot_redis(r: redis.Redis) -> Callable[[], dict[str, Any]]:
+def snapshot_redis(r: Any) -> Callable[[], dict[str, Any]]:
     return lambda: dataset(r)
 
 

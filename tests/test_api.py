@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 
 BASE = "/api/v1/envs/production"
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every happy path on one Redis server and on a 3-master Redis Cluster."""
+    return str(
+        request.getfixturevalue(f"{request.param}_redis_url" if request.param == "single" else "cluster_url")
+    )
+
+
 RELEASE = {
     "kind": "release",
     "type": "boolean",

@@ -11,13 +11,16 @@ import queue
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
 import requests
 
 from flagsvc.audit import AuditLog
+from flagsvc.connection import connect
 from flagsvc.keys import EnvKeys
+from flagsvc.tokens import Role, TokenStore
 from flagsvc_client import FlagClient
 from flagsvc_client import _sse as sse
 from flagsvc_client._stream import interrupt
@@ -41,30 +44,28 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
 class Stack:
     """A durable Redis of the test's own and `flagsvc serve` (2 gevent workers) on it."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, redis_url: str | None = None) -> None:
+        """``redis_url``: on that Redis (a cluster, a Sentinel set...) instead of one of its own."""
         self.served: Served | None = None
-        self.direct: redis.Redis | None = None
-        self.redis = RedisServer(tmp_path / "redis", durable=True).start()
+        self.direct: Any = None
+        self.redis = None if redis_url else RedisServer(tmp_path / "redis", durable=True).start()
         try:
-            self._start(tmp_path)
+            self._start(tmp_path, redis_url or self.redis.url)
         except BaseException:
             self.close()  # what did start is stopped: nothing outlives a failed setup
             raise
 
-    def _start(self, tmp_path) -> None:
-        self.served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": self.redis.url})
+    def _start(self, tmp_path, redis_url: str) -> None:
+        self.served = Served(tmp_path / "data", env={"FLAGSVC_REDIS_URL": redis_url})
         self.url = self.served.url
         self.admin = {"Authorization": f"Bearer {self.served.admin_token()}"}
-        self.direct = redis.Redis.from_url(self.redis.url, decode_responses=True)
+        self.redis_url = redis_url
+        self.direct = connect(redis_url)
         self.tokens: dict[str, str] = {}
         for role in ("sdk", "operator", "reader"):
-            resp = requests.post  # tokens are made with the CLI's store, straight in Redis
-            from flagsvc.tokens import Role, TokenStore
-
-            _, self.tokens[role] = TokenStore(self.direct).create(
+            _, self.tokens[role] = TokenStore(self.direct).create(  # straight in Redis, as the CLI does
                 name=f"test-{role}", role=Role.parse(role), envs=[], actor="test"
             )
-        del resp
 
     def wait_for_workers(self, workers: int = 2) -> None:
         """Until every gunicorn worker has booted: each subscribes to change notifications."""
@@ -93,7 +94,8 @@ class Stack:
         finally:
             if self.direct is not None:
                 self.direct.close()
-            self.redis.kill()
+            if self.redis is not None:
+                self.redis.kill()
 
 
 @pytest.fixture

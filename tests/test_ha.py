@@ -1,0 +1,301 @@
+"""High availability: no acknowledged kill lost in a Redis failover, rollbacks detected and moved
+past, SDKs that never take flags back, and the whole write path on a Redis Cluster.
+
+Every Redis here is a real ``redis-server`` started by the test: a master with two replicas and
+three sentinels (tests/redis_topology.py), a 3-master cluster, or a single server whose data the
+test rolls back by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from flagsvc.audit import AuditLog
+from flagsvc.connection import connect
+from flagsvc.keys import EnvKeys
+from flagsvc_client import FlagClient
+from flagsvc_client._snapshot import Snapshot
+
+from .conftest import ENV, RestartableServer
+from .redis_topology import SentinelSet, wait_until
+from .test_propagation import Stack, close_stream, next_event, open_stream
+
+FLAGS = f"/api/v1/envs/{ENV}/flags"
+KEYS = EnvKeys(ENV)
+
+
+# -- rollbacks --------------------------------------------------------------------------------
+
+
+def env_keys(redis_url: str) -> dict[bytes, bytes]:
+    """Every key of the environment, serialized: a backup to restore later."""
+    raw = redis.Redis.from_url(redis_url)
+    return {key: raw.dump(key) for key in raw.scan_iter(match=f"{KEYS.base}:*")}
+
+
+def restore(redis_url: str, backup: dict[bytes, bytes]) -> None:
+    """Put the environment back as it was in ``backup``: Redis' data rolled back."""
+    raw = redis.Redis.from_url(redis_url)
+    for key in raw.scan_iter(match=f"{KEYS.base}:*"):
+        raw.delete(key)
+    for key, value in backup.items():
+        raw.restore(key, 0, value)
+
+
+@pytest.fixture
+def sdk_and_server(app: Any, auth: Any, client: Any) -> Iterator[tuple[FlagClient, RestartableServer]]:
+    client.put(f"{FLAGS}/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    server = RestartableServer(app).start()
+    sdk = FlagClient(server.url, auth("sdk")["Authorization"].removeprefix("Bearer "), ENV, mode="poll",
+                     poll_interval=0.1)  # fmt: skip
+    try:
+        yield sdk, server
+    finally:
+        sdk.close()
+        server.stop()
+
+
+def test_a_rollback_is_detected_and_moved_past(app, client, auth, r, redis_url, sdk_and_server):
+    sdk, _ = sdk_and_server
+    backup = env_keys(redis_url)  # version 1: recs on
+    assert (
+        client.post(f"{FLAGS}/recs/kill", json={"reason": "INC-1"}, headers=auth("operator")).status_code
+        == 200
+    )
+    wait_until(lambda: not sdk.is_enabled("recs", default=True), 5, "the SDK applied the kill (version 2)")
+    restore(redis_url, backup)  # Redis loses the kill: back at version 1
+    wait_until(lambda: int(r.get(KEYS.version)) == 3, 5, "the version moved past every version seen")
+    entry = [f for _, f in r.xrange(KEYS.audit) if f["action"] == "env.rollback_detected"][-1]
+    assert entry["actor"] == "system" and "went back" in entry["reason"]
+    assert client.get("/readyz").json["rollbacks"][ENV].startswith("version 2 -> 1")
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'flagsvc_history_rollbacks_total{{env="{ENV}"}} 1.0' in metrics
+    # The SDK held version 2 (recs off); the history it now follows never had it.
+    wait_until(lambda: sdk.status().version == 3, 5, "the SDK applied the state after the rollback")
+    assert sdk.is_enabled("recs", default=False) is True
+
+
+def test_an_sdk_ahead_of_redis_reveals_a_rollback_no_process_saw(
+    app, client, auth, r, redis_url, sdk_and_server
+):
+    sdk, server = sdk_and_server
+    backup = env_keys(redis_url)
+    assert (
+        client.post(f"{FLAGS}/recs/kill", json={"reason": "INC-2"}, headers=auth("operator")).status_code
+        == 200
+    )
+    wait_until(lambda: not sdk.is_enabled("recs", default=True), 5, "the SDK applied version 2")
+    server.stop()
+    app.extensions["flagsvc"].close()
+    time.sleep(1.5)  # the old process's change listener has stopped: it sees nothing from here on
+    restore(redis_url, backup)  # rolled back while no process of the service was running
+    from flagsvc import create_app
+
+    fresh = create_app({"REDIS_URL": redis_url, "TESTING": True})
+    again = RestartableServer(fresh)
+    again.port, again.url = server.port, server.url
+    again.start()
+    try:
+
+        def reported() -> bool:
+            sdk._reporter.poke()  # a heartbeat now (the first may meet the old keep-alive connection)
+            time.sleep(0.2)
+            return int(r.get(KEYS.version)) >= 3
+
+        # Its heartbeat reports version 2, which Redis does not have.
+        wait_until(reported, 10, "the heartbeat revealed the rollback")
+        wait_until(lambda: sdk.is_enabled("recs", default=False), 5, "the SDK follows the new history")
+    finally:
+        again.stop()
+        fresh.extensions["flagsvc"].close()
+
+
+def snapshot(version: int, history: str, source: str = "server") -> Snapshot:
+    return Snapshot.from_wire({"env": ENV, "version": version, "history": history, "flags": {}}, source)
+
+
+def test_an_sdk_takes_newer_versions_and_reused_numbers_never_older_ones():
+    held = snapshot(57, "a" * 12)
+    assert snapshot(58, "b" * 12).supersedes(held)
+    assert snapshot(57, "c" * 12).supersedes(held), "the same number in another history"
+    assert not snapshot(57, "a" * 12).supersedes(held)
+    assert not snapshot(56, "a" * 12).supersedes(held), "a lagging host"
+    assert not snapshot(56, "d" * 12).supersedes(held), "older: the service moves past a rollback"
+    assert snapshot(3, "e" * 12).supersedes(snapshot(57, "a" * 12, source="cache"))
+
+
+# -- Redis Cluster -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_changes_reach_sdks_through_a_redis_cluster(tmp_path, cluster_url):
+    connect(cluster_url).flushdb()
+    stack = Stack(tmp_path, redis_url=cluster_url)
+    sdk = None
+    try:
+        stack.put("a", {"kind": "kill_switch", "enabled": True})
+        resp, events = open_stream(stack)
+        assert json.loads(next_event(events).data)["flags"]["a"]["enabled"] is True
+        sdk = FlagClient(stack.url, stack.tokens["sdk"], ENV, mode="stream")
+        assert sdk.is_enabled("a", default=False)
+        assert stack.flip("a", "kill").status_code == 200
+        assert json.loads(next_event(events).data)["flags"]["a"]["enabled"] is False
+        wait_until(lambda: not sdk.is_enabled("a", default=True), 5, "the SDK applied the kill")
+        close_stream(resp)
+        audit = requests.get(f"{stack.url}/api/v1/envs/{ENV}/audit", headers=stack.admin, timeout=5).json()
+        assert [e["action"] for e in audit["entries"][:2]] == ["flag.kill", "flag.create"]
+    finally:
+        if sdk is not None:
+            sdk.close()
+        stack.close()
+
+
+# -- Sentinel failovers ------------------------------------------------------------------------
+
+
+@dataclass
+class KillLoad:
+    """Kill and restore ``a`` as fast as the service answers, each with its own Idempotency-Key,
+    retried (same key) until acknowledged; records what was acknowledged and when writes failed."""
+
+    stack: Stack
+    acknowledged: list[str] = field(default_factory=list)  # request ids
+    failures: list[float] = field(default_factory=list)  # when a write was not acknowledged
+    successes: list[float] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> KillLoad:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        for action in itertools.cycle(["kill", "restore"]):
+            if self.stop.is_set():
+                return
+            request_id = uuid.uuid4().hex
+            headers = {
+                **self.stack.headers("operator"),
+                "Idempotency-Key": request_id,
+                "X-Request-ID": request_id,
+            }
+            while not self.stop.is_set():
+                try:
+                    resp = requests.post(f"{self.stack.url}{FLAGS}/a/{action}", json={"reason": "load"},
+                                         headers=headers, timeout=5)  # fmt: skip
+                except requests.RequestException:
+                    resp = None
+                if resp is not None and resp.status_code == 200:
+                    self.acknowledged.append(request_id)
+                    self.successes.append(time.monotonic())
+                    break
+                self.failures.append(time.monotonic())
+                time.sleep(0.05)
+            time.sleep(0.05)
+
+    def finish(self) -> None:
+        self.stop.set()
+        time.sleep(0.5)
+
+    def longest_outage(self, after: float) -> float:
+        """The longest time writes failed, from a failure to the next acknowledged write."""
+        longest = 0.0
+        for failed in (f for f in self.failures if f >= after):
+            recovered = next((s for s in self.successes if s > failed), None)
+            if recovered is not None:
+                first = min(f for f in self.failures if f >= after and f <= recovered)
+                longest = max(longest, recovered - first)
+        return longest
+
+
+@pytest.fixture
+def sentinel_stack(tmp_path) -> Iterator[tuple[SentinelSet, Stack]]:
+    topology = SentinelSet(tmp_path / "redis").start()
+    try:
+        stack = Stack(tmp_path, redis_url=topology.url)
+    except BaseException:
+        topology.stop()
+        raise
+    try:
+        stack.put("a", {"kind": "kill_switch", "enabled": True})
+        yield topology, stack
+    finally:
+        stack.close()
+        topology.stop()
+
+
+def check_nothing_lost(stack: Stack, load: KillLoad) -> None:
+    """Every acknowledged write is in the audit log of the current master, whose chain verifies."""
+    client = connect(stack.redis_url)
+    try:
+        logged = {f["request_id"] for _, f in client.xrange(KEYS.audit)}
+        lost = [rid for rid in load.acknowledged if rid not in logged]
+        assert not lost, f"{len(lost)} of {len(load.acknowledged)} acknowledged writes lost"
+        assert AuditLog(client, KEYS).verify().ok
+    finally:
+        client.close()
+
+
+def versions_applied(sdk: FlagClient) -> list[int]:
+    applied: list[int] = []
+    sdk.on_change(lambda change: applied.append(change.new_version))
+    return applied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigkill", "graceful"])
+def test_a_failover_loses_no_acknowledged_write(sentinel_stack, how):
+    topology, stack = sentinel_stack
+    sdk = FlagClient(stack.url, stack.tokens["sdk"], ENV, mode="poll", poll_interval=0.1)
+    applied = versions_applied(sdk)
+    load = KillLoad(stack).start()
+    try:
+        wait_until(lambda: len(load.acknowledged) >= 20, 20, "writes acknowledged before the failover")
+        old = topology.master()
+        began = time.monotonic()
+        if how == "sigkill":
+            old.kill()
+            topology.wait_for_new_master(old)
+        else:
+            topology.failover()
+        count = len(load.acknowledged)
+        wait_until(lambda: len(load.acknowledged) >= count + 20, 30, "writes acknowledged after the failover")
+        load.finish()
+        assert load.longest_outage(began) <= 5.0, f"writes failed for {load.longest_outage(began):.1f} s"
+        check_nothing_lost(stack, load)
+        assert applied == sorted(applied), "the SDK never applied an older state"
+    finally:
+        load.finish()
+        sdk.close()
+
+
+@pytest.mark.slow
+def test_the_old_master_back_after_a_failover_takes_no_write(sentinel_stack):
+    topology, stack = sentinel_stack
+    old = topology.master()
+    old.kill()
+    new = topology.wait_for_new_master(old)
+    old.start()  # its old data, its old role: it believes it is the master
+    probe = SentinelSet.client(old)
+    with pytest.raises(redis.ResponseError, match=r"NOREPLICAS|READONLY"):
+        probe.set("flagsvc:{production}:probe", "x")  # min-replicas-to-write fences it
+    load = KillLoad(stack).start()
+    try:
+        wait_until(lambda: len(load.acknowledged) >= 10, 20, "writes acknowledged with the old master back")
+        load.finish()
+        wait_until(lambda: probe.info("replication")["role"] == "slave", 20, "the sentinels demote it")
+        check_nothing_lost(stack, load)
+        assert topology.master().port == new.port
+    finally:
+        load.finish()
+        probe.close()
