@@ -218,7 +218,20 @@ class Durability:
         """Nothing: replicas are not announced by commits."""
 
     def refresh(self) -> None:
+        """Follow the master the sentinels name, and count its replicas."""
+        if self.sentinel is not None:
+            self._follow_master()
         self._known_replicas = int(self.client.info("replication").get("connected_slaves", 0))
+
+    def _follow_master(self) -> None:
+        """After a failover, connections still open to the old master would keep writing there
+        (it answers NOREPLICAS until the sentinels demote it, seconds later): drop them all."""
+        pool = self.client.connection_pool
+        current = self.sentinel.discover_master(self.master_name) if self.sentinel else None
+        if pool.master_address is not None and current != pool.master_address:
+            log.warning("Redis master moved from %s to %s: reconnecting", pool.master_address, current)
+            pool.get_master_address()  # records the new master, drops idle connections
+            pool.disconnect()  # and those in use: a command in flight there fails (outcome unknown)
 
 
 def writable(client: Any) -> str | None:

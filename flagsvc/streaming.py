@@ -104,12 +104,14 @@ def snapshot_event(published: Published) -> bytes:
 def peer_gone(sock: socket.socket | None) -> bool:
     """Whether the client closed its end: an SSE client sends nothing after its request, so a
     readable socket means end of file. Checked at every wake, so a closed stream is let go of
-    within a second instead of at the next heartbeat write."""
+    within a second instead of at the next heartbeat write. ``poll``, not ``select``: a worker
+    holding thousands of streams has descriptors past ``select``'s limit of 1024."""
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
 

@@ -3,6 +3,10 @@ are bounded, and beyond the bounds the answer is a 429 problem+json, with nothin
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +22,7 @@ from flagsvc.keys import EnvKeys
 from flagsvc.scheduler import Scheduler
 from flagsvc.tokens import TokenStore
 from flagsvc.writes import IDEMPOTENCY_RECORDS_PER_TOKEN
+from flagsvc_client._stream import interrupt
 
 from .conftest import ENV, RestartableServer
 
@@ -183,3 +188,32 @@ def test_a_token_holds_a_bounded_number_of_streams(limited_server, make_token):
     finally:
         for s in opened:
             s.close()
+
+
+def test_a_stream_on_a_descriptor_past_1024_stays_open(limited_server, make_token):
+    """``select`` cannot watch descriptors past 1024: a busy worker's streams must not end early."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip("the file descriptor limit is under 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    ballast = [socket.socket() for _ in range(1100)]  # the server's next sockets get descriptors > 1024
+    sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
+    ended = threading.Event()
+    try:
+        resp = requests.get(f"{limited_server.url}{BASE}/stream", headers=sdk, stream=True, timeout=5)
+        assert resp.status_code == 200
+
+        def read() -> None:
+            with contextlib.suppress(requests.RequestException):  # our own interrupt, at the end
+                for _ in resp.iter_lines():
+                    pass
+            ended.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert not ended.wait(2.5), "the server ended the stream"
+        interrupt(resp)
+        resp.close()
+    finally:
+        for sock in ballast:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
