@@ -331,7 +331,7 @@ class StreamConn(asyncio.Protocol):
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        if self.status is not None:
+        if self.status == 200:
             self.tally.bytes += len(data)
             self.tail = (self.tail + data)[-200:]
             return
@@ -339,18 +339,29 @@ class StreamConn(asyncio.Protocol):
         end = self.head.find(HEAD_END)
         if end < 0:
             return
-        self.status = int(self.head[9:12])
-        self.tally.bytes += len(self.head) - end - 4
+        if self.status is None:
+            self.status = int(self.head[9:12])
+            if self.status == 200:
+                self.tally.bytes += len(self.head) - end - 4
+                self.head = bytearray()
+                self.answered.set_result(200)
+                return
+        # An error answer: its body too (it says which limit), then close.
+        match = LENGTH_RE.search(self.head, 0, end)
         self.body = bytes(self.head[end + 4 : end + 2004])
-        self.head = bytearray()
+        if match is None or len(self.head) - end - 4 >= int(match[1]):
+            self._answer_error()
+
+    def _answer_error(self) -> None:
         if not self.answered.done():
-            self.answered.set_result(self.status)
-        if self.status != 200:
-            self.close()
+            self.answered.set_result(self.status or 0)
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if not self.answered.done():
+        if self.status is not None and self.status != 200:
+            self._answer_error()  # what came of the body is in self.body
+        elif not self.answered.done():
             self.answered.set_exception(ConnectionResetError("closed before an answer"))
         elif self.status == 200 and not self.ours:
             self.tally.ended_early += 1
@@ -1417,6 +1428,13 @@ def print_summary(runs: list[RunResult], args: argparse.Namespace) -> bool:
         )
         for line in projections(r, caps, args):
             log(f"      {line}")
+        grew = r.after["eval_bytes"] - r.before["eval_bytes"]
+        if grew > r.after["instances_bytes_all"]:
+            log(
+                f"  WARNING: {prefix}evaluation counts of flags that exist grew by {grew / 2**20:.1f} MiB "
+                f"in a {args.duration:g} s flood, more than all the instance records: no cap bounds them but "
+                "instances x flags x app names per minute, kept 3 h"
+            )
         for problem in r.problems:
             log(f"  ! {prefix}{problem}")
     log(
