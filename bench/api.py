@@ -58,6 +58,7 @@ from typing import Any
 
 import psutil
 import requests
+from harness import exit_on_sigterm, flagsvc_command
 
 HOST = "127.0.0.1"
 PROD = "production"
@@ -150,17 +151,25 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 
 
 class CpuMeter:
-    """CPU of the server processes, of the load generator (reaped children), of this process,
-    and of everything else on the machine, over a phase."""
+    """CPU of the server processes, of the load generator (reaped children, and the live
+    ``loadgen`` processes if given), of this process, and of everything else on the machine,
+    over a phase."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, loadgen: Callable[[], Sequence[psutil.Process]] | None = None) -> None:
+        """``loadgen``: load-generator processes that run through the whole phase (still alive at
+        its end, so not yet in the reaped children's figures)."""
         self._server = server
+        self._loadgen = loadgen or (lambda: [])
 
     def __enter__(self) -> CpuMeter:
         self._procs: dict[int, tuple[psutil.Process, float]] = {}
         for proc in self._server.processes():
             with contextlib.suppress(psutil.Error):
                 self._procs[proc.pid] = (proc, _cpu_seconds(proc))
+        self._load: dict[int, float] = {}
+        for proc in self._loadgen():
+            with contextlib.suppress(psutil.Error):
+                self._load[proc.pid] = _cpu_seconds(proc)
         self._stat = _proc_stat()
         self._children = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._self = resource.getrusage(resource.RUSAGE_SELF)
@@ -180,6 +189,10 @@ class CpuMeter:
         loadgen = (children.ru_utime + children.ru_stime) - (
             self._children.ru_utime + self._children.ru_stime
         )
+        for proc in self._loadgen():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid in self._load:
+                    loadgen += _cpu_seconds(proc) - self._load[proc.pid]
         bench = (own.ru_utime + own.ru_stime) - (self._self.ru_utime + self._self.ru_stime)
         used, steal = (b - a for a, b in zip(self._stat, _proc_stat(), strict=True))
         others = max(0.0, used - server - loadgen - bench)
@@ -202,21 +215,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-def flagsvc_command() -> list[str]:
-    """The ``flagsvc`` console script of this interpreter's environment.
-
-    (``python -m flagsvc.cli`` is not usable: the module has no ``__main__`` guard and exits
-    at once without serving.)
-    """
-    script = Path(sys.executable).with_name("flagsvc")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("flagsvc")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from flagsvc.cli import main; sys.exit(main())"]
 
 
 class Server:
@@ -520,10 +518,10 @@ def current_version(server: Server, session: requests.Session) -> int:
 class Flipper:
     """Alternate kill and restore of the kill switch of ``env`` over one keep-alive session."""
 
-    def __init__(self, base: str, token: str, env: str) -> None:
+    def __init__(self, base: str, token: str, env: str, key: str = KILL_KEY) -> None:
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        self.url = f"{base}/api/v1/envs/{env}/flags/{KILL_KEY}"
+        self.url = f"{base}/api/v1/envs/{env}/flags/{key}"
         self.enabled = bool(call(self.session, "GET", self.url, {200}).json()["enabled"])
 
     def flip(self) -> float:
@@ -1292,13 +1290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the server
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    exit_on_sigterm()
     wrk = shutil.which("wrk")
     tool = "wrk" if args.loadgen == "wrk" or (args.loadgen == "auto" and wrk) else "python"
     if tool == "wrk" and not wrk:

@@ -32,7 +32,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -50,6 +49,7 @@ import api
 import psutil
 import requests
 from api import HOST, KILL_KEY, PROD, LoadSpec, Server, percentiles
+from harness import create_token, raise_fd_limit
 
 FLIP_ENV = "bench"
 TARGET_N, TARGET_STREAM_P99_MS, TARGET_STREAM_MAX_MS = 1000, 250.0, 1000.0
@@ -61,15 +61,6 @@ STOPPING = threading.Event()  # set in a client process when its clients must en
 
 def log(message: str = "") -> None:
     print(message, flush=True)
-
-
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE (inherited by ``flagsvc serve``, gunicorn, wrk and the client processes)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard == resource.RLIM_INFINITY else min(hard, 65536)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # -- simulated SDK clients (in the client processes) -------------------------------------------
@@ -723,10 +714,7 @@ def summary(phases: list[dict[str, Any]], ceil: list[dict[str, Any]]) -> None:
 
 def create_sdk_token(server: Server) -> str:
     """``flagsvc token create --role sdk`` against the running server's data folder."""
-    cmd = [*api.flagsvc_command(), "token", "create", "--name", "bench-sdk", "--role", "sdk"]
-    cmd += ["--data-dir", str(server.data_dir)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
-    return out.stdout.splitlines()[0].strip()
+    return create_token(server.data_dir, "bench-sdk", "sdk")
 
 
 def int_list(value: str) -> list[int]:
