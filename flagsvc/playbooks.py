@@ -179,22 +179,27 @@ class PlaybookStore:
         *,
         idempotency: IdempotencyRequest | None = None,
     ) -> Done[tuple[dict[str, Any], bool]]:
-        """Create or replace a playbook definition (audited); ``(record, created)``."""
+        """Create or replace a playbook definition (audited); ``(record, created)``, the record
+        with its current application, if any."""
         k = EnvKeys(env)
 
+        def read(pipe: Any) -> None:
+            pipe.hget(k.playbooks, name)
+            pipe.get(k.playbook_applied(name))
+
         def decide(state: State) -> Change[tuple[dict[str, Any], bool]]:
-            before = json.loads(state.values[0]) if state.values[0] else None
+            raw, applied = state.values
+            before = json.loads(raw) if raw else None
             record = playbook_record(name, definition, before, ctx.actor, state.now)
             action = "playbook.update" if before else "playbook.create"
+            shown = {**record, "applied": json.loads(applied) if applied else None}
             return Change(
-                (record, before is None),
+                (shown, before is None),
                 ops=[Op("HSET", k.playbooks, (name, json.dumps(record)))],
                 audit=[audit_entry(ctx, action, playbook=name, before=before, after=record)],
             )
 
-        return self._writer.run(
-            k, lambda pipe: pipe.hget(k.playbooks, name), decide, idempotency=idempotency, codec=SAVED
-        )
+        return self._writer.run(k, read, decide, idempotency=idempotency, codec=SAVED)
 
     def delete(
         self, env: str, name: str, ctx: WriteContext, *, idempotency: IdempotencyRequest | None = None

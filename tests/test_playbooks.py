@@ -187,3 +187,15 @@ def test_kill_dry_run_previews_and_changes_nothing(client, auth, snapshot_redis)
         "blast_radius": {"evaluations": 4, "apps": {"checkout": 1}},
     }
     assert snapshot_redis() == before
+
+
+def test_replacing_an_applied_playbook_shows_its_application(client, auth):
+    client.put(f"{ENV}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV}/playbooks/p", json={"changes": {"a": {"enabled": False}}}, headers=auth("admin"))
+    client.post(f"{ENV}/playbooks/p/apply", json={"reason": "r", "incident": "I"}, headers=auth("operator"))
+    replaced = client.put(
+        f"{ENV}/playbooks/p",
+        json={"description": "d", "changes": {"a": {"enabled": False}}},
+        headers=auth("admin"),
+    )
+    assert replaced.status_code == 200 and replaced.json["applied"]["applied_by"] == "operator"

@@ -79,7 +79,7 @@ class PlaybookResource(MethodView):
             env, name, definition, write_context(actor), idempotency=idempotency(actor, definition)
         )
         record, created = done.result
-        return {**record, "applied": None}, 201 if created else 200, replay_headers(done)
+        return record, 201 if created else 200, replay_headers(done)
 
     @require(Role.ADMIN)
     @blp.response(204)
