@@ -286,13 +286,20 @@ class AuditLog:
         live log's chain continues from."""
         return parse_head(self._redis.get(self._ns.audit_base))
 
-    def verify(self, archives: Iterable[Iterable[tuple[str, dict[str, str]]]] = ()) -> VerifyResult:
+    def verify(
+        self,
+        archives: Iterable[Iterable[tuple[str, dict[str, str]]]] = (),
+        *,
+        expect_head: tuple[int, str] | None = None,
+    ) -> VerifyResult:
         """Walk the chain: each entry's hash, its link to the previous one, the sequence, the head.
 
         ``archives`` (oldest first) are the entries ``flagsvc audit trim`` moved to files: with
         them the walk starts at the very first entry and crosses each archive boundary; without
-        them it starts at the stored anchor of the last trim."""
-        chain = ChainWalk()
+        them it starts at the stored anchor of the last trim. ``expect_head`` (``seq, hash``, a
+        head copied off the host earlier) must be an entry of the chain: a shorter chain, valid as
+        it is, means its tail was lost (a rollback), another hash that it was rewritten."""
+        chain = ChainWalk(expect_head)
         archives = list(archives)
         if not archives:
             chain.seq, chain.prev_hash = self.base()
@@ -307,6 +314,9 @@ class AuditLog:
         for stream_id, fields in self.iter_all():
             if not chain.step(stream_id, fields):
                 return chain.result(ok=False)
+        return self._check_head(chain)
+
+    def _check_head(self, chain: ChainWalk) -> VerifyResult:
         head_seq, head_hash = parse_head(self._redis.get(self._ns.audit_head))
         if (head_seq, head_hash) != (chain.seq, chain.prev_hash):
             return VerifyResult(
@@ -315,13 +325,23 @@ class AuditLog:
                 chain.last_id,
                 f"head is entry {head_seq} but the log ends at entry {chain.seq}: newest edited or removed",
             )
+        if chain.expect is not None and chain.expect[0] > chain.seq:
+            return VerifyResult(
+                False,
+                chain.count,
+                None,
+                f"the log ends at entry {chain.seq}, before the expected head {chain.expect[0]}: "
+                "its tail was lost (Redis rolled back)",
+            )
         return chain.result(ok=True)
 
 
 class ChainWalk:
     """The state of a walk along the hash chain."""
 
-    def __init__(self) -> None:
+    def __init__(self, expect: tuple[int, str] | None = None) -> None:
+        """``expect``: an entry (``seq, hash``) the chain must hold."""
+        self.expect = expect
         self.seq, self.prev_hash, self.count = 0, "", 0
         self.last_id: str | None = None
         self.bad_id: str | None = None
@@ -337,6 +357,8 @@ class ChainWalk:
             )
         elif entry_hash(fields) != fields.get("hash"):
             self.problem = "hash does not match the entry's content: the entry was edited"
+        elif self.expect is not None and self.expect[0] == expected and self.expect[1] != fields["hash"]:
+            self.problem = "not the expected head: the history was rewritten from here (Redis rolled back)"
         if self.problem:
             self.bad_id = stream_id
             return False

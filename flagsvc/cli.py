@@ -281,6 +281,12 @@ def _require_env(client: redis.Redis, env: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the result for node_exporter's textfile collector (flagsvc_audit_chain_ok).",
 )
+@click.option(
+    "--expect-head",
+    default=None,
+    help="SEQ:HASH of a head copied off the host earlier (GET flagsvc:{ENV}:audit:head): the chain "
+    "must still hold that entry, else its tail was lost or rewritten (a Redis rollback).",
+)
 @data_dir_option
 @redis_url_option
 def audit_verify(
@@ -288,6 +294,7 @@ def audit_verify(
     system: bool,
     archives: tuple[Path, ...],
     textfile: Path | None,
+    expect_head: str | None,
     data_dir: Path,
     redis_url: str | None,
 ) -> None:
@@ -296,24 +303,15 @@ def audit_verify(
         raise click.UsageError("give exactly one of --env E or --system")
     if env and not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
+    expected = _head_option(expect_head)
     ns = SystemKeys() if system else EnvKeys(env or "")
     with redis_for(redis_url, data_dir) as client:
         if env:
             _require_env(client, env)
-        result = AuditLog(client, ns).verify([read_archive(a) for a in archives])
+        result = AuditLog(client, ns).verify([read_archive(a) for a in archives], expect_head=expected)
     label = "system log" if system else f"environment {env!r}"
     if textfile is not None:
-        name = "_system" if system else env
-        tmp = textfile.with_suffix(".tmp")
-        tmp.write_text(
-            "# HELP flagsvc_audit_chain_ok 1 if the audit hash chain verified\n"
-            "# TYPE flagsvc_audit_chain_ok gauge\n"
-            f'flagsvc_audit_chain_ok{{env="{name}"}} {int(result.ok)}\n'
-            "# HELP flagsvc_audit_chain_verified_timestamp_seconds When the chain was last verified\n"
-            "# TYPE flagsvc_audit_chain_verified_timestamp_seconds gauge\n"
-            f'flagsvc_audit_chain_verified_timestamp_seconds{{env="{name}"}} {time.time():.0f}\n'
-        )
-        tmp.replace(textfile)
+        _write_textfile(textfile, "_system" if system else str(env), result.ok)
     if result.ok:
         click.echo(f"ok: {label}: {result.entries} entries, hash chain intact")
         return
@@ -322,6 +320,31 @@ def audit_verify(
         err=True,
     )
     sys.exit(1)
+
+
+def _head_option(text: str | None) -> tuple[int, str] | None:
+    if text is None:
+        return None
+    seq, sep, digest = text.partition(":")
+    if not sep or not seq.isascii() or not seq.isdigit() or len(digest) != 64:
+        raise click.BadParameter(
+            "SEQ:HASH, as GET flagsvc:{ENV}:audit:head shows it", param_hint="--expect-head"
+        )
+    return int(seq), digest
+
+
+def _write_textfile(textfile: Path, name: str, ok: bool) -> None:
+    """The result for node_exporter's textfile collector, written atomically."""
+    tmp = textfile.with_suffix(".tmp")
+    tmp.write_text(
+        "# HELP flagsvc_audit_chain_ok 1 if the audit hash chain verified\n"
+        "# TYPE flagsvc_audit_chain_ok gauge\n"
+        f'flagsvc_audit_chain_ok{{env="{name}"}} {int(ok)}\n'
+        "# HELP flagsvc_audit_chain_verified_timestamp_seconds When the chain was last verified\n"
+        "# TYPE flagsvc_audit_chain_verified_timestamp_seconds gauge\n"
+        f'flagsvc_audit_chain_verified_timestamp_seconds{{env="{name}"}} {time.time():.0f}\n'
+    )
+    tmp.replace(textfile)
 
 
 @audit.command("trim")

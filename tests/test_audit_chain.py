@@ -85,3 +85,21 @@ def test_edited_system_log_is_detected(history, redis_url, r):
 
 def test_verify_needs_one_target(redis_url):
     assert verify(redis_url).exit_code == 2
+
+
+def test_a_lost_tail_fails_against_a_head_copied_off_the_host(history, redis_url, r):
+    """A rollback leaves a shorter chain that is valid as it is: only a head kept elsewhere shows
+    that entries were lost."""
+    ns = EnvKeys("production")
+    copied = r.get(ns.audit_head)  # what an operator shipped off the host
+    kept = r.xrange(ns.audit)[:3]
+    r.delete(ns.audit)  # Redis rolled back to the third entry
+    for stream_id, fields in kept:
+        r.xadd(ns.audit, fields, id=stream_id)
+    r.set(ns.audit_head, f"{kept[-1][1]['seq']}:{kept[-1][1]['hash']}")
+    assert verify(redis_url, "--env", "production").exit_code == 0, "the shorter chain is valid"
+    result = verify(redis_url, "--env", "production", "--expect-head", copied)
+    assert result.exit_code == 1 and "tail was lost" in result.output
+    assert verify(redis_url, "--env", "production", "--expect-head", "2:" + "0" * 64).exit_code == 1
+    earlier = f"{kept[1][1]['seq']}:{kept[1][1]['hash']}"
+    assert verify(redis_url, "--env", "production", "--expect-head", earlier).exit_code == 0
