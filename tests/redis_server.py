@@ -47,11 +47,14 @@ class RedisServer:
         durable: bool = False,
         extra_args: tuple[str, ...] = (),
         sentinel_conf: Path | None = None,
+        config: Path | None = None,
+        port: int | None = None,
     ) -> None:
         """``extra_args``: more ``redis-server`` options; ``sentinel_conf``: run as a sentinel with
-        that (writable) configuration file instead."""
+        that (writable) configuration file instead; ``config``: a configuration file to start from."""
         self.data_dir = data_dir
-        self.port = free_port()
+        self.config = config
+        self.port = port or free_port()
         self.durable = durable
         self.extra_args = extra_args
         self.sentinel_conf = sentinel_conf
@@ -66,9 +69,11 @@ class RedisServer:
         args = [redis_server_binary()]
         if self.sentinel_conf is not None:
             args += [str(self.sentinel_conf), "--sentinel"]
+        elif self.config is not None:
+            args += [str(self.config)]
         args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
         args += ["--daemonize", "no", "--logfile", str(self.data_dir / "redis.log")]
-        if self.sentinel_conf is None:
+        if self.sentinel_conf is None and self.config is None:
             args += ["--save", ""]
             if self.durable:
                 args += ["--appendonly", "yes", "--appendfsync", "always"]

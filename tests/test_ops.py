@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from .processes import stop_tree
-from .redis_server import free_port
+from .redis_server import RedisServer, free_port
 from .served import Served
+
+OPS = Path(__file__).parent.parent / "ops"
 
 PROMETHEUS = Path(__file__).parent.parent / "ops/prometheus"
 promtool = shutil.which("promtool")
@@ -157,3 +160,44 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
                 stop_tree(proc, timeout=10)
         finally:
             served.stop()
+
+
+def _shipped(name: str, tmp_path: Path, replacements: dict[str, str]) -> Path:
+    """A shipped Redis config with this machine's names, paths and ports in place of the hosts'."""
+    text = (OPS / "redis" / name).read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path = tmp_path / Path(name).name
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_sentinel_setup_runs_and_fences(tmp_path):
+    """ops/redis/sentinel/*.conf start as they are (names, paths and ports aside): a master that
+    refuses writes without a replica, and a sentinel that monitors it."""
+    master_port, sentinel_port = free_port(), free_port()
+    (tmp_path / "data").mkdir()
+    base = _shipped("redis.conf", tmp_path, {"/var/lib/flagsvc-redis": str(tmp_path / "data")})
+    names = {
+        "/etc/flagsvc-redis/redis.conf": str(base),
+        "redis-a": "127.0.0.1",
+        "0.0.0.0 -::*": "127.0.0.1",
+        "/var/lib/flagsvc-sentinel": str(tmp_path),
+    }
+    master_conf = _shipped("sentinel/redis-master.conf", tmp_path, names)
+    monitor = {"redis-a 6379": f"127.0.0.1 {master_port}", **names}
+    sentinel_conf = _shipped("sentinel/sentinel.conf", tmp_path, monitor)
+    master = RedisServer(tmp_path / "master", config=master_conf, port=master_port)
+    sentinel = RedisServer(tmp_path / "sentinel", sentinel_conf=sentinel_conf, port=sentinel_port)
+    try:
+        master.start()
+        sentinel.start()
+        client = redis.Redis(port=master_port, decode_responses=True)
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            client.set("k", "v")  # no replica: fenced
+        watcher = redis.Redis(port=sentinel_port, decode_responses=True)
+        assert int(watcher.sentinel_master("flagsvc")["port"]) == master_port
+    finally:
+        sentinel.kill()
+        master.kill()
