@@ -58,6 +58,7 @@ class ChangeListener:
         self._subscribers = list(subscribers)
         self._interval = interval
         self._started_pid: int | None = None
+        self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -72,12 +73,17 @@ class ChangeListener:
                 subscriber.reset()
             self._stop.clear()
             self._started_pid = os.getpid()
-            threading.Thread(target=self._run, name="flagsvc-change-listener", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="flagsvc-change-listener", daemon=True)
+            self._thread.start()
 
     start = ensure_started
 
     def stop(self) -> None:
+        """Stop the thread, and wait (a few seconds at most) until it no longer reads or writes."""
         self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * self._interval + 5)
 
     def _run(self) -> None:
         backoff = 0.1

@@ -109,6 +109,11 @@ class SentinelSet:
         wait_until(moved, timeout, "every sentinel names a new master")
         return self.master()
 
+    def log(self, lines: int = 40) -> str:
+        """The newest lines of the first sentinel's log: the failover as it saw it."""
+        path = self.sentinels[0].data_dir / "redis.log" if self.sentinels else None
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path and path.exists() else ""
+
     def stop(self) -> None:
         for server in [*self.sentinels, *self.servers]:
             if server.proc is not None and server.proc.poll() is None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+from prometheus_client import REGISTRY
 
 from flagsvc.audit import AuditLog
 from flagsvc.connection import connect
@@ -53,6 +54,10 @@ def restore(redis_url: str, backup: dict[bytes, bytes]) -> None:
         raw.restore(key, 0, value)
 
 
+def rollbacks_counted() -> float:
+    return REGISTRY.get_sample_value("flagsvc_history_rollbacks_total", {"env": ENV}) or 0.0
+
+
 @pytest.fixture
 def sdk_and_server(app: Any, auth: Any, client: Any) -> Iterator[tuple[FlagClient, RestartableServer]]:
     client.put(f"{FLAGS}/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
@@ -68,6 +73,7 @@ def sdk_and_server(app: Any, auth: Any, client: Any) -> Iterator[tuple[FlagClien
 
 def test_a_rollback_is_detected_and_moved_past(app, client, auth, r, redis_url, sdk_and_server):
     sdk, _ = sdk_and_server
+    counted_before = rollbacks_counted()
     backup = env_keys(redis_url)  # version 1: recs on
     assert (
         client.post(f"{FLAGS}/recs/kill", json={"reason": "INC-1"}, headers=auth("operator")).status_code
@@ -79,8 +85,7 @@ def test_a_rollback_is_detected_and_moved_past(app, client, auth, r, redis_url, 
     entry = [f for _, f in r.xrange(KEYS.audit) if f["action"] == "env.rollback_detected"][-1]
     assert entry["actor"] == "system" and "went back" in entry["reason"]
     assert client.get("/readyz").json["rollbacks"][ENV].startswith("version 2 -> 1")
-    metrics = client.get("/metrics").get_data(as_text=True)
-    assert f'flagsvc_history_rollbacks_total{{env="{ENV}"}} 1.0' in metrics
+    assert rollbacks_counted() == counted_before + 1
     # The SDK held version 2 (recs off); the history it now follows never had it.
     wait_until(lambda: sdk.status().version == 3, 5, "the SDK applied the state after the rollback")
     assert sdk.is_enabled("recs", default=False) is True
@@ -271,7 +276,8 @@ def test_a_failover_loses_no_acknowledged_write(sentinel_stack, how):
         count = len(load.acknowledged)
         wait_until(lambda: len(load.acknowledged) >= count + 20, 30, "writes acknowledged after the failover")
         load.finish()
-        assert load.longest_outage(began) <= 5.0, f"writes failed for {load.longest_outage(began):.1f} s"
+        outage = load.longest_outage(began)
+        assert outage <= 5.0, f"writes failed for {outage:.1f} s; the sentinel saw:\n{topology.log()}"
         check_nothing_lost(stack, load)
         assert applied == sorted(applied), "the SDK never applied an older state"
     finally:
@@ -293,7 +299,7 @@ def test_the_old_master_back_after_a_failover_takes_no_write(sentinel_stack):
     try:
         wait_until(lambda: len(load.acknowledged) >= 10, 20, "writes acknowledged with the old master back")
         load.finish()
-        wait_until(lambda: probe.info("replication")["role"] == "slave", 20, "the sentinels demote it")
+        wait_until(lambda: probe.info("replication")["role"] == "slave", 60, "the sentinels demote it")
         check_nothing_lost(stack, load)
         assert topology.master().port == new.port
     finally:
