@@ -19,12 +19,13 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis
 
-from .keys import ALL_CHANGES
+from .keys import ALL_CHANGES, listener_wakeup
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ChangeListener:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wakeup = listener_wakeup(uuid.uuid4().hex)
 
     def ensure_started(self) -> None:
         """Start the thread if it does not run in this process yet."""
@@ -83,6 +85,8 @@ class ChangeListener:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
+            with contextlib.suppress(redis.RedisError):
+                self._redis.publish(self._wakeup, "stop")  # rather than wait out its read timeout
             thread.join(timeout=2 * self._interval + 5)
 
     def _run(self) -> None:
@@ -91,6 +95,7 @@ class ChangeListener:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(ALL_CHANGES)
+                pubsub.subscribe(self._wakeup)
                 self._refresh()  # whatever changed while not subscribed
                 backoff = 0.1
                 self._listen(pubsub)

@@ -16,6 +16,11 @@ SYSTEM = "_system"
 ALL_CHANGES = f"{PREFIX}:{{*}}:changes"
 
 
+def listener_wakeup(listener_id: str) -> str:
+    """Pub/sub channel on which one change listener is told to look up (it is stopping)."""
+    return f"{PREFIX}:listener:{listener_id}"
+
+
 def is_system(namespace: str) -> bool:
     """Whether ``namespace`` is the system one (an environment name cannot start with ``_``)."""
     return namespace.startswith("_")

@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from werkzeug.serving import make_server
@@ -57,10 +58,32 @@ def r(redis_url: str) -> Iterator[Any]:
     client.close()
 
 
-@pytest.fixture
-def app(r: Any, redis_url: str) -> Iterator[Any]:
+def start_app(r: Any, redis_url: str) -> Any:
+    """The app on ``redis_url``, with the environment ``ENV`` created."""
     app = create_app({"REDIS_URL": redis_url, "TESTING": True})
     EnvStore(r).create(ENV, actor="test-setup")
+    return app
+
+
+def create_token(r: Any, role: str, *, name: str | None = None, envs: list[str] | None = None) -> str:
+    """A token straight in Redis; returns its secret."""
+    store = TokenStore(r)
+    _, secret = store.create(
+        name=name or f"{role}-{len(store.list())}", role=Role.parse(role), envs=envs or [], actor="test-setup"
+    )
+    return secret
+
+
+ROLES = ("sdk", "reader", "operator", "admin")
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def app(r: Any, redis_url: str) -> Iterator[Any]:
+    app = start_app(r, redis_url)
     yield app
     app.extensions["flagsvc"].close()
 
@@ -73,43 +96,57 @@ def client(app: Any) -> Any:
 @pytest.fixture
 def make_token(r: Any) -> Callable[..., str]:
     """Create a token straight in Redis: ``make_token("operator", envs=["production"])``."""
-
-    def make(role: str, *, name: str | None = None, envs: list[str] | None = None) -> str:
-        store = TokenStore(r)
-        _, secret = store.create(
-            name=name or f"{role}-{len(store.list())}",
-            role=Role.parse(role),
-            envs=envs or [],
-            actor="test-setup",
-        )
-        return secret
-
-    return make
+    return lambda role, **kwargs: create_token(r, role, **kwargs)
 
 
 @pytest.fixture
 def tokens(make_token: Callable[..., str]) -> dict[str, str]:
     """One token per role, named after the role, on every environment."""
-    return {role: make_token(role, name=role) for role in ("sdk", "reader", "operator", "admin")}
+    return {role: make_token(role, name=role) for role in ROLES}
 
 
 @pytest.fixture
 def auth(tokens: dict[str, str]) -> Callable[[str], dict[str, str]]:
     """``auth("admin")`` -> the Authorization header of that role's token."""
-    return lambda role: {"Authorization": f"Bearer {tokens[role]}"}
+    return lambda role: bearer(tokens[role])
+
+
+class SharedStack:
+    """An app on a Redis database of its own, for a module whose tests only read what one
+    module-scoped fixture wrote once (an audit history): ``client``, ``auth``, ``make_token``, ``r``
+    mean what the function-scoped fixtures of the same names mean."""
+
+    def __init__(self, r: Any, app: Any) -> None:
+        self.r, self.app = r, app
+        self.client = app.test_client()
+        self.tokens = {role: create_token(r, role, name=role) for role in ROLES}
+
+    def auth(self, role: str) -> dict[str, str]:
+        return bearer(self.tokens[role])
+
+    def make_token(self, role: str, **kwargs: Any) -> str:
+        return create_token(self.r, role, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def shared(single_redis_url: str) -> Iterator[SharedStack]:
+    """A :class:`SharedStack` on database 1 of the test Redis, emptied before and after the module."""
+    url = urlsplit(single_redis_url)._replace(path="/1").geturl()
+    r = connect(url)
+    r.flushdb()
+    app = start_app(r, url)
+    yield SharedStack(r, app)
+    app.extensions["flagsvc"].close()
+    r.flushdb()
+    r.close()
 
 
 @pytest.fixture
 def live_server(app: Any) -> Iterator[str]:
     """The app on a real HTTP server (threaded) on a free loopback port; yields its base URL."""
-    streaming.allow_streams()
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    streaming.end_streams()
-    server.shutdown()
-    thread.join(timeout=5)
+    srv = RestartableServer(app).start()
+    yield srv.url
+    srv.stop()
 
 
 def dataset(client: Any) -> dict[str, Any]:
@@ -136,7 +173,8 @@ def snapshot_redis(r: Any) -> Callable[[], dict[str, Any]]:
 
 
 class RestartableServer:
-    """The app on a fixed loopback port that a test can stop and start again (SDK outages)."""
+    """The app on a real HTTP server (threaded) on a loopback port, which a test can stop and start
+    again on the same port (SDK outages)."""
 
     def __init__(self, app: Any) -> None:
         from .redis_server import free_port
@@ -150,7 +188,12 @@ class RestartableServer:
     def start(self) -> RestartableServer:
         streaming.allow_streams()
         self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sdk-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # how long stop() waits for the loop to notice
+            name="app-server",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -85,6 +85,7 @@ def test_audit_verify_of_an_unknown_environment_is_an_error(app, redis_url, tmp_
     assert not textfile.exists(), "no 'chain ok' sample for an environment that is not there"
 
 
+@pytest.mark.slow  # a python subprocess
 def test_python_m_flagsvc_cli_runs_audit_trim(app, redis_url, tmp_path):
     archive = tmp_path / "old.ndjson"
     command = [sys.executable, "-m", "flagsvc.cli", "audit", "trim", "--env", "production"]

@@ -10,7 +10,7 @@ from flagsvc.keys import EnvKeys
 BASE = "/api/v1/envs/production"
 
 
-@pytest.fixture(params=["single", "cluster"])
+@pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.slow)])
 def redis_url(request: pytest.FixtureRequest) -> str:
     """Every happy path on one Redis server and on a 3-master Redis Cluster."""
     return str(

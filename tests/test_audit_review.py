@@ -17,9 +17,11 @@ from flagsvc.keys import EnvKeys
 ENV = "/api/v1/envs/production"
 
 
-@pytest.fixture
-def history(client, auth, make_token, r):
-    """~120 changes by three operators on six flags under three incidents; all entries, oldest first."""
+@pytest.fixture(scope="module")
+def history(shared):
+    """~120 changes by three operators on six flags under three incidents; all entries, oldest first.
+    Written once: the tests that take it only read."""
+    client, auth, make_token, r = shared.client, shared.auth, shared.make_token, shared.r
     operators = {
         name: {"Authorization": f"Bearer {make_token('operator', name=name)}"} for name in ("ana", "bo", "cy")
     }
@@ -72,8 +74,9 @@ def fetch_all(client, auth, query: str, limit: int) -> list[dict]:
 @pytest.mark.parametrize("limit", [1, 7, 1000])
 @pytest.mark.parametrize("order", ["newest", "oldest"])
 def test_filters_and_pages_return_exactly_the_matching_entries(
-    client, auth, history, query, predicate, limit, order
+    shared, history, query, predicate, limit, order
 ):
+    client, auth = shared.client, shared.auth
     expected = [e for e in history if predicate(e)]
     if order == "newest":
         expected.reverse()
@@ -81,7 +84,8 @@ def test_filters_and_pages_return_exactly_the_matching_entries(
     assert [e["seq"] for e in got] == [e["seq"] for e in expected]
 
 
-def test_time_windows(client, auth, history):
+def test_time_windows(shared, history):
+    client, auth = shared.client, shared.auth
     middle = history[len(history) // 2]
     until = history[len(history) // 2 + 20]
     since_q = middle["time"].replace("+", "%2B")
@@ -99,12 +103,14 @@ def test_time_windows(client, auth, history):
     assert fetch_all(client, auth, f"since={future.replace('+', '%2B')}", 50) == []
 
 
-def test_bad_times_are_422(client, auth, history):
+def test_bad_times_are_422(shared, history):
+    client, auth = shared.client, shared.auth
     resp = client.get(f"{ENV}/audit?since=yesterday", headers=auth("reader"))
     assert resp.status_code == 422 and resp.json["errors"][0]["field"] == "since"
 
 
-def test_csv_and_ndjson_exports_round_trip(client, auth, history):
+def test_csv_and_ndjson_exports_round_trip(shared, history):
+    client, auth = shared.client, shared.auth
     expected = fetch_all(client, auth, "incident=INC-3&order=oldest", 1000)
     ndjson = client.get(
         f"{ENV}/audit?incident=INC-3&order=oldest",

@@ -71,9 +71,11 @@ def test_a_clock_behind_the_newest_entry_commits_at_the_newest_time_and_the_chai
         assert seqs == sorted([a["seq"], b1["seq"], b2["seq"]], reverse=not oldest_first)
 
 
-@pytest.fixture
-def spread(client, auth, make_token, r) -> list[dict]:
-    """60 kills and restores by two operators, spread over a few ms each; all entries."""
+@pytest.fixture(scope="module")
+def spread(shared) -> list[dict]:
+    """60 kills and restores by two operators, spread over a few ms each; all entries. Written
+    once: the tests that take it only read."""
+    client, auth, make_token, r = shared.client, shared.auth, shared.make_token, shared.r
     ops = {n: {"Authorization": f"Bearer {make_token('operator', name=n)}"} for n in ("ana", "bo")}
     for key in ("x", "y"):
         client.put(f"{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
@@ -90,8 +92,9 @@ def spread(client, auth, make_token, r) -> list[dict]:
 @pytest.mark.parametrize("query", ["", "actor=bo", "flag=x&actor=ana", "incident=INC-1&action=flag.kill"])
 @pytest.mark.parametrize("order", ["newest", "oldest"])
 @pytest.mark.parametrize("bounds", [(10, 40), (0, 5), (33, 33), (45, 70)])
-def test_windows_with_filters_return_exactly_the_entries_in_them(client, auth, spread, query, order, bounds):
+def test_windows_with_filters_return_exactly_the_entries_in_them(shared, spread, query, order, bounds):
     """Window edges are entry times themselves: an entry at exactly ``since`` or ``until`` is in."""
+    client, auth = shared.client, shared.auth
     lo, hi = spread[bounds[0]], spread[min(bounds[1], len(spread) - 1)]
     since, until = entry_ms(lo), entry_ms(hi)
     predicates = dict(p.split("=") for p in query.split("&") if p)
@@ -113,7 +116,8 @@ def test_windows_with_filters_return_exactly_the_entries_in_them(client, auth, s
         assert lo in expected and hi in expected  # both edges are in the window
 
 
-def test_a_window_just_past_the_newest_entry_is_empty(client, auth, spread):
+def test_a_window_just_past_the_newest_entry_is_empty(shared, spread):
+    client, auth = shared.client, shared.auth
     after = datetime.fromisoformat(spread[-1]["time"].replace("Z", "+00:00")) + timedelta(milliseconds=1)
     resp = client.get(f"{ENV}/audit?since={after.isoformat().replace('+', '%2B')}", headers=auth("reader"))
     assert resp.json == {"entries": [], "next_cursor": None}

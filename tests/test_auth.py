@@ -25,6 +25,8 @@ from flagsvc.envs import EnvStore
 from flagsvc.keys import EnvKeys, SystemKeys
 from flagsvc.tokens import Role, TokenStore
 
+from .conftest import SharedStack, dataset
+
 BASE = "/api/v1/envs/production"
 FLAGS = f"{BASE}/flags"
 PROBLEM = "application/problem+json"
@@ -90,8 +92,7 @@ def assert_problem(resp: Any, status: int) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture
-def world(client: Any, auth: Any, r: Any) -> dict[str, str]:
+def build_world(client: Any, auth: Any, r: Any) -> dict[str, str]:
     """Flags ``live`` (enabled) and ``dead`` (killed); Authorization values that must all get 401."""
     for key, enabled in (("live", True), ("dead", False)):
         resp = client.put(
@@ -115,6 +116,17 @@ def world(client: Any, auth: Any, r: Any) -> dict[str, str]:
         "revoked": bearer(revoked),
         "expired": bearer(expired),
     }
+
+
+@pytest.fixture
+def world(client: Any, auth: Any, r: Any) -> dict[str, str]:
+    return build_world(client, auth, r)
+
+
+@pytest.fixture(scope="module")
+def world_once(shared: SharedStack) -> dict[str, str]:
+    """The world, shared by the refused requests (each proves that it wrote nothing)."""
+    return build_world(shared.client, shared.auth, shared.r)
 
 
 # -- the role matrix ---------------------------------------------------------------------------
@@ -155,13 +167,13 @@ def test_no_authorization_is_401_with_a_bearer_challenge(
     ["garbage", "wrong-scheme", "empty-bearer", "malformed-fsk", "wrong-secret", "revoked", "expired"],
 )
 def test_bad_or_dead_token_is_401(
-    client: Any, world: dict[str, str], snapshot_redis: Any, route: Route, credential: str
+    shared: SharedStack, world_once: dict[str, str], route: Route, credential: str
 ) -> None:
-    before = snapshot_redis()
-    resp = call(client, route, world[credential])
+    before = dataset(shared.r)
+    resp = call(shared.client, route, world_once[credential])
     assert_problem(resp, 401)
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-    assert snapshot_redis() == before
+    assert dataset(shared.r) == before
 
 
 @pytest.mark.parametrize("route", [pytest.param(r, id=r.id) for r in ROUTES if r.env])
@@ -188,6 +200,7 @@ def test_env_list_shows_only_the_token_envs(client: Any, r: Any, make_token: Any
 # -- token lifetime ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits for the expiry (Redis's clock)
 def test_token_stops_working_when_it_expires(client: Any, r: Any) -> None:
     record, secret = TokenStore(r).create(
         name="short-lived", role=Role.READER, envs=[], expires_in=timedelta(seconds=2), actor="t"
@@ -256,6 +269,7 @@ def test_an_open_stream_ends_within_a_second_of_its_revocation(
     assert ended - revoked_at[0] < 2.0, f"the stream outlived its revocation by {ended - revoked_at[0]:.1f} s"
 
 
+@pytest.mark.slow  # waits for the expiry (Redis's clock)
 def test_an_open_stream_ends_when_its_token_expires(live_server: str, r: Any) -> None:
     _, secret = TokenStore(r).create(
         name="short-sdk", role=Role.SDK, envs=[], expires_in=timedelta(seconds=2), actor="t"

@@ -204,6 +204,7 @@ def test_forked_child_sees_later_changes(rest, make_client, mode):
     assert result == b"1", "the forked child never saw the kill"
 
 
+@pytest.mark.slow  # 8 threads race 2,000 swaps
 def test_readers_only_see_published_snapshots(make_client):
     """8 threads evaluate while snapshots are swapped: never an exception, never a mix."""
     client = make_client(url="http://127.0.0.1:9", init_timeout=0.1)

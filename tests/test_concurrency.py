@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import requests
 
 from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
+
+pytestmark = pytest.mark.slow  # 20 threads, 50 writes each, over HTTP
 
 THREADS = 20
 CHANGES_PER_THREAD = 50

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import redis
 
 from flagsvc import create_app
@@ -13,6 +14,8 @@ from flagsvc.keys import EnvKeys
 from flagsvc.tokens import Role, TokenStore
 
 from .redis_server import RedisServer
+
+pytestmark = pytest.mark.slow  # kills and restarts a redis-server
 
 BASE = "/api/v1/envs/production/flags"
 

@@ -105,6 +105,7 @@ def test_conflict_exit_code(ctl, flags, server, auth, tokens, capsys):
     assert exc.value.code == 5 and str(exc.value).startswith("412")
 
 
+@pytest.mark.slow  # flagctl subprocesses
 def test_console_script_and_env_variables(server, tokens, flags):
     env = {
         "FLAGSVC_URL": server.url,

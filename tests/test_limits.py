@@ -142,6 +142,7 @@ def test_a_metrics_scrape_costs_the_same_whatever_the_fleet(client, auth, r):
     assert costs[0] == costs[1], costs
 
 
+@pytest.mark.slow  # 1,050 kills
 def test_no_op_kills_keep_a_bounded_number_of_idempotency_records(client, auth, r):
     client.put(f"{BASE}/flags/a", json={"kind": "kill_switch", "enabled": False}, headers=auth("admin"))
     for i in range(IDEMPOTENCY_RECORDS_PER_TOKEN + 50):
@@ -190,6 +191,7 @@ def test_a_token_holds_a_bounded_number_of_streams(limited_server, make_token):
             s.close()
 
 
+@pytest.mark.slow  # opens 1,100 descriptors
 def test_a_stream_on_a_descriptor_past_1024_stays_open(limited_server, make_token):
     """``select`` cannot watch descriptors past 1024: a busy worker's streams must not end early."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

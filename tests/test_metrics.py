@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from flagsvc_client import FlagClient
 
 from .test_propagation import Stack, close_stream, next_event, open_stream, wait_for
+
+pytestmark = pytest.mark.slow  # 2 gunicorn workers
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -151,6 +151,7 @@ api.shutdown()
 """
 
 
+@pytest.mark.slow  # a python -OO subprocess
 def test_narrowed_type_mismatch_messages_survive_stripped_docstrings(of_client, server, tokens):
     """Under ``python -OO`` (no docstrings) the integer and object mismatches still say what they are."""
     done = subprocess.run(

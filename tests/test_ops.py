@@ -15,6 +15,8 @@ from .processes import stop_tree
 from .redis_server import RedisServer, free_port
 from .served import Served
 
+pytestmark = pytest.mark.slow  # promtool, nginx, sentinels
+
 OPS = Path(__file__).parent.parent / "ops"
 
 PROMETHEUS = Path(__file__).parent.parent / "ops/prometheus"

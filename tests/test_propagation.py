@@ -29,6 +29,8 @@ from flagsvc_client.flagctl import main as flagctl
 from .redis_server import RedisServer
 from .served import Served
 
+pytestmark = pytest.mark.slow  # gunicorn workers on their own Redis
+
 FLAGS = "/api/v1/envs/production/flags"
 
 

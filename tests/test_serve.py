@@ -23,6 +23,8 @@ from flagsvc.cli import main
 from .redis_server import free_port
 from .served import Served
 
+pytestmark = pytest.mark.slow  # flagsvc serve: gunicorn and Redis processes
+
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("unix sockets and gunicorn", allow_module_level=True)
 

@@ -62,6 +62,7 @@ def test_bad_durations_are_refused(client, auth, bad, snapshot_redis):
     assert snapshot_redis() == before
 
 
+@pytest.mark.slow  # 3 worker processes
 def test_three_competing_workers_revert_each_change_exactly_once(client, auth, r, redis_url):
     keys = [f"feature-{i}" for i in range(15)]
     for key in keys:
