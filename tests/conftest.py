@@ -16,10 +16,9 @@ from flagsvc.connection import connect
 from flagsvc.envs import EnvStore
 from flagsvc.tokens import Role, TokenStore
 
+from .helpers import ENV
 from .redis_server import RedisServer
 from .redis_topology import Cluster
-
-ENV = "production"
 
 
 @pytest.fixture(scope="session")

@@ -6,28 +6,21 @@ loopback port; :meth:`stop` stops them all, also those a test killed or restarte
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
+from .helpers import wait_for
 from .redis_server import RedisServer, free_port
 
 MASTER_NAME = "flagsvc"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(redis.RedisError):
-            if predicate():
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not reached within {timeout} s: {what}")
-        time.sleep(0.05)
+    """:func:`wait_for`, a Redis error counting as "not yet" (servers starting or failing over)."""
+    wait_for(predicate, timeout, what, interval=0.05, ignoring=(redis.RedisError,))
 
 
 class SentinelSet:

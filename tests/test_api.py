@@ -7,7 +7,7 @@ import pytest
 from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 
-BASE = "/api/v1/envs/production"
+from .helpers import ENV_URL, TIMEOUT_FLAG
 
 
 @pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.slow)])
@@ -36,7 +36,7 @@ RELEASE = {
 
 
 def put_flag(client, auth, key, body, **headers):
-    return client.put(f"{BASE}/flags/{key}", json=body, headers={**auth("admin"), **headers})
+    return client.put(f"{ENV_URL}/flags/{key}", json=body, headers={**auth("admin"), **headers})
 
 
 def test_health_and_readiness(client):
@@ -78,16 +78,9 @@ def test_create_get_replace_and_list(client, auth):
         client,
         auth,
         "payments.timeout-ms",
-        {
-            "kind": "ops",
-            "type": "number",
-            "enabled": True,
-            "variants": {"normal": 3000, "short": 800},
-            "default_variant": "normal",
-            "off_variant": "short",
-        },
+        TIMEOUT_FLAG,
     )
-    got = client.get(f"{BASE}/flags/search.v2", headers=auth("reader"))
+    got = client.get(f"{ENV_URL}/flags/search.v2", headers=auth("reader"))
     assert got.status_code == 200 and got.headers["ETag"] == '"1"'
     assert got.json["rules"][1]["bucket_by"] == "targeting_key"
     assert got.json["rules"][0]["conditions"][0]["values"] == ["FR", "BE"]
@@ -95,7 +88,7 @@ def test_create_get_replace_and_list(client, auth):
     replaced = put_flag(client, auth, "search.v2", {**RELEASE, "description": "v2"}, **{"If-Match": '"1"'})
     assert replaced.status_code == 200 and replaced.json["version"] == 2
 
-    listed = client.get(f"{BASE}/flags", headers=auth("reader")).json["flags"]
+    listed = client.get(f"{ENV_URL}/flags", headers=auth("reader")).json["flags"]
     assert [f["key"] for f in listed] == ["payments.kill", "payments.timeout-ms", "search.v2"]
 
 
@@ -110,29 +103,31 @@ def test_identical_put_changes_nothing(client, auth, r):
 def test_patch_changes_only_given_fields(client, auth):
     put_flag(client, auth, "search.v2", RELEASE)
     resp = client.patch(
-        f"{BASE}/flags/search.v2", json={"default_variant": "on", "tags": []}, headers=auth("admin")
+        f"{ENV_URL}/flags/search.v2", json={"default_variant": "on", "tags": []}, headers=auth("admin")
     )
     assert resp.status_code == 200
     assert resp.json["default_variant"] == "on" and resp.json["tags"] == []
-    assert resp.json["rules"] == client.get(f"{BASE}/flags/search.v2", headers=auth("reader")).json["rules"]
+    assert (
+        resp.json["rules"] == client.get(f"{ENV_URL}/flags/search.v2", headers=auth("reader")).json["rules"]
+    )
     assert resp.json["description"] == "new search" and resp.json["version"] == 2
 
 
 def test_kill_and_restore_with_reason_are_audited(client, auth):
     put_flag(client, auth, "checkout.recs", {"kind": "kill_switch", "enabled": True})
     body = {"reason": "INC-42: checkout p95 at 9s", "incident": "INC-42"}
-    killed = client.post(f"{BASE}/flags/checkout.recs/kill", json=body, headers=auth("operator"))
+    killed = client.post(f"{ENV_URL}/flags/checkout.recs/kill", json=body, headers=auth("operator"))
     assert killed.status_code == 200 and killed.json["enabled"] is False and killed.json["version"] == 2
-    again = client.post(f"{BASE}/flags/checkout.recs/kill", json=body, headers=auth("operator"))
+    again = client.post(f"{ENV_URL}/flags/checkout.recs/kill", json=body, headers=auth("operator"))
     assert again.status_code == 200 and again.json["version"] == 2, "killing a killed flag changes nothing"
     restored = client.post(
-        f"{BASE}/flags/checkout.recs/restore",
+        f"{ENV_URL}/flags/checkout.recs/restore",
         json={"reason": "fixed", "incident": "INC-42"},
         headers=auth("operator"),
     )
     assert restored.json["enabled"] is True and restored.json["version"] == 3
 
-    entries = client.get(f"{BASE}/audit?flag=checkout.recs", headers=auth("reader")).json["entries"]
+    entries = client.get(f"{ENV_URL}/audit?flag=checkout.recs", headers=auth("reader")).json["entries"]
     assert [e["action"] for e in entries] == ["flag.restore", "flag.kill", "flag.create"]
     kill = entries[1]
     assert kill["actor"] == "operator" and kill["reason"] == body["reason"] and kill["incident"] == "INC-42"
@@ -143,16 +138,16 @@ def test_kill_and_restore_with_reason_are_audited(client, auth):
 
 def test_delete_archives_the_flag(client, auth, r):
     put_flag(client, auth, "old.flag", {"kind": "release", "enabled": True})
-    deleted = client.delete(f"{BASE}/flags/old.flag", headers=auth("admin"))
+    deleted = client.delete(f"{ENV_URL}/flags/old.flag", headers=auth("admin"))
     assert deleted.status_code == 200 and deleted.json["archived"] is True
-    assert client.get(f"{BASE}/flags/old.flag", headers=auth("reader")).status_code == 404
-    assert "old.flag" not in client.get(f"{BASE}/snapshot", headers=auth("sdk")).json["flags"]
-    assert client.get(f"{BASE}/flags", headers=auth("reader")).json["flags"] == []
-    archived = client.get(f"{BASE}/flags?include_archived=true", headers=auth("reader")).json["flags"]
+    assert client.get(f"{ENV_URL}/flags/old.flag", headers=auth("reader")).status_code == 404
+    assert "old.flag" not in client.get(f"{ENV_URL}/snapshot", headers=auth("sdk")).json["flags"]
+    assert client.get(f"{ENV_URL}/flags", headers=auth("reader")).json["flags"] == []
+    archived = client.get(f"{ENV_URL}/flags?include_archived=true", headers=auth("reader")).json["flags"]
     assert [f["key"] for f in archived] == ["old.flag"]
-    assert client.get(f"{BASE}/audit?flag=old.flag", headers=auth("reader")).json["entries"][0]["action"] == (
-        "flag.delete"
-    )
+    assert client.get(f"{ENV_URL}/audit?flag=old.flag", headers=auth("reader")).json["entries"][0][
+        "action"
+    ] == ("flag.delete")
     recreated = put_flag(client, auth, "old.flag", {"kind": "release", "enabled": False})
     assert recreated.status_code == 201 and recreated.json["version"] == 3
     assert AuditLog(r, EnvKeys("production")).verify().ok
@@ -161,7 +156,7 @@ def test_delete_archives_the_flag(client, auth, r):
 def test_snapshot_etag_and_304(client, auth):
     put_flag(client, auth, "a", {"kind": "kill_switch", "enabled": True})
     put_flag(client, auth, "b", RELEASE)
-    snap = client.get(f"{BASE}/snapshot", headers=auth("sdk"))
+    snap = client.get(f"{ENV_URL}/snapshot", headers=auth("sdk"))
     assert snap.status_code == 200 and snap.json["version"] == 2
     assert snap.headers["ETag"] == f'"2-{snap.json["history"]}"', "the ETag is the snapshot's identity"
     body = snap.json
@@ -178,10 +173,10 @@ def test_snapshot_etag_and_304(client, auth):
         "salt",
         "version",
     }
-    not_modified = client.get(f"{BASE}/snapshot", headers={**auth("sdk"), "If-None-Match": '"2"'})
+    not_modified = client.get(f"{ENV_URL}/snapshot", headers={**auth("sdk"), "If-None-Match": '"2"'})
     assert not_modified.status_code == 304 and not_modified.data == b""
-    client.post(f"{BASE}/flags/a/kill", json={"reason": "r"}, headers=auth("operator"))
-    changed = client.get(f"{BASE}/snapshot", headers={**auth("sdk"), "If-None-Match": '"2"'})
+    client.post(f"{ENV_URL}/flags/a/kill", json={"reason": "r"}, headers=auth("operator"))
+    changed = client.get(f"{ENV_URL}/snapshot", headers={**auth("sdk"), "If-None-Match": '"2"'})
     assert changed.status_code == 200 and changed.json["version"] == 3
     assert changed.json["flags"]["a"]["enabled"] is False
 
@@ -190,10 +185,10 @@ def test_audit_pagination_newest_first(client, auth):
     put_flag(client, auth, "a", {"kind": "kill_switch", "enabled": True})
     for i in range(6):
         action = "kill" if i % 2 == 0 else "restore"
-        client.post(f"{BASE}/flags/a/{action}", json={"reason": f"r{i}"}, headers=auth("operator"))
+        client.post(f"{ENV_URL}/flags/a/{action}", json={"reason": f"r{i}"}, headers=auth("operator"))
     seen, cursor = [], None
     while True:
-        url = f"{BASE}/audit?limit=3" + (f"&cursor={cursor}" if cursor else "")
+        url = f"{ENV_URL}/audit?limit=3" + (f"&cursor={cursor}" if cursor else "")
         page = client.get(url, headers=auth("reader")).json
         seen += [e["seq"] for e in page["entries"]]
         cursor = page["next_cursor"]
@@ -208,5 +203,5 @@ def test_unknown_environment_is_404(client, auth):
 
 
 def test_request_id_is_echoed(client, auth):
-    resp = client.get(f"{BASE}/flags", headers={**auth("reader"), "X-Request-ID": "abc-123"})
+    resp = client.get(f"{ENV_URL}/flags", headers={**auth("reader"), "X-Request-ID": "abc-123"})
     assert resp.headers["X-Request-ID"] == "abc-123"

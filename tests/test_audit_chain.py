@@ -8,16 +8,16 @@ from click.testing import CliRunner
 from flagsvc.cli import main
 from flagsvc.keys import EnvKeys, SystemKeys
 
-BASE = "/api/v1/envs/production/flags"
+from .helpers import FLAGS_URL
 
 
 @pytest.fixture
 def history(client, auth, r):
     """Five audited changes; returns the audit stream ids, oldest first."""
-    client.put(f"{BASE}/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     for i in range(4):
         action = "kill" if i % 2 == 0 else "restore"
-        resp = client.post(f"{BASE}/a/{action}", json={"reason": f"step {i}"}, headers=auth("operator"))
+        resp = client.post(f"{FLAGS_URL}/a/{action}", json={"reason": f"step {i}"}, headers=auth("operator"))
         assert resp.status_code == 200
     return [stream_id for stream_id, _ in r.xrange(EnvKeys("production").audit)]
 

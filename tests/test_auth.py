@@ -26,9 +26,8 @@ from flagsvc.keys import EnvKeys, SystemKeys
 from flagsvc.tokens import Role, TokenStore
 
 from .conftest import SharedStack, dataset
+from .helpers import ENV_URL, FLAGS_URL
 
-BASE = "/api/v1/envs/production"
-FLAGS = f"{BASE}/flags"
 PROBLEM = "application/problem+json"
 ROLES = ("sdk", "reader", "operator", "admin")
 
@@ -50,25 +49,25 @@ class Route:
 
 WRITES = [
     Route("env-create", "PUT", "/api/v1/envs/qa", "admin", 201, env="qa"),
-    Route("flag-put", "PUT", f"{FLAGS}/new-flag", "admin", 201, {"kind": "release", "enabled": True}),
-    Route("flag-patch", "PATCH", f"{FLAGS}/live", "admin", 200, {"description": "changed"}),
-    Route("flag-delete", "DELETE", f"{FLAGS}/live", "admin", 200),
+    Route("flag-put", "PUT", f"{FLAGS_URL}/new-flag", "admin", 201, {"kind": "release", "enabled": True}),
+    Route("flag-patch", "PATCH", f"{FLAGS_URL}/live", "admin", 200, {"description": "changed"}),
+    Route("flag-delete", "DELETE", f"{FLAGS_URL}/live", "admin", 200),
     Route(
         "flag-kill",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         "operator",
         200,
         {"reason": "P0: payments", "incident": "INC-1"},
     ),
-    Route("flag-restore", "POST", f"{FLAGS}/dead/restore", "operator", 200, {"reason": "fixed"}),
+    Route("flag-restore", "POST", f"{FLAGS_URL}/dead/restore", "operator", 200, {"reason": "fixed"}),
 ]
 READS = [
     Route("envs-list", "GET", "/api/v1/envs", "reader", 200, env=None),
-    Route("flags-list", "GET", FLAGS, "reader", 200),
-    Route("flag-get", "GET", f"{FLAGS}/live", "reader", 200),
-    Route("snapshot", "GET", f"{BASE}/snapshot", "sdk", 200),
-    Route("audit", "GET", f"{BASE}/audit", "reader", 200),
+    Route("flags-list", "GET", FLAGS_URL, "reader", 200),
+    Route("flag-get", "GET", f"{FLAGS_URL}/live", "reader", 200),
+    Route("snapshot", "GET", f"{ENV_URL}/snapshot", "sdk", 200),
+    Route("audit", "GET", f"{ENV_URL}/audit", "reader", 200),
 ]
 ROUTES = WRITES + READS
 
@@ -96,7 +95,7 @@ def build_world(client: Any, auth: Any, r: Any) -> dict[str, str]:
     """Flags ``live`` (enabled) and ``dead`` (killed); Authorization values that must all get 401."""
     for key, enabled in (("live", True), ("dead", False)):
         resp = client.put(
-            f"{FLAGS}/{key}", json={"kind": "kill_switch", "enabled": enabled}, headers=auth("admin")
+            f"{FLAGS_URL}/{key}", json={"kind": "kill_switch", "enabled": enabled}, headers=auth("admin")
         )
         assert resp.status_code == 201
     store = TokenStore(r)
@@ -206,17 +205,17 @@ def test_token_stops_working_when_it_expires(client: Any, r: Any) -> None:
         name="short-lived", role=Role.READER, envs=[], expires_in=timedelta(seconds=2), actor="t"
     )
     headers = {"Authorization": bearer(secret)}
-    assert client.get(FLAGS, headers=headers).status_code == 200
+    assert client.get(FLAGS_URL, headers=headers).status_code == 200
     assert record.expires_at is not None
     expires = datetime.fromisoformat(record.expires_at.replace("Z", "+00:00")).timestamp()
     time.sleep(max(0.0, expires - time.time()) + 0.05)
-    resp = client.get(FLAGS, headers=headers)
+    resp = client.get(FLAGS_URL, headers=headers)
     assert_problem(resp, 401)
 
 
 def test_revocation_takes_effect_within_a_second(live_server: str, r: Any, make_token: Any) -> None:
     secret = make_token("reader", name="leaked")
-    url = f"{live_server}{FLAGS}"
+    url = f"{live_server}{FLAGS_URL}"
     headers = {"Authorization": bearer(secret)}
     ok_sent: list[float] = []  # when each request still accepted was sent, after revoke() began
     with requests.Session() as http:
@@ -306,11 +305,11 @@ def test_only_the_sha256_of_a_secret_is_stored(
     # use it, so that request handling (audit entries, caches) had every chance to leak it
     assert (
         client.put(
-            f"{FLAGS}/live", json={"kind": "kill_switch", "enabled": True}, headers=headers
+            f"{FLAGS_URL}/live", json={"kind": "kill_switch", "enabled": True}, headers=headers
         ).status_code
         == 201
     )
-    assert client.post(f"{FLAGS}/live/kill", json={"reason": "r"}, headers=headers).status_code == 200
+    assert client.post(f"{FLAGS_URL}/live/kill", json={"reason": "r"}, headers=headers).status_code == 200
     dump = json.dumps(snapshot_redis(), default=repr)
     random_part = secret.split("_", 2)[2]
     assert secret.startswith("fsk_")
@@ -325,17 +324,17 @@ def test_kill_actor_is_the_token_name_whatever_the_request_claims(
 ) -> None:
     assert (
         client.put(
-            f"{FLAGS}/live", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
+            f"{FLAGS_URL}/live", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
         ).status_code
         == 201
     )
     oncall = {"Authorization": bearer(make_token("operator", name="oncall-alice"))}
     before = snapshot_redis()
-    claimed = client.post(f"{FLAGS}/live/kill", json={"reason": "r", "actor": "mallory"}, headers=oncall)
+    claimed = client.post(f"{FLAGS_URL}/live/kill", json={"reason": "r", "actor": "mallory"}, headers=oncall)
     assert_problem(claimed, 422)
     assert snapshot_redis() == before
     resp = client.post(
-        f"{FLAGS}/live/kill?actor=mallory",
+        f"{FLAGS_URL}/live/kill?actor=mallory",
         json={"reason": "P0", "incident": "INC-9"},
         headers={
             **oncall,
@@ -348,7 +347,7 @@ def test_kill_actor_is_the_token_name_whatever_the_request_claims(
     entry = AuditLog(r, EnvKeys("production")).query(limit=1).entries[0]
     assert (entry["action"], entry["actor"], entry["reason"]) == ("flag.kill", "oncall-alice", "P0")
     assert entry["source"] == "127.0.0.1"  # no trusted proxy configured: X-Forwarded-For is ignored
-    api_entry = client.get(f"{BASE}/audit?limit=1", headers=auth("reader")).json["entries"][0]
+    api_entry = client.get(f"{ENV_URL}/audit?limit=1", headers=auth("reader")).json["entries"][0]
     assert api_entry["actor"] == "oncall-alice"
 
 

@@ -16,18 +16,9 @@ from flagsvc_client import ErrorCode, FlagClient, Reason
 from flagsvc_client import _sse as sse
 from flagsvc_client._snapshot import Snapshot
 
-BASE = "/api/v1/envs/production/flags"
+from .helpers import FLAGS_URL, TIMEOUT_FLAG, wait_for
+
 POLL = 0.2
-
-
-def wait_for(predicate, timeout: float = 5.0) -> float:
-    """Seconds until ``predicate()`` is true; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not reached within {timeout}s")
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -36,19 +27,22 @@ def rest(server, auth):
 
     class Rest:
         def put(self, key, body):
-            resp = requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5)
+            resp = requests.put(f"{server.url}{FLAGS_URL}/{key}", json=body, headers=auth("admin"), timeout=5)
             assert resp.status_code in (200, 201), resp.text
             return resp.json()
 
         def kill(self, key, reason="test"):
             resp = requests.post(
-                f"{server.url}{BASE}/{key}/kill", json={"reason": reason}, headers=auth("operator"), timeout=5
+                f"{server.url}{FLAGS_URL}/{key}/kill",
+                json={"reason": reason},
+                headers=auth("operator"),
+                timeout=5,
             )
             assert resp.status_code == 200, resp.text
 
         def restore(self, key, reason="test"):
             resp = requests.post(
-                f"{server.url}{BASE}/{key}/restore",
+                f"{server.url}{FLAGS_URL}/{key}/restore",
                 json={"reason": reason},
                 headers=auth("operator"),
                 timeout=5,
@@ -253,14 +247,7 @@ def test_readers_only_see_published_snapshots(make_client):
 def test_typed_getters_listeners_and_kill_switch_decorator(rest, make_client):
     rest.put(
         "payments.timeout-ms",
-        {
-            "kind": "ops",
-            "type": "number",
-            "enabled": True,
-            "variants": {"normal": 3000, "short": 800},
-            "default_variant": "normal",
-            "off_variant": "short",
-        },
+        TIMEOUT_FLAG,
     )
     rest.put("recs", {"kind": "kill_switch", "enabled": True})
     client = make_client()

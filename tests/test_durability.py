@@ -13,11 +13,10 @@ from flagsvc.envs import EnvStore
 from flagsvc.keys import EnvKeys
 from flagsvc.tokens import Role, TokenStore
 
+from .helpers import FLAGS_URL
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # kills and restarts a redis-server
-
-BASE = "/api/v1/envs/production/flags"
 
 
 def test_acknowledged_changes_survive_sigkill(tmp_path):
@@ -33,12 +32,12 @@ def test_acknowledged_changes_survive_sigkill(tmp_path):
             key = f"feature-{i}"
             assert (
                 client.put(
-                    f"{BASE}/{key}", json={"kind": "kill_switch", "enabled": True}, headers=headers
+                    f"{FLAGS_URL}/{key}", json={"kind": "kill_switch", "enabled": True}, headers=headers
                 ).status_code
                 == 201
             )
             if i % 2 == 0:
-                resp = client.post(f"{BASE}/{key}/kill", json={"reason": f"INC {i}"}, headers=headers)
+                resp = client.post(f"{FLAGS_URL}/{key}/kill", json={"reason": f"INC {i}"}, headers=headers)
                 assert resp.status_code == 200
             acknowledged[key] = i % 2 != 0
         expected_entries = direct.xlen(EnvKeys("production").audit)
@@ -47,7 +46,7 @@ def test_acknowledged_changes_survive_sigkill(tmp_path):
         server.start()
         after = redis.Redis.from_url(server.url, decode_responses=True)
         client = create_app({"REDIS_URL": server.url}).test_client()
-        flags = {f["key"]: f["enabled"] for f in client.get(BASE, headers=headers).json["flags"]}
+        flags = {f["key"]: f["enabled"] for f in client.get(FLAGS_URL, headers=headers).json["flags"]}
         assert flags == acknowledged
         assert after.xlen(EnvKeys("production").audit) == expected_entries == 30
         assert int(after.get(EnvKeys("production").version)) == 30

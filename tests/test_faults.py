@@ -21,11 +21,10 @@ from flagsvc.playbooks import PlaybookStore
 from flagsvc.scheduler import Scheduler
 from flagsvc.tokens import Role, TokenStore
 
-from .conftest import ENV, RestartableServer
+from .conftest import RestartableServer
+from .helpers import ENV, ENV_URL
 from .redis_proxy import SlowReplies
 from .redis_server import RedisServer
-
-BASE = f"/api/v1/envs/{ENV}"
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def timed(call: Any) -> tuple[Any, float]:
 
 def test_sdk_reads_never_wait_on_a_hung_redis(hung_stack):
     url, sdk = hung_stack["url"], hung_stack["sdk"]
-    snapshot = requests.get(f"{url}{BASE}/snapshot", headers=sdk, timeout=5)
+    snapshot = requests.get(f"{url}{ENV_URL}/snapshot", headers=sdk, timeout=5)
     assert snapshot.status_code == 200
     etag = snapshot.headers["ETag"]
     time.sleep(0.5)  # the token's cache entry is older than TOKEN_CACHE_SECONDS
@@ -74,13 +73,13 @@ def test_sdk_reads_never_wait_on_a_hung_redis(hung_stack):
     hung_stack["redis"].proc.send_signal(signal.SIGSTOP)
     reads = {
         "poll (fast path)": lambda: requests.get(
-            f"{url}{BASE}/snapshot", headers={**sdk, "If-None-Match": etag}, timeout=3
+            f"{url}{ENV_URL}/snapshot", headers={**sdk, "If-None-Match": etag}, timeout=3
         ),
-        "poll (Flask view)": lambda: requests.get(f"{url}{BASE}/snapshot?full=1", headers=sdk, timeout=3),
+        "poll (Flask view)": lambda: requests.get(f"{url}{ENV_URL}/snapshot?full=1", headers=sdk, timeout=3),
         "OFREP": lambda: requests.post(
             f"{url}/ofrep/v1/evaluate/flags", json={"context": {"targetingKey": "u"}}, headers=sdk, timeout=3
         ),
-        "stream": lambda: requests.get(f"{url}{BASE}/stream", headers=sdk, stream=True, timeout=3),
+        "stream": lambda: requests.get(f"{url}{ENV_URL}/stream", headers=sdk, stream=True, timeout=3),
     }
     for name, read in reads.items():
         resp, seconds = timed(read)
@@ -112,16 +111,18 @@ def test_a_commit_whose_answer_is_lost_is_answered_outcome_unknown(slow_commits,
     client = app.test_client()
     admin = {"Authorization": f"Bearer {make_token('admin')}"}
     operator = {"Authorization": f"Bearer {make_token('operator')}", "Idempotency-Key": "inc-9-recs"}
-    created = client.put(f"{BASE}/flags/recs", json={"kind": "kill_switch", "enabled": True}, headers=admin)
+    created = client.put(
+        f"{ENV_URL}/flags/recs", json={"kind": "kill_switch", "enabled": True}, headers=admin
+    )
     assert created.status_code == 201
     proxy.holding.set()
-    resp = client.post(f"{BASE}/flags/recs/kill", json={"reason": "INC-9"}, headers=operator)
+    resp = client.post(f"{ENV_URL}/flags/recs/kill", json={"reason": "INC-9"}, headers=operator)
     proxy.holding.clear()
     assert resp.status_code == 503 and resp.mimetype == "application/problem+json"
     assert resp.json["type"].endswith("outcome-unknown"), resp.json
     assert "Idempotency-Key" in resp.json["detail"]
     assert json.loads(r.hget(EnvKeys(ENV).flags, "recs"))["enabled"] is False, "the kill was applied"
-    retry = client.post(f"{BASE}/flags/recs/kill", json={"reason": "INC-9"}, headers=operator)
+    retry = client.post(f"{ENV_URL}/flags/recs/kill", json={"reason": "INC-9"}, headers=operator)
     assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
     kills = [f for _, f in r.xrange(EnvKeys(ENV).audit) if f["action"] == "flag.kill"]
     assert len(kills) == 1
@@ -137,28 +138,28 @@ class ContendedPlaybooks(PlaybookStore):
 def test_contention_leaves_a_temporary_playbook_scheduled(client, auth, r):
     for key in ("a", "b"):
         client.put(
-            f"{BASE}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
+            f"{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
         )
-    client.put(f"{BASE}/playbooks/p", json={"changes": {"a": {"enabled": False}}}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/playbooks/p", json={"changes": {"a": {"enabled": False}}}, headers=auth("admin"))
     body = {"reason": "contain", "incident": "INC-3", "for": "1h"}
-    assert client.post(f"{BASE}/playbooks/p/apply", json=body, headers=auth("operator")).status_code == 200
+    assert client.post(f"{ENV_URL}/playbooks/p/apply", json=body, headers=auth("operator")).status_code == 200
     scheduler = Scheduler(r)
     scheduler._playbooks = ContendedPlaybooks(r)
     assert scheduler.run_once(now=time.time() + 3601) == 0
     assert r.zcard(EnvKeys(ENV).reverts) == 1, "the revert stays scheduled"
     assert Scheduler(r).run_once(now=time.time() + 3602) == 1
-    assert client.get(f"{BASE}/flags/a", headers=auth("reader")).json["enabled"] is True
+    assert client.get(f"{ENV_URL}/flags/a", headers=auth("reader")).json["enabled"] is True
 
 
 def test_reverts_are_due_on_redis_clock_not_the_hosts(client, auth, r, monkeypatch):
-    client.put(f"{BASE}/flags/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/flags/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     body = {"reason": "INC-4", "for": "90s"}
-    assert client.post(f"{BASE}/flags/recs/kill", json=body, headers=auth("operator")).status_code == 200
+    assert client.post(f"{ENV_URL}/flags/recs/kill", json=body, headers=auth("operator")).status_code == 200
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 91)  # this host's clock runs 91 s fast
     assert Scheduler(r).run_once() == 0, "not due on Redis' clock"
     monkeypatch.undo()
-    assert client.get(f"{BASE}/flags/recs", headers=auth("reader")).json["enabled"] is False
+    assert client.get(f"{ENV_URL}/flags/recs", headers=auth("reader")).json["enabled"] is False
 
 
 def test_a_redis_failure_never_discloses_where_redis_is(tmp_path):

@@ -11,7 +11,7 @@ import requests
 
 from flagsvc_client.flagctl import main
 
-BASE = "/api/v1/envs/production/flags"
+from .helpers import FLAGS_URL
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def flags(server, auth):
         "checkout.recs": {"kind": "kill_switch", "enabled": True},
         "exports": {"kind": "kill_switch", "enabled": True},
     }.items():
-        assert requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5).ok
+        assert requests.put(f"{server.url}{FLAGS_URL}/{key}", json=body, headers=auth("admin"), timeout=5).ok
 
 
 def test_list_kill_restore_show_audit(ctl, flags):
@@ -141,7 +141,9 @@ def test_audit_shows_control_and_bidi_characters_escaped(ctl, flags, server, mak
         ("kill", {"reason": "ok\x1b[2J\r\nforged", "incident": "INC\u202e-1"}),
         ("restore", {"reason": "\u202egnp.exe"}),
     ):
-        resp = requests.post(f"{server.url}{BASE}/exports/{action}", json=body, headers=hostile, timeout=5)
+        resp = requests.post(
+            f"{server.url}{FLAGS_URL}/exports/{action}", json=body, headers=hostile, timeout=5
+        )
         assert resp.ok, resp.text
 
     code, out, _ = ctl("audit", "--flag", "exports", role="reader")

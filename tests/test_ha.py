@@ -28,11 +28,11 @@ from flagsvc.keys import EnvKeys
 from flagsvc_client import FlagClient
 from flagsvc_client._snapshot import Snapshot
 
-from .conftest import ENV, RestartableServer
+from .conftest import RestartableServer
+from .helpers import ENV, FLAGS_URL
 from .redis_topology import SentinelSet, wait_until
 from .test_propagation import Stack, close_stream, next_event, open_stream
 
-FLAGS = f"/api/v1/envs/{ENV}/flags"
 KEYS = EnvKeys(ENV)
 
 
@@ -60,7 +60,7 @@ def rollbacks_counted() -> float:
 
 @pytest.fixture
 def sdk_and_server(app: Any, auth: Any, client: Any) -> Iterator[tuple[FlagClient, RestartableServer]]:
-    client.put(f"{FLAGS}/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{FLAGS_URL}/recs", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     server = RestartableServer(app).start()
     sdk = FlagClient(server.url, auth("sdk")["Authorization"].removeprefix("Bearer "), ENV, mode="poll",
                      poll_interval=0.1)  # fmt: skip
@@ -76,7 +76,7 @@ def test_a_rollback_is_detected_and_moved_past(app, client, auth, r, redis_url, 
     counted_before = rollbacks_counted()
     backup = env_keys(redis_url)  # version 1: recs on
     assert (
-        client.post(f"{FLAGS}/recs/kill", json={"reason": "INC-1"}, headers=auth("operator")).status_code
+        client.post(f"{FLAGS_URL}/recs/kill", json={"reason": "INC-1"}, headers=auth("operator")).status_code
         == 200
     )
     wait_until(lambda: not sdk.is_enabled("recs", default=True), 5, "the SDK applied the kill (version 2)")
@@ -97,13 +97,12 @@ def test_an_sdk_ahead_of_redis_reveals_a_rollback_no_process_saw(
     sdk, server = sdk_and_server
     backup = env_keys(redis_url)
     assert (
-        client.post(f"{FLAGS}/recs/kill", json={"reason": "INC-2"}, headers=auth("operator")).status_code
+        client.post(f"{FLAGS_URL}/recs/kill", json={"reason": "INC-2"}, headers=auth("operator")).status_code
         == 200
     )
     wait_until(lambda: not sdk.is_enabled("recs", default=True), 5, "the SDK applied version 2")
     server.stop()
-    app.extensions["flagsvc"].close()
-    time.sleep(1.5)  # the old process's change listener has stopped: it sees nothing from here on
+    app.extensions["flagsvc"].close()  # once its change listener stopped: it sees nothing from here on
     restore(redis_url, backup)  # rolled back while no process of the service was running
     from flagsvc import create_app
 
@@ -196,7 +195,7 @@ class KillLoad:
             }
             while not self.stop.is_set():
                 try:
-                    resp = requests.post(f"{self.stack.url}{FLAGS}/a/{action}", json={"reason": "load"},
+                    resp = requests.post(f"{self.stack.url}{FLAGS_URL}/a/{action}", json={"reason": "load"},
                                          headers=headers, timeout=5)  # fmt: skip
                 except requests.RequestException:
                     resp = None

@@ -10,7 +10,7 @@ import requests
 
 from flagsvc.keys import EnvKeys, SystemKeys
 
-BASE = "/api/v1/envs/production/flags"
+from .helpers import FLAGS_URL
 
 
 def kill_entries(r):
@@ -18,15 +18,15 @@ def kill_entries(r):
 
 
 def setup_flag(client, auth):
-    client.put(f"{BASE}/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
 
 
 def test_retried_kill_is_recorded_once(client, auth, r):
     setup_flag(client, auth)
     headers = {**auth("operator"), "Idempotency-Key": "kill-a-1"}
     body = {"reason": "INC-7", "incident": "INC-7"}
-    first = client.post(f"{BASE}/a/kill", json=body, headers=headers)
-    second = client.post(f"{BASE}/a/kill", json=body, headers=headers)
+    first = client.post(f"{FLAGS_URL}/a/kill", json=body, headers=headers)
+    second = client.post(f"{FLAGS_URL}/a/kill", json=body, headers=headers)
     assert first.status_code == second.status_code == 200
     assert first.json == second.json
     assert second.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
@@ -37,22 +37,22 @@ def test_retried_kill_is_recorded_once(client, auth, r):
 def test_retry_after_a_later_change_replays_instead_of_killing_again(client, auth, r):
     setup_flag(client, auth)
     headers = {**auth("operator"), "Idempotency-Key": "k"}
-    client.post(f"{BASE}/a/kill", json={"reason": "r"}, headers=headers)
-    client.post(f"{BASE}/a/restore", json={"reason": "fixed"}, headers=auth("operator"))
-    late_retry = client.post(f"{BASE}/a/kill", json={"reason": "r"}, headers=headers)
+    client.post(f"{FLAGS_URL}/a/kill", json={"reason": "r"}, headers=headers)
+    client.post(f"{FLAGS_URL}/a/restore", json={"reason": "fixed"}, headers=auth("operator"))
+    late_retry = client.post(f"{FLAGS_URL}/a/kill", json={"reason": "r"}, headers=headers)
     assert late_retry.status_code == 200 and late_retry.headers["Idempotent-Replayed"] == "true"
-    assert client.get(f"{BASE}/a", headers=auth("reader")).json["enabled"] is True
+    assert client.get(f"{FLAGS_URL}/a", headers=auth("reader")).json["enabled"] is True
     assert len(kill_entries(r)) == 1
 
 
 def test_same_key_with_another_body_is_422(client, auth, r, snapshot_redis):
     setup_flag(client, auth)
     headers = {**auth("operator"), "Idempotency-Key": "k"}
-    client.post(f"{BASE}/a/kill", json={"reason": "r"}, headers=headers)
+    client.post(f"{FLAGS_URL}/a/kill", json={"reason": "r"}, headers=headers)
     before = snapshot_redis()
-    other = client.post(f"{BASE}/a/kill", json={"reason": "another reason"}, headers=headers)
+    other = client.post(f"{FLAGS_URL}/a/kill", json={"reason": "another reason"}, headers=headers)
     assert other.status_code == 422 and other.mimetype == "application/problem+json"
-    other_route = client.post(f"{BASE}/a/restore", json={"reason": "r"}, headers=headers)
+    other_route = client.post(f"{FLAGS_URL}/a/restore", json={"reason": "r"}, headers=headers)
     assert other_route.status_code == 422
     assert snapshot_redis() == before
 
@@ -60,17 +60,19 @@ def test_same_key_with_another_body_is_422(client, auth, r, snapshot_redis):
 def test_keys_are_scoped_per_token(client, auth, make_token, r):
     setup_flag(client, auth)
     second_operator = {"Authorization": f"Bearer {make_token('operator', name='oncall-2')}"}
-    client.post(f"{BASE}/a/kill", json={"reason": "r"}, headers={**auth("operator"), "Idempotency-Key": "k"})
-    client.post(f"{BASE}/a/restore", json={"reason": "r"}, headers={**auth("operator")})
+    client.post(
+        f"{FLAGS_URL}/a/kill", json={"reason": "r"}, headers={**auth("operator"), "Idempotency-Key": "k"}
+    )
+    client.post(f"{FLAGS_URL}/a/restore", json={"reason": "r"}, headers={**auth("operator")})
     theirs = client.post(
-        f"{BASE}/a/kill", json={"reason": "r"}, headers={**second_operator, "Idempotency-Key": "k"}
+        f"{FLAGS_URL}/a/kill", json={"reason": "r"}, headers={**second_operator, "Idempotency-Key": "k"}
     )
     assert "Idempotent-Replayed" not in theirs.headers and theirs.json["enabled"] is False
     assert len(kill_entries(r)) == 2
 
 
 def test_concurrent_retries_change_once(live_server, auth, r):
-    url = f"{live_server}{BASE}/a"
+    url = f"{live_server}{FLAGS_URL}/a"
     requests.put(url, json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"), timeout=5)
     headers = {**auth("operator"), "Idempotency-Key": "storm"}
     statuses: list[int] = []
@@ -95,7 +97,9 @@ def test_malformed_key_is_rejected(client, auth, snapshot_redis):
     setup_flag(client, auth)
     before = snapshot_redis()
     resp = client.post(
-        f"{BASE}/a/kill", json={"reason": "r"}, headers={**auth("operator"), "Idempotency-Key": "x" * 300}
+        f"{FLAGS_URL}/a/kill",
+        json={"reason": "r"},
+        headers={**auth("operator"), "Idempotency-Key": "x" * 300},
     )
     assert resp.status_code == 422 and resp.json["errors"][0]["field"] == "Idempotency-Key"
     assert snapshot_redis() == before
@@ -103,9 +107,9 @@ def test_malformed_key_is_rejected(client, auth, snapshot_redis):
 
 #: Every kind of write: (role, method, path, body). The flag ``a`` and playbook ``p`` exist first.
 WRITES = {
-    "flag-put": ("admin", "PUT", f"{BASE}/b", {"kind": "kill_switch", "enabled": True}),
-    "flag-patch": ("admin", "PATCH", f"{BASE}/a", {"description": "recommendations"}),
-    "flag-delete": ("admin", "DELETE", f"{BASE}/a", None),
+    "flag-put": ("admin", "PUT", f"{FLAGS_URL}/b", {"kind": "kill_switch", "enabled": True}),
+    "flag-patch": ("admin", "PATCH", f"{FLAGS_URL}/a", {"description": "recommendations"}),
+    "flag-delete": ("admin", "DELETE", f"{FLAGS_URL}/a", None),
     "playbook-put": (
         "admin",
         "PUT",

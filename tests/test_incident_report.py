@@ -10,7 +10,7 @@ import requests
 
 from flagsvc_client.flagctl import main
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL
 
 
 @pytest.fixture
@@ -29,13 +29,13 @@ def incident(server, auth, ctl):
     """INC-42: a kill, a playbook applied then reverted, a restore; an unrelated change after."""
     admin = auth("admin")
     for key in ("checkout.recs", "exports", "search.v2"):
-        requests.put(f"{server.url}{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True},
+        requests.put(f"{server.url}{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True},
                      headers=admin, timeout=5)  # fmt: skip
     playbook = {
         "description": "shed load",
         "changes": {"exports": {"enabled": False}, "search.v2": {"enabled": False}},
     }
-    requests.put(f"{server.url}{ENV}/playbooks/shed-load", json=playbook, headers=admin, timeout=5)
+    requests.put(f"{server.url}{ENV_URL}/playbooks/shed-load", json=playbook, headers=admin, timeout=5)
     ctl("kill", "checkout.recs", "--reason", "recs time out", "--incident", "INC-42")
     ctl("playbook", "apply", "shed-load", "--reason", "db saturated", "--incident", "INC-42")
     ctl("restore", "search.v2", "--reason", "search is fine", "--incident", "INC-42")
@@ -88,10 +88,10 @@ def test_report_shows_hostile_text_as_text(server, auth, make_token, ctl):
     hostile = {"Authorization": f"Bearer {make_token('operator', name=actor)}"}
     reason = "ok\x1b[2J\r\nforged | <img src=x onerror=alert(1)> *x* [y](javascript:z) `c` &#x202e; _u_ ~s~"
     for key, why in (("checkout.recs", reason), ("exports", "\u202egnp.exe")):
-        requests.put(f"{server.url}{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True},
+        requests.put(f"{server.url}{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True},
                      headers=auth("admin"), timeout=5)  # fmt: skip
         resp = requests.post(
-            f"{server.url}{ENV}/flags/{key}/kill",
+            f"{server.url}{ENV_URL}/flags/{key}/kill",
             json={"reason": why, "incident": "INC-66"},
             headers=hostile,
             timeout=5,

@@ -24,9 +24,9 @@ from flagsvc.tokens import TokenStore
 from flagsvc.writes import IDEMPOTENCY_RECORDS_PER_TOKEN
 from flagsvc_client._stream import interrupt
 
-from .conftest import ENV, RestartableServer
+from .conftest import RestartableServer
+from .helpers import ENV, ENV_URL
 
-BASE = f"/api/v1/envs/{ENV}"
 KEYS = EnvKeys(ENV)
 
 
@@ -49,7 +49,7 @@ def limited(r: redis.Redis, redis_url: str) -> Iterator[Any]:
 
 def beat(client: Any, headers: dict[str, str], instance: str, **body: Any) -> Any:
     return client.post(
-        f"{BASE}/clients/{instance}", json={"app": "shop", "applied_version": 1, **body}, headers=headers
+        f"{ENV_URL}/clients/{instance}", json={"app": "shop", "applied_version": 1, **body}, headers=headers
     )
 
 
@@ -95,14 +95,14 @@ def test_an_instance_sends_a_bounded_number_of_heartbeats_a_minute(limited, make
 
 
 def test_counts_are_kept_only_for_flags_that_exist(client, auth, r):
-    client.put(f"{BASE}/flags/real", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/flags/real", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     counts = {"real": 5, **{f"ghost-{i}": 1 for i in range(500)}}
     assert beat(client, auth("sdk"), "i-1", counts=counts).status_code == 204
     minute = int(time.time() // 60)
     stored = {**r.hgetall(KEYS.evaluations(minute)), **r.hgetall(KEYS.evaluations(minute - 1))}
     assert stored == {"real|shop|i-1": "5"}
     preview = client.post(
-        f"{BASE}/flags/real/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
+        f"{ENV_URL}/flags/real/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
     )
     assert preview.json["blast_radius"] == {"evaluations": 5, "apps": {"shop": 1}}
 
@@ -144,14 +144,16 @@ def test_a_metrics_scrape_costs_the_same_whatever_the_fleet(client, auth, r):
 
 @pytest.mark.slow  # 1,050 kills
 def test_no_op_kills_keep_a_bounded_number_of_idempotency_records(client, auth, r):
-    client.put(f"{BASE}/flags/a", json={"kind": "kill_switch", "enabled": False}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/flags/a", json={"kind": "kill_switch", "enabled": False}, headers=auth("admin"))
     for i in range(IDEMPOTENCY_RECORDS_PER_TOKEN + 50):
         headers = {**auth("operator"), "Idempotency-Key": f"k-{i}"}
-        assert client.post(f"{BASE}/flags/a/kill", json={"reason": "r"}, headers=headers).status_code == 200
+        assert (
+            client.post(f"{ENV_URL}/flags/a/kill", json={"reason": "r"}, headers=headers).status_code == 200
+        )
     records = list(r.scan_iter(match=KEYS.idempotency("operator", "*"), count=1000))
     assert len(records) == IDEMPOTENCY_RECORDS_PER_TOKEN
     newest = {**auth("operator"), "Idempotency-Key": f"k-{IDEMPOTENCY_RECORDS_PER_TOKEN + 49}"}
-    replay = client.post(f"{BASE}/flags/a/kill", json={"reason": "r"}, headers=newest)
+    replay = client.post(f"{ENV_URL}/flags/a/kill", json={"reason": "r"}, headers=newest)
     assert replay.headers.get("Idempotent-Replayed") == "true", "the newest records are kept"
 
 
@@ -165,7 +167,7 @@ def limited_server(limited) -> Iterator[RestartableServer]:
 def test_a_token_holds_a_bounded_number_of_streams(limited_server, make_token):
     sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
     other = {"Authorization": f"Bearer {make_token('sdk', name='billing')}"}
-    url = f"{limited_server.url}{BASE}/stream"
+    url = f"{limited_server.url}{ENV_URL}/stream"
     opened = [requests.get(url, headers=sdk, stream=True, timeout=5) for _ in range(2)]
     try:
         assert [s.status_code for s in opened] == [200, 200]
@@ -202,7 +204,7 @@ def test_a_stream_on_a_descriptor_past_1024_stays_open(limited_server, make_toke
     sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
     ended = threading.Event()
     try:
-        resp = requests.get(f"{limited_server.url}{BASE}/stream", headers=sdk, stream=True, timeout=5)
+        resp = requests.get(f"{limited_server.url}{ENV_URL}/stream", headers=sdk, stream=True, timeout=5)
         assert resp.status_code == 200
 
         def read() -> None:

@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flagsvc_client import FlagClient
 
-from .test_propagation import Stack, close_stream, next_event, open_stream, wait_for
+from .helpers import wait_for
+from .test_propagation import Stack, close_stream, next_event, open_stream
 
 pytestmark = pytest.mark.slow  # 2 gunicorn workers
 

@@ -16,54 +16,11 @@ from openfeature.flag_evaluation import Reason
 from flagsvc.keys import EnvKeys
 from flagsvc_client.engine import evaluate
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL, SAMPLE_FLAGS
+
 VECTORS = json.loads((Path(__file__).parent.parent / "client/spec/evaluation-cases.json").read_text())[
     "cases"
 ]
-FLAGS = {
-    "recs": {"kind": "kill_switch", "enabled": True},
-    "search.v2": {
-        "kind": "release",
-        "enabled": True,
-        "default_variant": "off",
-        "rules": [
-            {"conditions": [{"attribute": "country", "operator": "in", "values": ["FR"]}], "variant": "on"}
-        ],
-    },
-    "theme": {
-        "kind": "experiment",
-        "type": "string",
-        "enabled": True,
-        "variants": {"blue": "blue", "green": "green"},
-        "default_variant": "blue",
-        "off_variant": "blue",
-        "rules": [{"rollout": [{"variant": "blue", "weight": 50}, {"variant": "green", "weight": 50}]}],
-    },
-    "timeout-ms": {
-        "kind": "ops",
-        "type": "number",
-        "enabled": True,
-        "variants": {"normal": 3000, "short": 800},
-        "default_variant": "normal",
-        "off_variant": "short",
-    },
-    "ratio": {
-        "kind": "ops",
-        "type": "number",
-        "enabled": True,
-        "variants": {"a": 0.25},
-        "default_variant": "a",
-        "off_variant": "a",
-    },
-    "limits": {
-        "kind": "ops",
-        "type": "json",
-        "enabled": True,
-        "variants": {"std": {"rps": 100}},
-        "default_variant": "std",
-        "off_variant": "std",
-    },
-}
 
 
 @pytest.fixture
@@ -73,8 +30,8 @@ def ofrep_token(make_token):
 
 @pytest.fixture
 def seeded(client, auth):
-    for key, body in FLAGS.items():
-        assert client.put(f"{ENV}/flags/{key}", json=body, headers=auth("admin")).status_code == 201
+    for key, body in SAMPLE_FLAGS.items():
+        assert client.put(f"{ENV_URL}/flags/{key}", json=body, headers=auth("admin")).status_code == 201
 
 
 def post(client, path, token, body=None, **headers):
@@ -93,16 +50,16 @@ def test_the_real_ofrep_provider_evaluates_every_type(server, client, auth, seed
         assert client.get_boolean_value("recs", False) is True
         fr = client.get_boolean_details("search.v2", False, EvaluationContext("u1", {"country": "FR"}))
         assert (fr.value, fr.variant, fr.reason) == (True, "on", Reason.TARGETING_MATCH)
-        theme = client.get_string_details("theme", "red", EvaluationContext("user-42"))
-        stored = flags.get(f"{ENV}/flags/theme", headers=auth("reader")).json
-        local = evaluate("theme", stored, {"targeting_key": "user-42"})
+        theme = client.get_string_details("checkout.theme", "red", EvaluationContext("user-42"))
+        stored = flags.get(f"{ENV_URL}/flags/checkout.theme", headers=auth("reader")).json
+        local = evaluate("checkout.theme", stored, {"targeting_key": "user-42"})
         assert (theme.value, theme.variant, theme.reason) == (local.value, local.variant, Reason.SPLIT)
-        assert client.get_integer_value("timeout-ms", 1) == 3000
-        assert client.get_float_value("ratio", 1.0) == 0.25
-        assert client.get_object_value("limits", {}) == {"rps": 100}
+        assert client.get_integer_value("payments.timeout-ms", 1) == 3000
+        assert client.get_float_value("payments.ratio", 1.0) == 0.25
+        assert client.get_object_value("limits", {}) == {"rps": 100, "burst": [1, 2]}
         missing = client.get_boolean_details("nope", True)
         assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)
-        no_key = client.get_string_details("theme", "red", EvaluationContext(None, {}))
+        no_key = client.get_string_details("checkout.theme", "red", EvaluationContext(None, {}))
         assert (no_key.value, no_key.error_code) == ("red", ErrorCode.TARGETING_KEY_MISSING)
     finally:
         api.shutdown()
@@ -118,9 +75,9 @@ def test_results_equal_the_python_sdk_for_every_vector(client, auth, ofrep_token
         body.pop("version", None)
         if body.get("salt") is None:
             body["salt"] = case["flag_key"]  # buckets are salted by the flag's key by default
-        if client.put(f"{ENV}/flags/{key}", json=body, headers=auth("admin")).status_code != 201:
+        if client.put(f"{ENV_URL}/flags/{key}", json=body, headers=auth("admin")).status_code != 201:
             continue  # a malformed flag the server refuses to store (the engine's PARSE_ERROR cases)
-        stored = client.get(f"{ENV}/flags/{key}", headers=auth("reader")).json
+        stored = client.get(f"{ENV_URL}/flags/{key}", headers=auth("reader")).json
         context = case["context"]
         ofrep_context = dict(context) if isinstance(context, dict) else context
         if isinstance(ofrep_context, dict) and "targeting_key" in ofrep_context:
@@ -161,7 +118,7 @@ def test_bulk_evaluation_with_etag(client, auth, seeded, ofrep_token):
     first = post(client, "/evaluate/flags", ofrep_token, ctx)
     assert first.status_code == 200
     results = {f["key"]: f for f in first.json["flags"]}
-    assert set(results) == set(FLAGS)
+    assert set(results) == set(SAMPLE_FLAGS)
     assert results["search.v2"]["value"] is True and results["recs"]["reason"] == "STATIC"
     etag = first.headers["ETag"]
     assert post(client, "/evaluate/flags", ofrep_token, ctx, **{"If-None-Match": etag}).status_code == 304
@@ -169,7 +126,7 @@ def test_bulk_evaluation_with_etag(client, auth, seeded, ofrep_token):
         client, "/evaluate/flags", ofrep_token, {"context": {"targetingKey": "u2"}}, **{"If-None-Match": etag}
     )
     assert other.status_code == 200, "another context is another answer"
-    client.post(f"{ENV}/flags/recs/kill", json={"reason": "r"}, headers=auth("operator"))
+    client.post(f"{ENV_URL}/flags/recs/kill", json={"reason": "r"}, headers=auth("operator"))
     changed = post(client, "/evaluate/flags", ofrep_token, ctx, **{"If-None-Match": etag})
     assert changed.status_code == 200
     assert {f["key"]: f for f in changed.json["flags"]}["recs"]["reason"] == "DISABLED"
@@ -191,7 +148,7 @@ def test_error_codes_over_plain_http(client, auth, seeded, ofrep_token, r):
         headers={"Authorization": f"Bearer {ofrep_token}"},
     )
     assert garbage.status_code == 400 and garbage.json["errorCode"] == "INVALID_CONTEXT"
-    no_key = post(client, "/evaluate/flags/theme", ofrep_token, {"context": {}})
+    no_key = post(client, "/evaluate/flags/checkout.theme", ofrep_token, {"context": {}})
     assert no_key.status_code == 400 and no_key.json["errorCode"] == "TARGETING_KEY_MISSING"
     ill_typed = post(client, "/evaluate/flags/search.v2", ofrep_token, {"context": {"country": ["FR"]}})
     assert ill_typed.status_code == 400 and ill_typed.json["errorCode"] == "INVALID_CONTEXT"

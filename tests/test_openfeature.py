@@ -18,62 +18,13 @@ import flagsvc_client
 from flagsvc_client import FlagClient
 from flagsvc_client.openfeature import FlagsvcProvider
 
-BASE = "/api/v1/envs/production/flags"
-FLAGS = {
-    "recs": {"kind": "kill_switch", "enabled": True},
-    "search.v2": {
-        "kind": "release",
-        "enabled": True,
-        "default_variant": "off",
-        "rules": [
-            {"conditions": [{"attribute": "country", "operator": "in", "values": ["FR"]}], "variant": "on"}
-        ],
-    },
-    "checkout.theme": {
-        "kind": "experiment",
-        "type": "string",
-        "enabled": True,
-        "variants": {"blue": "blue", "green": "green"},
-        "default_variant": "blue",
-        "off_variant": "blue",
-        "rules": [
-            {
-                "conditions": [],
-                "rollout": [{"variant": "blue", "weight": 50}, {"variant": "green", "weight": 50}],
-            }
-        ],
-    },
-    "payments.timeout-ms": {
-        "kind": "ops",
-        "type": "number",
-        "enabled": True,
-        "variants": {"normal": 3000, "short": 800},
-        "default_variant": "normal",
-        "off_variant": "short",
-    },
-    "payments.ratio": {
-        "kind": "ops",
-        "type": "number",
-        "enabled": True,
-        "variants": {"a": 0.25},
-        "default_variant": "a",
-        "off_variant": "a",
-    },
-    "limits": {
-        "kind": "ops",
-        "type": "json",
-        "enabled": True,
-        "variants": {"std": {"rps": 100, "burst": [1, 2]}},
-        "default_variant": "std",
-        "off_variant": "std",
-    },
-}
+from .helpers import FLAGS_URL, SAMPLE_FLAGS
 
 
 @pytest.fixture
 def of_client(server, auth, tokens):
-    for key, body in FLAGS.items():
-        assert requests.put(f"{server.url}{BASE}/{key}", json=body, headers=auth("admin"), timeout=5).ok
+    for key, body in SAMPLE_FLAGS.items():
+        assert requests.put(f"{server.url}{FLAGS_URL}/{key}", json=body, headers=auth("admin"), timeout=5).ok
     provider = FlagsvcProvider(FlagClient(server.url, tokens["sdk"], "production", poll_interval=0.2))
     api.set_provider(provider)
     yield api.get_client()
@@ -127,7 +78,7 @@ def test_configuration_changed_event_on_kill(of_client, server, auth):
 
     of_client.add_handler(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED, handler)
     resp = requests.post(
-        f"{server.url}{BASE}/recs/kill", json={"reason": "r"}, headers=auth("operator"), timeout=5
+        f"{server.url}{FLAGS_URL}/recs/kill", json={"reason": "r"}, headers=auth("operator"), timeout=5
     )
     assert resp.ok
     assert seen.wait(5), "no PROVIDER_CONFIGURATION_CHANGED event"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL, TIMEOUT_FLAG
+
 PLAYBOOK = {
     "description": "INC runbook: checkout degraded",
     "changes": {
@@ -23,36 +24,29 @@ def seed(client, auth):
     for key in ("checkout.recs", "exports"):
         assert (
             client.put(
-                f"{ENV}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=admin
+                f"{ENV_URL}/flags/{key}", json={"kind": "kill_switch", "enabled": True}, headers=admin
             ).status_code
             == 201
         )
-    client.put(f"{ENV}/flags/already.off", json={"kind": "kill_switch", "enabled": False}, headers=admin)
-    timeout = {
-        "kind": "ops",
-        "type": "number",
-        "enabled": True,
-        "variants": {"normal": 3000, "short": 800},
-        "default_variant": "normal",
-        "off_variant": "short",
-    }
-    client.put(f"{ENV}/flags/payments.timeout-ms", json=timeout, headers=admin)
-    created = client.put(f"{ENV}/playbooks/checkout-degraded", json=PLAYBOOK, headers=admin)
+    client.put(f"{ENV_URL}/flags/already.off", json={"kind": "kill_switch", "enabled": False}, headers=admin)
+    timeout = TIMEOUT_FLAG
+    client.put(f"{ENV_URL}/flags/payments.timeout-ms", json=timeout, headers=admin)
+    created = client.put(f"{ENV_URL}/playbooks/checkout-degraded", json=PLAYBOOK, headers=admin)
     assert created.status_code == 201, created.json
 
 
 def flags(client, auth):
-    return {f["key"]: f for f in client.get(f"{ENV}/flags", headers=auth("reader")).json["flags"]}
+    return {f["key"]: f for f in client.get(f"{ENV_URL}/flags", headers=auth("reader")).json["flags"]}
 
 
 def test_define_list_and_show(client, auth):
     seed(client, auth)
-    listed = client.get(f"{ENV}/playbooks", headers=auth("reader")).json["playbooks"]
+    listed = client.get(f"{ENV_URL}/playbooks", headers=auth("reader")).json["playbooks"]
     assert [p["name"] for p in listed] == ["checkout-degraded"] and listed[0]["applied"] is False
-    shown = client.get(f"{ENV}/playbooks/checkout-degraded", headers=auth("reader")).json
+    shown = client.get(f"{ENV_URL}/playbooks/checkout-degraded", headers=auth("reader")).json
     assert shown["changes"] == PLAYBOOK["changes"] and shown["version"] == 1 and shown["applied"] is None
-    assert client.put(f"{ENV}/playbooks/x", json=PLAYBOOK, headers=auth("operator")).status_code == 403
-    bad = client.put(f"{ENV}/playbooks/x", json={"changes": {"a": {}}}, headers=auth("admin"))
+    assert client.put(f"{ENV_URL}/playbooks/x", json=PLAYBOOK, headers=auth("operator")).status_code == 403
+    bad = client.put(f"{ENV_URL}/playbooks/x", json={"changes": {"a": {}}}, headers=auth("admin"))
     assert bad.status_code == 422
 
 
@@ -60,10 +54,14 @@ def test_dry_run_previews_with_blast_radius_and_changes_nothing(client, auth, sn
     seed(client, auth)
     for instance, app in (("i1", "checkout"), ("i2", "checkout"), ("i3", "search")):
         report = {"app": app, "applied_version": 5, "counts": {"checkout.recs": 10, "exports": 1}}
-        assert client.post(f"{ENV}/clients/{instance}", json=report, headers=auth("sdk")).status_code == 204
+        assert (
+            client.post(f"{ENV_URL}/clients/{instance}", json=report, headers=auth("sdk")).status_code == 204
+        )
     before = snapshot_redis()
     preview = client.post(
-        f"{ENV}/playbooks/checkout-degraded/apply", json={**ACTION, "dry_run": True}, headers=auth("operator")
+        f"{ENV_URL}/playbooks/checkout-degraded/apply",
+        json={**ACTION, "dry_run": True},
+        headers=auth("operator"),
     )
     assert preview.status_code == 200, preview.json
     body = preview.json
@@ -77,8 +75,10 @@ def test_dry_run_previews_with_blast_radius_and_changes_nothing(client, auth, sn
 
 def test_apply_is_atomic_audited_and_refused_twice(client, auth, r, snapshot_redis):
     seed(client, auth)
-    version = client.get(f"{ENV}/snapshot", headers=auth("sdk")).json["version"]
-    applied = client.post(f"{ENV}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
+    version = client.get(f"{ENV_URL}/snapshot", headers=auth("sdk")).json["version"]
+    applied = client.post(
+        f"{ENV_URL}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator")
+    )
     assert applied.status_code == 200, applied.json
     assert applied.json["env_version"] == version + 1, "a playbook is one change of the environment"
     state = flags(client, auth)
@@ -86,7 +86,7 @@ def test_apply_is_atomic_audited_and_refused_twice(client, auth, r, snapshot_red
     assert state["payments.timeout-ms"]["default_variant"] == "short"
     assert state["already.off"]["version"] == 1, "a flag already in the target state is not touched"
 
-    entries = client.get(f"{ENV}/audit?limit=4", headers=auth("reader")).json["entries"]
+    entries = client.get(f"{ENV_URL}/audit?limit=4", headers=auth("reader")).json["entries"]
     operation = applied.json["operation"]
     assert {e["operation"] for e in entries} == {operation}
     assert sorted(e["action"] for e in entries) == ["flag.kill", "flag.kill", "flag.update", "playbook.apply"]
@@ -94,23 +94,27 @@ def test_apply_is_atomic_audited_and_refused_twice(client, auth, r, snapshot_red
     assert AuditLog(r, EnvKeys("production")).verify().ok
 
     before = snapshot_redis()
-    again = client.post(f"{ENV}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
+    again = client.post(f"{ENV_URL}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
     assert again.status_code == 409 and "already applied" in again.json["detail"]
     assert snapshot_redis() == before
 
 
 def test_a_missing_flag_or_a_stale_if_match_applies_nothing(client, auth, snapshot_redis):
     seed(client, auth)
-    client.delete(f"{ENV}/flags/exports", headers=auth("admin"))
+    client.delete(f"{ENV_URL}/flags/exports", headers=auth("admin"))
     before = snapshot_redis()
-    refused = client.post(f"{ENV}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
+    refused = client.post(
+        f"{ENV_URL}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator")
+    )
     assert refused.status_code == 409 and "'exports' does not exist" in refused.json["detail"]
     assert snapshot_redis() == before, "nothing of the playbook is applied"
 
-    client.put(f"{ENV}/flags/exports", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(
+        f"{ENV_URL}/flags/exports", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin")
+    )
     before = snapshot_redis()
     stale = client.post(
-        f"{ENV}/playbooks/checkout-degraded/apply",
+        f"{ENV_URL}/playbooks/checkout-degraded/apply",
         json=ACTION,
         headers={**auth("operator"), "If-Match": '"7"'},
     )
@@ -121,19 +125,21 @@ def test_a_missing_flag_or_a_stale_if_match_applies_nothing(client, auth, snapsh
 def test_revert_restores_exact_prior_states_and_skips_flags_changed_since(client, auth, r):
     seed(client, auth)
     prior = flags(client, auth)
-    client.post(f"{ENV}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
+    client.post(f"{ENV_URL}/playbooks/checkout-degraded/apply", json=ACTION, headers=auth("operator"))
     # Someone restores exports by hand during the incident: the revert must leave it alone.
-    client.post(f"{ENV}/flags/exports/restore", json={"reason": "exports needed"}, headers=auth("operator"))
-    client.post(f"{ENV}/flags/exports/kill", json={"reason": "no, off again"}, headers=auth("operator"))
+    client.post(
+        f"{ENV_URL}/flags/exports/restore", json={"reason": "exports needed"}, headers=auth("operator")
+    )
+    client.post(f"{ENV_URL}/flags/exports/kill", json={"reason": "no, off again"}, headers=auth("operator"))
 
     preview = client.post(
-        f"{ENV}/playbooks/checkout-degraded/revert",
+        f"{ENV_URL}/playbooks/checkout-degraded/revert",
         json={"reason": "fixed", "dry_run": True},
         headers=auth("operator"),
     )
     assert {c["flag"] for c in preview.json["changed"]} == {"checkout.recs", "payments.timeout-ms"}
     reverted = client.post(
-        f"{ENV}/playbooks/checkout-degraded/revert", json={"reason": "fixed"}, headers=auth("operator")
+        f"{ENV_URL}/playbooks/checkout-degraded/revert", json={"reason": "fixed"}, headers=auth("operator")
     )
     assert reverted.status_code == 200, reverted.json
     assert [s["flag"] for s in reverted.json["skipped"]] == ["exports"]
@@ -142,13 +148,15 @@ def test_revert_restores_exact_prior_states_and_skips_flags_changed_since(client
         assert now[key]["enabled"] == prior[key]["enabled"]
         assert now[key]["default_variant"] == prior[key]["default_variant"]
     assert now["exports"]["enabled"] is False, "the manual change since the apply is kept"
-    summary = client.get(f"{ENV}/audit?limit=3", headers=auth("reader")).json["entries"]
+    summary = client.get(f"{ENV_URL}/audit?limit=3", headers=auth("reader")).json["entries"]
     revert_entry = next(e for e in summary if e["action"] == "playbook.revert")
     assert revert_entry["after"]["skipped"][0]["flag"] == "exports"
     assert revert_entry["incident"] == "INC-42", "the revert belongs to the incident of the apply"
-    assert client.get(f"{ENV}/playbooks/checkout-degraded", headers=auth("reader")).json["applied"] is None
+    assert (
+        client.get(f"{ENV_URL}/playbooks/checkout-degraded", headers=auth("reader")).json["applied"] is None
+    )
     again = client.post(
-        f"{ENV}/playbooks/checkout-degraded/revert", json={"reason": "x"}, headers=auth("operator")
+        f"{ENV_URL}/playbooks/checkout-degraded/revert", json={"reason": "x"}, headers=auth("operator")
     )
     assert again.status_code == 409
     assert AuditLog(r, EnvKeys("production")).verify().ok
@@ -156,26 +164,27 @@ def test_revert_restores_exact_prior_states_and_skips_flags_changed_since(client
 
 def test_roles_and_required_fields(client, auth):
     seed(client, auth)
-    url = f"{ENV}/playbooks/checkout-degraded/apply"
+    url = f"{ENV_URL}/playbooks/checkout-degraded/apply"
     assert client.post(url, json=ACTION, headers=auth("reader")).status_code == 403
     missing = client.post(url, json={"reason": "r"}, headers=auth("operator"))
     assert missing.status_code == 422 and missing.json["errors"][0]["field"] == "incident"
     assert (
-        client.post(f"{ENV}/playbooks/nope/apply", json=ACTION, headers=auth("operator")).status_code == 404
+        client.post(f"{ENV_URL}/playbooks/nope/apply", json=ACTION, headers=auth("operator")).status_code
+        == 404
     )
-    assert client.delete(f"{ENV}/playbooks/checkout-degraded", headers=auth("admin")).status_code == 204
+    assert client.delete(f"{ENV_URL}/playbooks/checkout-degraded", headers=auth("admin")).status_code == 204
 
 
 def test_kill_dry_run_previews_and_changes_nothing(client, auth, snapshot_redis):
     seed(client, auth)
     client.post(
-        f"{ENV}/clients/i1",
+        f"{ENV_URL}/clients/i1",
         json={"app": "checkout", "applied_version": 1, "counts": {"exports": 4}},
         headers=auth("sdk"),
     )
     before = snapshot_redis()
     preview = client.post(
-        f"{ENV}/flags/exports/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
+        f"{ENV_URL}/flags/exports/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
     )
     assert preview.status_code == 200
     assert preview.json == {
@@ -190,11 +199,13 @@ def test_kill_dry_run_previews_and_changes_nothing(client, auth, snapshot_redis)
 
 
 def test_replacing_an_applied_playbook_shows_its_application(client, auth):
-    client.put(f"{ENV}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
-    client.put(f"{ENV}/playbooks/p", json={"changes": {"a": {"enabled": False}}}, headers=auth("admin"))
-    client.post(f"{ENV}/playbooks/p/apply", json={"reason": "r", "incident": "I"}, headers=auth("operator"))
+    client.put(f"{ENV_URL}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/playbooks/p", json={"changes": {"a": {"enabled": False}}}, headers=auth("admin"))
+    client.post(
+        f"{ENV_URL}/playbooks/p/apply", json={"reason": "r", "incident": "I"}, headers=auth("operator")
+    )
     replaced = client.put(
-        f"{ENV}/playbooks/p",
+        f"{ENV_URL}/playbooks/p",
         json={"description": "d", "changes": {"a": {"enabled": False}}},
         headers=auth("admin"),
     )

@@ -26,21 +26,11 @@ from flagsvc_client import _sse as sse
 from flagsvc_client._stream import interrupt
 from flagsvc_client.flagctl import main as flagctl
 
+from .helpers import FLAGS_URL, wait_for
 from .redis_server import RedisServer
 from .served import Served
 
 pytestmark = pytest.mark.slow  # gunicorn workers on their own Redis
-
-FLAGS = "/api/v1/envs/production/flags"
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not reached within {timeout}s")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 class Stack:
@@ -78,12 +68,12 @@ class Stack:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
     def put(self, key: str, body: dict) -> None:
-        resp = requests.put(f"{self.url}{FLAGS}/{key}", json=body, headers=self.admin, timeout=10)
+        resp = requests.put(f"{self.url}{FLAGS_URL}/{key}", json=body, headers=self.admin, timeout=10)
         assert resp.status_code in (200, 201), resp.text
 
     def flip(self, key: str, action: str) -> requests.Response:
         return requests.post(
-            f"{self.url}{FLAGS}/{key}/{action}",
+            f"{self.url}{FLAGS_URL}/{key}/{action}",
             json={"reason": "test"},
             headers=self.headers("operator"),
             timeout=10,

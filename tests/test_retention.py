@@ -11,14 +11,16 @@ from click.testing import CliRunner
 from flagsvc.cli import main
 from flagsvc.keys import EnvKeys
 
-ENV = "/api/v1/envs/production"
+from .helpers import ENV_URL
 
 
 def flip(client, auth, n: int) -> None:
     for i in range(n):
         action = "kill" if i % 2 == 0 else "restore"
         body = {"reason": f"step {i}", "incident": "INC-1"}
-        assert client.post(f"{ENV}/flags/a/{action}", json=body, headers=auth("operator")).status_code == 200
+        assert (
+            client.post(f"{ENV_URL}/flags/a/{action}", json=body, headers=auth("operator")).status_code == 200
+        )
 
 
 def cli(*args: str):
@@ -26,7 +28,7 @@ def cli(*args: str):
 
 
 def test_trim_archives_then_trims_and_verify_crosses_the_boundary(client, auth, r, redis_url, tmp_path):
-    client.put(f"{ENV}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
+    client.put(f"{ENV_URL}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     flip(client, auth, 10)
     time.sleep(0.05)
     cutoff = datetime.now(UTC).isoformat()
@@ -63,7 +65,7 @@ def test_trim_archives_then_trims_and_verify_crosses_the_boundary(client, auth, 
     assert full.exit_code == 0 and "17 entries" in full.output, full.output
 
     # Queries no longer see the archived entries; the index skips them.
-    assert len(client.get(f"{ENV}/audit?flag=a&limit=100", headers=auth("reader")).json["entries"]) == 5
+    assert len(client.get(f"{ENV_URL}/audit?flag=a&limit=100", headers=auth("reader")).json["entries"]) == 5
 
     # An edited archive is caught, and an archive is never overwritten.
     lines = archive.read_text().splitlines()

@@ -11,9 +11,8 @@ from flagsvc.audit import AuditLog
 from flagsvc.cli import main
 from flagsvc.keys import EnvKeys
 
+from .helpers import ENV_URL, TIMEOUT_FLAG
 from .redis_server import RedisServer
-
-ENV = "/api/v1/envs/production"
 
 
 def cli(*args: str, input: str | None = None):
@@ -23,17 +22,14 @@ def cli(*args: str, input: str | None = None):
 def test_export_import_round_trip_into_an_empty_redis(client, auth, redis_url, tmp_path):
     admin = auth("admin")
     client.put(
-        f"{ENV}/flags/recs", json={"kind": "kill_switch", "enabled": True, "owner": "checkout"}, headers=admin
+        f"{ENV_URL}/flags/recs",
+        json={"kind": "kill_switch", "enabled": True, "owner": "checkout"},
+        headers=admin,
     )
     client.put(
-        f"{ENV}/flags/timeout",
+        f"{ENV_URL}/flags/timeout",
         json={
-            "kind": "ops",
-            "type": "number",
-            "enabled": True,
-            "variants": {"normal": 3000, "short": 800},
-            "default_variant": "normal",
-            "off_variant": "short",
+            **TIMEOUT_FLAG,
             "rules": [
                 {
                     "conditions": [{"attribute": "region", "operator": "in", "values": ["eu"]}],
@@ -43,10 +39,10 @@ def test_export_import_round_trip_into_an_empty_redis(client, auth, redis_url, t
         },
         headers=admin,
     )
-    client.put(f"{ENV}/flags/gone", json={"kind": "release", "enabled": True}, headers=admin)
-    client.delete(f"{ENV}/flags/gone", headers=admin)
-    client.post(f"{ENV}/flags/recs/kill", json={"reason": "INC-1"}, headers=auth("operator"))
-    client.put(f"{ENV}/playbooks/shed", json={"changes": {"recs": {"enabled": False}}}, headers=admin)
+    client.put(f"{ENV_URL}/flags/gone", json={"kind": "release", "enabled": True}, headers=admin)
+    client.delete(f"{ENV_URL}/flags/gone", headers=admin)
+    client.post(f"{ENV_URL}/flags/recs/kill", json={"reason": "INC-1"}, headers=auth("operator"))
+    client.put(f"{ENV_URL}/playbooks/shed", json={"changes": {"recs": {"enabled": False}}}, headers=admin)
 
     exported = cli("export", "--env", "production", "--redis-url", redis_url)
     assert exported.exit_code == 0, exported.output

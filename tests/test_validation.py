@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from .conftest import SharedStack, dataset
+from .helpers import ENV_URL, FLAGS_URL
 
-BASE = "/api/v1/envs/production"
-FLAGS = f"{BASE}/flags"
-NEW = f"{FLAGS}/new-flag"
+NEW = f"{FLAGS_URL}/new-flag"
 PROBLEM = "application/problem+json"
 
 #: A valid boolean flag: every bad body below breaks exactly one thing of it.
@@ -129,11 +128,11 @@ BAD: list[Case] = [
     Case("description-null", "PUT", NEW, flag(description=None), field="description"),
     Case("rules-not-a-list", "PUT", NEW, flag(rules={"variant": "on"}), field="rules"),
     # -- the URL: flag key and environment
-    Case("key-uppercase", "PUT", f"{FLAGS}/New-Flag", MINIMAL, field="key", where="path"),
-    Case("key-leading-dot", "PUT", f"{FLAGS}/.hidden", MINIMAL, field="key", where="path"),
-    Case("key-129-chars", "PUT", f"{FLAGS}/{'k' * 129}", MINIMAL, field="key", where="path"),
-    Case("key-with-space", "PUT", f"{FLAGS}/new%20flag", MINIMAL, field="key", where="path"),
-    Case("key-bad-on-kill", "POST", f"{FLAGS}/Live/kill", {"reason": "r"}, field="key", where="path"),
+    Case("key-uppercase", "PUT", f"{FLAGS_URL}/New-Flag", MINIMAL, field="key", where="path"),
+    Case("key-leading-dot", "PUT", f"{FLAGS_URL}/.hidden", MINIMAL, field="key", where="path"),
+    Case("key-129-chars", "PUT", f"{FLAGS_URL}/{'k' * 129}", MINIMAL, field="key", where="path"),
+    Case("key-with-space", "PUT", f"{FLAGS_URL}/new%20flag", MINIMAL, field="key", where="path"),
+    Case("key-bad-on-kill", "POST", f"{FLAGS_URL}/Live/kill", {"reason": "r"}, field="key", where="path"),
     Case(
         "env-uppercase", "PUT", "/api/v1/envs/Production/flags/new-flag", MINIMAL, field="env", where="path"
     ),
@@ -253,9 +252,9 @@ BAD: list[Case] = [
         raw='{"kind": "ops", "type": "number", "enabled": true, "salt": NaN}',
         status=400,
     ),
-    Case("body-infinity", "POST", f"{FLAGS}/timeout/kill", raw='{"reason": Infinity}', status=400),
+    Case("body-infinity", "POST", f"{FLAGS_URL}/timeout/kill", raw='{"reason": Infinity}', status=400),
     Case("body-json-array", "PUT", NEW, [MINIMAL], field="(body)"),
-    Case("body-json-string", "POST", f"{FLAGS}/live/kill", "stop it", field="(body)"),
+    Case("body-json-string", "POST", f"{FLAGS_URL}/live/kill", "stop it", field="(body)"),
     Case(
         "body-deeply-nested",
         "PUT",
@@ -264,34 +263,34 @@ BAD: list[Case] = [
         status=400,
     ),
     # -- kill and restore
-    Case("kill-no-body", "POST", f"{FLAGS}/live/kill", field="reason"),
-    Case("kill-reason-missing", "POST", f"{FLAGS}/live/kill", {"incident": "INC-1"}, field="reason"),
-    Case("kill-reason-blank", "POST", f"{FLAGS}/live/kill", {"reason": " \t "}, field="reason"),
-    Case("kill-reason-not-string", "POST", f"{FLAGS}/live/kill", {"reason": 42}, field="reason"),
-    Case("restore-reason-missing", "POST", f"{FLAGS}/dead/restore", {}, field="reason"),
-    Case("restore-reason-blank", "POST", f"{FLAGS}/dead/restore", {"reason": ""}, field="reason"),
+    Case("kill-no-body", "POST", f"{FLAGS_URL}/live/kill", field="reason"),
+    Case("kill-reason-missing", "POST", f"{FLAGS_URL}/live/kill", {"incident": "INC-1"}, field="reason"),
+    Case("kill-reason-blank", "POST", f"{FLAGS_URL}/live/kill", {"reason": " \t "}, field="reason"),
+    Case("kill-reason-not-string", "POST", f"{FLAGS_URL}/live/kill", {"reason": 42}, field="reason"),
+    Case("restore-reason-missing", "POST", f"{FLAGS_URL}/dead/restore", {}, field="reason"),
+    Case("restore-reason-blank", "POST", f"{FLAGS_URL}/dead/restore", {"reason": ""}, field="reason"),
     Case(
         "kill-incident-too-long",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r", "incident": "i" * 129},
         field="incident",
     ),
     Case(
         "kill-actor-claim-in-body",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r", "actor": "mallory"},
         field="actor",
     ),
-    Case("kill-missing-flag", "POST", f"{FLAGS}/nope/kill", {"reason": "r"}, status=404),
-    Case("restore-missing-flag", "POST", f"{FLAGS}/nope/restore", {"reason": "r"}, status=404),
-    Case("kill-archived-flag", "POST", f"{FLAGS}/gone/kill", {"reason": "r"}, status=404),
+    Case("kill-missing-flag", "POST", f"{FLAGS_URL}/nope/kill", {"reason": "r"}, status=404),
+    Case("restore-missing-flag", "POST", f"{FLAGS_URL}/nope/restore", {"reason": "r"}, status=404),
+    Case("kill-archived-flag", "POST", f"{FLAGS_URL}/gone/kill", {"reason": "r"}, status=404),
     # -- headers
     Case(
         "if-match-not-a-version",
         "PUT",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         MINIMAL,
         headers={"If-Match": "abc"},
         field="If-Match",
@@ -300,7 +299,7 @@ BAD: list[Case] = [
     Case(
         "if-match-not-a-version-kill",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r"},
         headers={"If-Match": "v1"},
         field="If-Match",
@@ -309,7 +308,7 @@ BAD: list[Case] = [
     Case(
         "if-match-stale-put",
         "PUT",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         flag(kind="kill_switch", description="x"),
         headers={"If-Match": '"7"'},
         status=412,
@@ -317,7 +316,7 @@ BAD: list[Case] = [
     Case(
         "if-match-stale-patch",
         "PATCH",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         {"description": "x"},
         headers={"If-Match": '"7"'},
         status=412,
@@ -325,16 +324,16 @@ BAD: list[Case] = [
     Case(
         "if-match-stale-kill",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r"},
         headers={"If-Match": '"7"'},
         status=412,
     ),
-    Case("if-match-stale-delete", "DELETE", f"{FLAGS}/live", headers={"If-Match": '"7"'}, status=412),
+    Case("if-match-stale-delete", "DELETE", f"{FLAGS_URL}/live", headers={"If-Match": '"7"'}, status=412),
     Case(
         "if-none-match-star-existing",
         "PUT",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         MINIMAL,
         headers={"If-None-Match": "*"},
         status=412,
@@ -342,7 +341,7 @@ BAD: list[Case] = [
     Case(
         "idempotency-key-invalid",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r"},
         headers={"Idempotency-Key": "two words"},
         field="Idempotency-Key",
@@ -352,53 +351,53 @@ BAD: list[Case] = [
     Case(
         "patch-default-variant-unknown",
         "PATCH",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         {"default_variant": "nope"},
         field="default_variant",
     ),
-    Case("patch-unknown-field", "PATCH", f"{FLAGS}/live", {"colour": "red"}, field="colour"),
-    Case("patch-server-owned-version", "PATCH", f"{FLAGS}/live", {"version": 99}, field="version"),
-    Case("patch-enabled-yes", "PATCH", f"{FLAGS}/live", {"enabled": "yes"}, field="enabled"),
-    Case("patch-type-breaks-variants", "PATCH", f"{FLAGS}/live", {"type": "number"}, field="variants"),
+    Case("patch-unknown-field", "PATCH", f"{FLAGS_URL}/live", {"colour": "red"}, field="colour"),
+    Case("patch-server-owned-version", "PATCH", f"{FLAGS_URL}/live", {"version": 99}, field="version"),
+    Case("patch-enabled-yes", "PATCH", f"{FLAGS_URL}/live", {"enabled": "yes"}, field="enabled"),
+    Case("patch-type-breaks-variants", "PATCH", f"{FLAGS_URL}/live", {"type": "number"}, field="variants"),
     Case(
         "patch-number-string-value",
         "PATCH",
-        f"{FLAGS}/timeout",
+        f"{FLAGS_URL}/timeout",
         {"variants": {"short": "1", "long": 2}},
         field="variants",
     ),
-    Case("patch-missing-flag", "PATCH", f"{FLAGS}/nope", {"description": "x"}, status=404),
-    Case("delete-missing-flag", "DELETE", f"{FLAGS}/nope", status=404),
+    Case("patch-missing-flag", "PATCH", f"{FLAGS_URL}/nope", {"description": "x"}, status=404),
+    Case("delete-missing-flag", "DELETE", f"{FLAGS_URL}/nope", status=404),
     # -- query strings
-    Case("audit-limit-zero", "GET", f"{BASE}/audit?limit=0", field="limit", where="query"),
-    Case("audit-limit-abc", "GET", f"{BASE}/audit?limit=abc", field="limit", where="query"),
-    Case("audit-limit-too-big", "GET", f"{BASE}/audit?limit=1001", field="limit", where="query"),
-    Case("audit-unknown-param", "GET", f"{BASE}/audit?actorr=admin", field="actorr", where="query"),
-    Case("audit-bad-cursor", "GET", f"{BASE}/audit?cursor=abc", field="cursor", where="query"),
+    Case("audit-limit-zero", "GET", f"{ENV_URL}/audit?limit=0", field="limit", where="query"),
+    Case("audit-limit-abc", "GET", f"{ENV_URL}/audit?limit=abc", field="limit", where="query"),
+    Case("audit-limit-too-big", "GET", f"{ENV_URL}/audit?limit=1001", field="limit", where="query"),
+    Case("audit-unknown-param", "GET", f"{ENV_URL}/audit?actorr=admin", field="actorr", where="query"),
+    Case("audit-bad-cursor", "GET", f"{ENV_URL}/audit?cursor=abc", field="cursor", where="query"),
     Case(
         "audit-cursor-beyond-64-bit",
         "GET",
-        f"{BASE}/audit?cursor=99999999999999999999-0",
+        f"{ENV_URL}/audit?cursor=99999999999999999999-0",
         field="cursor",
         where="query",
     ),
-    Case("audit-bad-flag-filter", "GET", f"{BASE}/audit?flag=Live", field="flag", where="query"),
+    Case("audit-bad-flag-filter", "GET", f"{ENV_URL}/audit?flag=Live", field="flag", where="query"),
     Case(
         "flags-include-archived-maybe",
         "GET",
-        f"{FLAGS}?include_archived=maybe",
+        f"{FLAGS_URL}?include_archived=maybe",
         field="include_archived",
         where="query",
     ),
-    Case("flags-unknown-param", "GET", f"{FLAGS}?kind=ops", field="kind", where="query"),
-    Case("get-missing-flag", "GET", f"{FLAGS}/nope", status=404),
+    Case("flags-unknown-param", "GET", f"{FLAGS_URL}?kind=ops", field="kind", where="query"),
+    Case("get-missing-flag", "GET", f"{FLAGS_URL}/nope", status=404),
     # -- identifiers match whole: a trailing newline is not part of a name
-    Case("key-trailing-newline", "PUT", f"{FLAGS}/abc%0A", MINIMAL, field="key", where="path"),
+    Case("key-trailing-newline", "PUT", f"{FLAGS_URL}/abc%0A", MINIMAL, field="key", where="path"),
     Case("env-trailing-newline", "PUT", "/api/v1/envs/qa%0A", field="env", where="path"),
     Case(
         "playbook-trailing-newline",
         "PUT",
-        f"{BASE}/playbooks/p%0A",
+        f"{ENV_URL}/playbooks/p%0A",
         {"changes": {"live": {"enabled": False}}},
         field="name",
         where="path",
@@ -406,7 +405,7 @@ BAD: list[Case] = [
     Case(
         "instance-trailing-newline",
         "POST",
-        f"{BASE}/clients/i%0A",
+        f"{ENV_URL}/clients/i%0A",
         {"app": "a", "applied_version": 1},
         field="instance",
         where="path",
@@ -422,40 +421,40 @@ BAD: list[Case] = [
     Case(
         "for-fullwidth-digits",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r", "for": "\uff13\uff10m"},
         field="for",
     ),
     Case(
         "for-arabic-digits",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         {"reason": "r", "for": "\u0663\u0660m"},
         field="for",
     ),
     Case(
         "if-match-arabic-digit",
         "PUT",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         flag(description="x"),
         headers={"If-Match": '"\u0661"'},
         field="If-Match",
         where="header",
     ),
     # -- time windows a stream id cannot express
-    Case("audit-since-overflow", "GET", f"{BASE}/audit?since=999999w", field="since", where="query"),
+    Case("audit-since-overflow", "GET", f"{ENV_URL}/audit?since=999999w", field="since", where="query"),
     Case(
         "audit-since-before-1970",
         "GET",
-        f"{BASE}/audit?since=1969-12-31T23:59:59Z",
+        f"{ENV_URL}/audit?since=1969-12-31T23:59:59Z",
         field="since",
         where="query",
     ),
-    Case("audit-until-year-1", "GET", f"{BASE}/audit?until=0001-01-01", field="until", where="query"),
+    Case("audit-until-year-1", "GET", f"{ENV_URL}/audit?until=0001-01-01", field="until", where="query"),
     Case(
         "audit-csv-since-year-1",
         "GET",
-        f"{BASE}/audit?since=0001-01-01",
+        f"{ENV_URL}/audit?since=0001-01-01",
         headers={"Accept": "text/csv"},
         field="since",
         where="query",
@@ -464,21 +463,21 @@ BAD: list[Case] = [
     Case(
         "heartbeat-count-2-63",
         "POST",
-        f"{BASE}/clients/i-1",
+        f"{ENV_URL}/clients/i-1",
         {"app": "a", "applied_version": 1, "counts": {"live": 2**63}},
         field="counts.live.value",
     ),
     Case(
         "reason-lone-surrogate",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         raw='{"reason": "paged \\udfff"}',
         field="reason",
     ),
     Case(
         "incident-lone-surrogate",
         "POST",
-        f"{FLAGS}/live/kill",
+        f"{FLAGS_URL}/live/kill",
         raw='{"reason": "r", "incident": "INC-\\ud800"}',
         field="incident",
     ),
@@ -500,12 +499,12 @@ BAD: list[Case] = [
     Case(
         "patch-condition-without-values",
         "PATCH",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         {"rules": [{"conditions": [{"attribute": "a", "operator": "gt"}], "variant": "on"}]},
         field="rules.0.conditions.0.values",
     ),
     # -- a reason is required and not blank, on revert as on apply
-    Case("revert-blank-reason", "POST", f"{BASE}/playbooks/p/revert", {"reason": "   "}, field="reason"),
+    Case("revert-blank-reason", "POST", f"{ENV_URL}/playbooks/p/revert", {"reason": "   "}, field="reason"),
     # -- a route without a body still rejects one rather than silently dropping it
     Case(
         "env-create-with-body",
@@ -545,8 +544,8 @@ def seed(client: Any, admin: dict[str, str]) -> None:
         ("timeout", NUMBER),
         ("gone", MINIMAL),
     ]:
-        assert client.put(f"{FLAGS}/{key}", json=body, headers=admin).status_code == 201
-    assert client.delete(f"{FLAGS}/gone", headers=admin).status_code == 200
+        assert client.put(f"{FLAGS_URL}/{key}", json=body, headers=admin).status_code == 201
+    assert client.delete(f"{FLAGS_URL}/gone", headers=admin).status_code == 200
 
 
 @pytest.fixture
@@ -578,8 +577,8 @@ def test_bad_input_is_a_problem_and_writes_nothing(seeded_once: SharedStack, cas
 GOOD: list[Case] = [
     Case("minimal-boolean", "PUT", NEW, MINIMAL, status=201),
     Case("number-flag", "PUT", NEW, NUMBER, status=201),
-    Case("key-128-chars", "PUT", f"{FLAGS}/{'k' * 128}", MINIMAL, status=201),
-    Case("key-dots-dashes", "PUT", f"{FLAGS}/checkout.recs_v2-b", MINIMAL, status=201),
+    Case("key-128-chars", "PUT", f"{FLAGS_URL}/{'k' * 128}", MINIMAL, status=201),
+    Case("key-dots-dashes", "PUT", f"{FLAGS_URL}/checkout.recs_v2-b", MINIMAL, status=201),
     Case(
         "rules-of-every-shape",
         "PUT",
@@ -604,19 +603,21 @@ GOOD: list[Case] = [
         ),
         status=201,
     ),
-    Case("patch-description", "PATCH", f"{FLAGS}/live", {"description": "x"}, status=200),
+    Case("patch-description", "PATCH", f"{FLAGS_URL}/live", {"description": "x"}, status=200),
     Case(
         "put-if-match-current",
         "PUT",
-        f"{FLAGS}/live",
+        f"{FLAGS_URL}/live",
         flag(description="x"),
         headers={"If-Match": '"1"'},
         status=200,
     ),
-    Case("kill-full-body", "POST", f"{FLAGS}/live/kill", {"reason": "r", "incident": "i" * 128}, status=200),
-    Case("restore", "POST", f"{FLAGS}/dead/restore", {"reason": "fixed"}, status=200),
-    Case("audit-limit-bounds", "GET", f"{BASE}/audit?limit=1000", status=200),
-    Case("flags-include-archived", "GET", f"{FLAGS}?include_archived=true", status=200),
+    Case(
+        "kill-full-body", "POST", f"{FLAGS_URL}/live/kill", {"reason": "r", "incident": "i" * 128}, status=200
+    ),
+    Case("restore", "POST", f"{FLAGS_URL}/dead/restore", {"reason": "fixed"}, status=200),
+    Case("audit-limit-bounds", "GET", f"{ENV_URL}/audit?limit=1000", status=200),
+    Case("flags-include-archived", "GET", f"{FLAGS_URL}?include_archived=true", status=200),
 ]
 
 
@@ -629,11 +630,13 @@ def test_valid_twins_of_the_bad_inputs_are_accepted(client: Any, auth: Any, seed
 
 def test_include_archived_true_lists_archived_flags(client: Any, auth: Any, seeded: None) -> None:
     keys = {
-        f["key"] for f in client.get(f"{FLAGS}?include_archived=true", headers=auth("reader")).json["flags"]
+        f["key"]
+        for f in client.get(f"{FLAGS_URL}?include_archived=true", headers=auth("reader")).json["flags"]
     }
     assert "gone" in keys
     keys = {
-        f["key"] for f in client.get(f"{FLAGS}?include_archived=false", headers=auth("reader")).json["flags"]
+        f["key"]
+        for f in client.get(f"{FLAGS_URL}?include_archived=false", headers=auth("reader")).json["flags"]
     }
     assert "gone" not in keys
 
@@ -641,7 +644,7 @@ def test_include_archived_true_lists_archived_flags(client: Any, auth: Any, seed
 def test_audit_cursor_before_the_first_entry_is_not_a_server_error(
     client: Any, auth: Any, seeded: None
 ) -> None:
-    resp = client.get(f"{BASE}/audit?cursor=0-0", headers=auth("reader"))
+    resp = client.get(f"{ENV_URL}/audit?cursor=0-0", headers=auth("reader"))
     if resp.status_code == 200:
         assert resp.json == {"entries": [], "next_cursor": None}
     else:
@@ -660,11 +663,18 @@ def test_an_accepted_flag_stays_readable(client: Any, auth: Any) -> None:
             {**NUMBER, "type": "json", "variants": {"a": "DEEP"}, "default_variant": "a", "off_variant": "a"}
         )
         raw = raw.replace('"DEEP"', "[" * depth + "]" * depth)
-        resp = client.put(f"{FLAGS}/deep-{depth}", data=raw, content_type="application/json", headers=admin)
+        resp = client.put(
+            f"{FLAGS_URL}/deep-{depth}", data=raw, content_type="application/json", headers=admin
+        )
         assert resp.status_code < 500, f"PUT at depth {depth}: {resp.status_code}"
         if resp.status_code >= 400:
             assert_problem(resp, resp.status_code)
             continue
-        for path in (f"{FLAGS}/deep-{depth}", FLAGS, f"{BASE}/snapshot", f"{BASE}/audit?limit=1"):
+        for path in (
+            f"{FLAGS_URL}/deep-{depth}",
+            FLAGS_URL,
+            f"{ENV_URL}/snapshot",
+            f"{ENV_URL}/audit?limit=1",
+        ):
             got = client.get(path, headers=admin)
             assert got.status_code == 200, f"GET {path} after accepting depth {depth}: {got.status_code}"
