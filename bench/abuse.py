@@ -2,7 +2,7 @@
 an operator kills and restores a flag.
 
 The service runs as in production: ``flagsvc serve --control-port`` on a fresh data folder and
-free ports (started and stopped through :class:`api.Server`: embedded Redis, AOF
+free ports (started and stopped through :class:`harness.Server`: embedded Redis, AOF
 ``appendfsync always``, gevent workers, the main gunicorn at nice 5 and the control one at 0).
 Requests go where ``ops/nginx/flagsvc.conf`` routes them: heartbeats, streams and ``/metrics`` to
 the main listener; kills, restores and ``/clients`` to the control listener. Kills and restores
@@ -60,12 +60,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import api
+import harness
 import psutil
 import redis
 import requests
-from api import HOST, KILL_KEY, PROD, CpuMeter, CpuUsage, Flipper, Server, call, median, percentiles
-from harness import create_token, exit_on_sigterm, raise_fd_limit
+from harness import (
+    FLIP_ENV,
+    HOST,
+    KILL_KEY,
+    PROD,
+    CpuMeter,
+    CpuUsage,
+    Flipper,
+    Server,
+    call,
+    create_token,
+    exit_on_sigterm,
+    median,
+    percentiles,
+    raise_fd_limit,
+)
 
 from flagsvc.clients import COUNTS_TTL_SECONDS
 from flagsvc.config import DEFAULTS
@@ -724,7 +738,9 @@ class Probe:
         instance = f"legit-{self.legit_n % LEGIT_INSTANCES:03d}"
         self.legit_n += 1
         url = f"{self.main_base}/api/v1/envs/{PROD}/clients/{instance}"
-        return self.legit.post(url, json={"app": "legit", "applied_version": 1}, timeout=api.HTTP_TIMEOUT_S)
+        return self.legit.post(
+            url, json={"app": "legit", "applied_version": 1}, timeout=harness.HTTP_TIMEOUT_S
+        )
 
     def run(self, flips: int, prod_kills: int, samples: int, window: tuple[float, float]) -> Figures:
         """Two threads over ``window`` (monotonic start, end), each series spread evenly over it.
@@ -756,7 +772,7 @@ class Probe:
                     fig,
                     "GET /clients",
                     fig.clients,
-                    lambda: self.reader.get(clients_url, timeout=api.HTTP_TIMEOUT_S),
+                    lambda: self.reader.get(clients_url, timeout=harness.HTTP_TIMEOUT_S),
                 ),
             ),
         ]
@@ -768,7 +784,7 @@ class Probe:
                     fig,
                     "GET /metrics",
                     fig.metrics,
-                    lambda: self.scraper.get(metrics_url, timeout=api.HTTP_TIMEOUT_S),
+                    lambda: self.scraper.get(metrics_url, timeout=harness.HTTP_TIMEOUT_S),
                 ),
             ),
             (samples, lambda: self.timed(fig, "legit heartbeat", fig.legit, self.legit_heartbeat)),
@@ -898,15 +914,15 @@ def setup(server: Server, args: argparse.Namespace) -> tuple[dict[str, str], set
     """Flags, tokens and the well-behaved SDK fleet; (tokens, flag keys, snapshot bytes, version)."""
     with requests.Session() as admin:
         admin.headers["Authorization"] = f"Bearer {server.token}"
-        size, _ = api.setup_flags(server, admin, args.flags)
+        size, _ = harness.setup_flags(server, admin, args.flags)
         url = f"{server.base}/api/v1/envs/{PROD}/flags"
         for key in (MAIN_KEY, PROD_KEY, KILLED_KEY):
             call(admin, "PUT", f"{url}/{key}", {201}, json={"kind": "kill_switch", "enabled": True})
-        other = f"{server.base}/api/v1/envs/{api.FLIP_ENV}/flags/{MAIN_KEY}"
+        other = f"{server.base}/api/v1/envs/{FLIP_ENV}/flags/{MAIN_KEY}"
         call(admin, "PUT", other, {201}, json={"kind": "kill_switch", "enabled": True})
         call(admin, "POST", f"{url}/{KILLED_KEY}/kill", {200}, json={"reason": "target of the no-op kills"})
         flags = {f["key"] for f in call(admin, "GET", url, {200}).json()["flags"]}
-        version = api.current_version(server, admin)
+        version = harness.current_version(server, admin)
     tokens = {
         "reader": create_token(server.data_dir, "abuse-reader", "reader"),
         "operator": create_token(server.data_dir, "abuse-operator", "operator"),
@@ -941,7 +957,7 @@ def reproduce_command() -> str:
     env = [
         f"{k}={shlex.quote(v)}"
         for k, v in sorted(os.environ.items())
-        if k.startswith("FLAGSVC_") and k not in api.CONFLICTING_ENV
+        if k.startswith("FLAGSVC_") and k not in harness.CONFLICTING_ENV
     ]
     return " ".join([*env, shlex.join([sys.executable, *sys.argv])])
 
@@ -1100,7 +1116,7 @@ def run_once(args: argparse.Namespace, tag: str) -> RunResult:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             log(f"{tag} interrupted: server and load processes stopped")
         else:
-            log(f"{tag} failed; server log (tail):\n{api.tail(root / 'server.log')}")
+            log(f"{tag} failed; server log (tail):\n{harness.tail(root / 'server.log')}")
         raise
     finally:
         if args.keep_data:
@@ -1388,7 +1404,7 @@ def print_summary(runs: list[RunResult], args: argparse.Namespace) -> bool:
                 *extra,
             ]
         )
-    api.print_table(header, rows)
+    harness.print_table(header, rows)
 
     log()
     log("== Floods: answers per kind (429 cap: instances per token; 429 rate: heartbeats per minute) ==")
@@ -1480,20 +1496,21 @@ def print_summary(runs: list[RunResult], args: argparse.Namespace) -> bool:
 def print_header(args: argparse.Namespace, fd_limit: int) -> None:
     load1, load5, load15 = os.getloadavg()
     log(f"flagsvc abuse benchmark - {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
-    log(f"machine : nproc {len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()}), {api.cpu_model()}")
+    cores = f"nproc {len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})"
+    log(f"machine : {cores}, {harness.cpu_model()}")
     log(f"          {platform.system()} {platform.release()} {platform.machine()}; RLIMIT_NOFILE {fd_limit}")
     log(
-        f"          loadavg {load1:.2f} {load5:.2f} {load15:.2f}; {api.busy_elsewhere():.2f} cores busy "
+        f"          loadavg {load1:.2f} {load5:.2f} {load15:.2f}; {harness.busy_elsewhere():.2f} cores busy "
         "(others) just before the start"
     )
     log(f"python  : {platform.python_version()} ({sys.executable})")
-    log(f"packages: {api.package_versions()}")
+    log(f"packages: {harness.package_versions()}")
     log(f"reproduce: cd {shlex.quote(os.getcwd())} && {reproduce_command()}")
     tmp = Path(args.tmp_dir or tempfile.gettempdir()).resolve()
-    server = [*api.flagsvc_command(), "serve", "--data-dir", f"{tmp}/flagsvc-abuse-XXXX/data"]
+    server = [*harness.flagsvc_command(), "serve", "--data-dir", f"{tmp}/flagsvc-abuse-XXXX/data"]
     server += ["--host", HOST, "--port", "<free>", "--control-port", "<free>"]
     server += ["--workers", str(args.workers)] if args.workers else []
-    log(f"server  : {' '.join(server)}  ({api.filesystem_of(tmp)}; AOF fsync always)")
+    log(f"server  : {' '.join(server)}  ({harness.filesystem_of(tmp)}; AOF fsync always)")
     log(
         f"settings: MAX_INSTANCES_PER_TOKEN {setting('MAX_INSTANCES_PER_TOKEN')}, HEARTBEATS_PER_MINUTE "
         f"{setting('HEARTBEATS_PER_MINUTE')}, MAX_STREAMS_PER_TOKEN {setting('MAX_STREAMS_PER_TOKEN')}, "
@@ -1598,9 +1615,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--flip-env",
-        choices=(PROD, api.FLIP_ENV),
-        default=api.FLIP_ENV,
-        help=f"environment of the --flips kill/restore: {api.FLIP_ENV} (same flags, no streams: a few "
+        choices=(PROD, FLIP_ENV),
+        default=FLIP_ENV,
+        help=f"environment of the --flips kill/restore: {FLIP_ENV} (same flags, no streams: a few "
         f"hundred flips do not multiply the stream flood) or {PROD} (the flooded one, every flip goes to "
         "every stream)",
     )

@@ -1,6 +1,6 @@
 """Propagation benchmark of flagsvc: how fast a kill switch reaches N simulated SDK clients.
 
-One ``flagsvc serve`` (started as an operator starts it, through :class:`api.Server`: fresh data
+One ``flagsvc serve`` (started as an operator starts it, through :class:`harness.Server`: fresh data
 folder, free port on 127.0.0.1, admin token from ``<data-dir>/admin-token``, SIGTERM at the end)
 with the kill switch ``bench.kill`` and ~50 realistic flags in ``production`` and ``bench``.
 
@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import api
+import harness
 import psutil
 import requests
-from api import HOST, KILL_KEY, PROD, LoadSpec, Server, percentiles
-from harness import create_token, raise_fd_limit
+from api import LoadSpec
+from harness import FLIP_ENV, HOST, KILL_KEY, PROD, Server, create_token, percentiles, raise_fd_limit
 
-FLIP_ENV = "bench"
 TARGET_N, TARGET_STREAM_P99_MS, TARGET_STREAM_MAX_MS = 1000, 250.0, 1000.0
 TARGET_POLLS_PER_S, TARGET_FLIP_P95_MS = 5000.0, 50.0
 READY_TIMEOUT_S = 60.0
@@ -759,9 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     fd_limit = raise_fd_limit()  # before the server starts: gunicorn inherits it
     log(f"flagsvc propagation benchmark - {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    log(
-        f"machine : nproc {len(os.sched_getaffinity(0))}, {api.cpu_model()}, loadavg {os.getloadavg()[0]:.2f}"
-    )
+    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    log(f"machine : nproc {cores}, {harness.cpu_model()}, loadavg {load:.2f}")
     log(f"command : cd {shlex.quote(os.getcwd())} && {shlex.join([sys.executable, *sys.argv])}")
     log(
         f"setup   : flagsvc serve --data-dir <tmp> --host {HOST} --port <free> "
@@ -777,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         with Server(root, args.workers, control=args.flip_via == "control") as server:
             with requests.Session() as admin:
                 admin.headers["Authorization"] = f"Bearer {server.token}"
-                size, version = api.setup_flags(server, admin, args.flags)
+                size, version = harness.setup_flags(server, admin, args.flags)
             token = create_sdk_token(server)
             workers = server.worker_pids()
             log(f"server  : :{server.port}, {len(workers)} gevent workers, snapshot {size} bytes, v{version}")
@@ -788,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"WARNING: gunicorn workers changed during the run: {workers} -> {server.worker_pids()}")
         log(f"server stopped: SIGTERM, exit code {server.exit_code}")
     except BaseException:
-        log(f"failed; server log (tail):\n{api.tail(root / 'server.log')}")
+        log(f"failed; server log (tail):\n{harness.tail(root / 'server.log')}")
         raise
     finally:
         shutil.rmtree(root, ignore_errors=True)

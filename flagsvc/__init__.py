@@ -12,7 +12,7 @@ from . import api, errors, extensions, logs, metrics
 from .config import DEFAULTS
 from .fastpath import SnapshotPolls
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # also the SDK's (client/flagsvc_client/_version.py), pinned in setup.cfg
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
