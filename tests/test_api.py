@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from flagsvc.audit import AuditLog
@@ -50,6 +53,28 @@ def test_openapi_document_lists_the_routes(client):
     assert "/api/v1/envs/{env}/flags/{key}/kill" in paths
     assert "/api/v1/envs/{env}/snapshot" in paths
     assert set(paths["/api/v1/envs/{env}/flags/{key}"]) >= {"get", "put", "patch", "delete"}
+
+
+def test_the_document_built_on_first_read_is_whole_and_the_same_for_concurrent_readers(app):
+    """The document is completed when first read: every API route is in it, with the problem
+    responses, and readers racing for that first read all get the one whole document."""
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: app.test_client().get("/api/v1/openapi.json").json, range(8)))
+    assert all(answer == answers[0] for answer in answers)
+    documented = {
+        (path, method.upper())
+        for path, operations in answers[0]["paths"].items()
+        for method in operations
+        if method != "parameters"
+    }
+    served = {
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/api/v1/") and not rule.rule.endswith("openapi.json")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert served == documented
+    assert "DEFAULT_ERROR" in answers[0]["components"]["responses"]
 
 
 def test_envs_list_and_create(client, auth):
