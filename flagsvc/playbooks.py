@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from .commit import Conflict, Op
-from .errors import ProblemError, VersionMismatch
+from .errors import InvalidInput, ProblemError, VersionMismatch
 from .flags import (
     Flag,
     bump_version,
@@ -180,15 +180,19 @@ class PlaybookStore:
         idempotency: IdempotencyRequest | None = None,
     ) -> Done[tuple[dict[str, Any], bool]]:
         """Create or replace a playbook definition (audited); ``(record, created)``, the record
-        with its current application, if any."""
+        with its current application, if any. Every flag it names must exist, with every variant
+        it names (422 naming the change at fault): found now, not when applied in an incident."""
         k = EnvKeys(env)
+        flag_keys = sorted(definition["changes"])
 
         def read(pipe: Any) -> None:
             pipe.hget(k.playbooks, name)
             pipe.get(k.playbook_applied(name))
+            pipe.hmget(k.flags, flag_keys)
 
         def decide(state: State) -> Change[tuple[dict[str, Any], bool]]:
-            raw, applied = state.values
+            raw, applied, raw_flags = state.values
+            _check_changes(definition["changes"], dict(zip(flag_keys, raw_flags, strict=True)))
             before = json.loads(raw) if raw else None
             record = playbook_record(name, definition, before, ctx.actor, state.now)
             action = "playbook.update" if before else "playbook.create"
@@ -316,6 +320,23 @@ def _unpack(state: State) -> tuple[int, str | None, str | None, list[str | None]
     """The environment version, the playbook, its application and the flags of ``_read_playbook``."""
     version, raw, applied, *rest = state.values
     return int(version or 0), raw, applied, rest[0] if rest else []
+
+
+def _check_changes(changes: dict[str, Any], raw_flags: dict[str, str | None]) -> None:
+    """422 unless each changed flag exists (not archived) and has the default variant named."""
+    errors = []
+    for key, change in sorted(changes.items()):
+        flag = live_flag(parse_flag(raw_flags[key]))
+        if flag is None:
+            errors.append({"field": f"changes.{key}", "message": f"flag {key!r} does not exist"})
+        elif "default_variant" in change and change["default_variant"] not in flag["variants"]:
+            variants = ", ".join(sorted(flag["variants"]))
+            message = f"flag {key!r} has no variant {change['default_variant']!r} (it has {variants})"
+            errors.append({"field": f"changes.{key}.default_variant", "message": message})
+    if errors:
+        for error in errors:
+            error["location"] = "body"
+        raise InvalidInput("; ".join(e["message"] for e in errors), errors=errors)
 
 
 def _check_applicable(name: str, playbook: dict[str, Any], applied: str | None, if_match: int | None) -> None:

@@ -29,8 +29,7 @@ def seed(client, auth):
             == 201
         )
     client.put(f"{ENV_URL}/flags/already.off", json={"kind": "kill_switch", "enabled": False}, headers=admin)
-    timeout = TIMEOUT_FLAG
-    client.put(f"{ENV_URL}/flags/payments.timeout-ms", json=timeout, headers=admin)
+    client.put(f"{ENV_URL}/flags/payments.timeout-ms", json=TIMEOUT_FLAG, headers=admin)
     created = client.put(f"{ENV_URL}/playbooks/checkout-degraded", json=PLAYBOOK, headers=admin)
     assert created.status_code == 201, created.json
 
@@ -48,6 +47,34 @@ def test_define_list_and_show(client, auth):
     assert client.put(f"{ENV_URL}/playbooks/x", json=PLAYBOOK, headers=auth("operator")).status_code == 403
     bad = client.put(f"{ENV_URL}/playbooks/x", json={"changes": {"a": {}}}, headers=auth("admin"))
     assert bad.status_code == 422
+
+
+def test_a_playbook_naming_a_missing_flag_or_variant_is_refused_when_saved(client, auth, snapshot_redis):
+    """Found when the playbook is written, not when an on-call engineer applies it."""
+    seed(client, auth)
+    client.delete(f"{ENV_URL}/flags/exports", headers=auth("admin"))  # archived: as good as missing
+    before = snapshot_redis()
+    broken = {
+        "changes": {
+            "checkout.recs": {"enabled": False},
+            "no.such.flag": {"enabled": False},
+            "exports": {"enabled": False},
+            "payments.timeout-ms": {"default_variant": "shortest"},
+        }
+    }
+    refused = client.put(f"{ENV_URL}/playbooks/broken", json=broken, headers=auth("admin"))
+    assert refused.status_code == 422 and refused.mimetype == "application/problem+json"
+    assert {(e["field"], e["location"]) for e in refused.json["errors"]} == {
+        ("changes.no.such.flag", "body"),
+        ("changes.exports", "body"),
+        ("changes.payments.timeout-ms.default_variant", "body"),
+    }
+    assert "it has normal, short" in refused.json["detail"]
+    assert snapshot_redis() == before
+    fixed = {
+        "changes": {"checkout.recs": {"enabled": False}, "payments.timeout-ms": {"default_variant": "short"}}
+    }
+    assert client.put(f"{ENV_URL}/playbooks/broken", json=fixed, headers=auth("admin")).status_code == 201
 
 
 def test_dry_run_previews_with_blast_radius_and_changes_nothing(client, auth, snapshot_redis):
