@@ -185,7 +185,8 @@ def test_revert_restores_exact_prior_states_and_skips_flags_changed_since(client
     again = client.post(
         f"{ENV_URL}/playbooks/checkout-degraded/revert", json={"reason": "x"}, headers=auth("operator")
     )
-    assert again.status_code == 409
+    assert again.status_code == 409 and again.json["title"] == "The playbook is not applied"
+    assert "is not applied: there is nothing to revert" in again.json["detail"]
     assert AuditLog(r, EnvKeys("production")).verify().ok
 
 
