@@ -4,6 +4,7 @@ A heartbeat is recorded by ``heartbeat.lua`` in one atomic step, within limits t
 token from flooding Redis: at most ``per_token`` instances per token and environment (a new one
 takes the place of the token's longest silent instance, else it is refused), at most
 ``per_minute`` heartbeats per instance, and evaluation counts only for flags that exist.
+An instance whose SDK closes says goodbye (:meth:`ClientRegistry.forget`).
 Instances silent for a day are purged by the housekeeping pass (:meth:`ClientRegistry.housekeep`,
 run by every scheduler), which also counts the live and current instances that ``/metrics``
 reports, so a scrape costs the same whatever the size of the fleet.
@@ -43,6 +44,10 @@ class TooManyRequests(ProblemError):
 
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class ClientNotFound(ProblemError):
+    status, slug, title = 404, "client-not-found", "SDK instance not found"
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,20 @@ class ClientRegistry:
             raise TooManyRequests(
                 f"this token already has {self._limits.per_token} live SDK instances in {env!r}", int(wait[0])
             )
+
+    def forget(self, env: str, instance: str, *, token_id: str) -> bool:
+        """An instance said goodbye (its SDK closed): forget it at once, rather than count it as
+        live for :data:`LIVE_SECONDS`. Only the token that registered it may; False if it did not."""
+        k = EnvKeys(env)
+        if self._redis.zscore(k.clients_of_token(token_id), instance) is None:
+            return False
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hdel(k.clients, instance)
+        pipe.zrem(k.clients_seen, instance)
+        pipe.zrem(k.clients_applied, instance)
+        pipe.zrem(k.clients_of_token(token_id), instance)
+        pipe.execute()
+        return True
 
     def view(self, env: str, current_version: int) -> PropagationView:
         now = time.time()

@@ -84,6 +84,17 @@ class SnapshotFetcher:
         if resp.status_code >= 300:
             raise FetchError(f"flagsvc refused the report: {resp.status_code}", status=resp.status_code)
 
+    def forget(self, instance: str) -> None:
+        """DELETE ``/clients/{instance}``: the instance is gone; raises ``FetchError``."""
+        url = f"{self.base}/clients/{quote(instance, safe='')}"
+        try:
+            with self._new_session() as session:
+                resp = session.delete(url, timeout=min(self._timeout, 2.0), headers={"Connection": "close"})
+        except requests.RequestException as exc:
+            raise FetchError(f"cannot say goodbye to flagsvc: {type(exc).__name__}") from None
+        if resp.status_code >= 300 and resp.status_code != 404:
+            raise FetchError(f"flagsvc refused the goodbye: {resp.status_code}", status=resp.status_code)
+
     def new_session(self) -> requests.Session:
         """Another session with the same credentials (one per thread)."""
         return self._new_session()

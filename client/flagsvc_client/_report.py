@@ -1,8 +1,9 @@
 """Heartbeats: what this SDK instance applied and evaluated, for the propagation view.
 
 Sent at start, right after a new version is applied, and every ``interval`` seconds, from a
-thread of its own with its own HTTP session. A failed report is logged at debug level only: the
-flag values never depend on it.
+thread of its own with its own HTTP session. When the client closes (or the process exits), the
+instance says goodbye, so that it does not count as live, nor as lagging, once it is gone. A
+failed report is logged at debug level only: the flag values never depend on it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Reporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._session = self._fetcher.new_session()
+        self._thread: threading.Thread | None = None
+        self._reported = False  # the service knows this instance: it must hear the goodbye
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="flagsvc-reporter", daemon=True)
@@ -53,8 +56,18 @@ class Reporter:
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop reporting and say goodbye (once the last heartbeat is out: none may follow it)."""
         self._stop.set()
         self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._fetcher.timeout + 1)
+        if self._reported:
+            self._reported = False
+            try:
+                self._fetcher.forget(self.instance_id)
+            except FetchError as exc:
+                log.debug("flagsvc: goodbye not sent: %s", exc)
 
     def after_fork(self) -> None:
         """A forked child is a new instance: new id, new session, new thread."""
@@ -65,6 +78,7 @@ class Reporter:
         body = {"host": self.host, "pid": os.getpid(), "sdk": f"python/{__version__}", **self._build()}
         try:
             self._fetcher.report(self._session, self.instance_id, body)
+            self._reported = True
         except FetchError as exc:
             log.debug("flagsvc: heartbeat not sent: %s", exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -329,8 +330,9 @@ class FlagClient:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop updates and heartbeats and release the HTTP session. Idempotent. Evaluations keep
-        answering from the last snapshot; the cache file is kept."""
+        """Stop updates and heartbeats, say goodbye to the service (this instance no longer counts
+        as live), and release the HTTP session. Idempotent. Evaluations keep answering from the
+        last snapshot; the cache file is kept."""
         if self._closed:
             return
         self._closed = True
@@ -376,9 +378,18 @@ def _after_fork() -> None:
         client._after_fork_in_child()
 
 
+def _at_exit() -> None:
+    """The process ends: every open client says goodbye (its reporter stops)."""
+    for client in list(_clients):
+        if not client._closed:
+            client._reporter.stop()
+
+
 def _register_fork_handler(client: FlagClient) -> None:
     global _fork_hook_installed
     _clients.add(client)
-    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork)
+    if not _fork_hook_installed:
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork)
+        atexit.register(_at_exit)
         _fork_hook_installed = True

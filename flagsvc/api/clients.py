@@ -10,6 +10,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import current_token, require
+from ..clients import ClientNotFound
 from ..extensions import stores
 from ..schemas import INSTANCE_ID, HeartbeatSchema, PropagationSchema
 from ..tokens import Role
@@ -40,8 +41,7 @@ class ClientInstance(MethodView):
 
         429 (``Retry-After``) beyond the limits: instances per token, heartbeats per minute."""
         check_env(env)
-        if not _INSTANCE.fullmatch(instance):
-            raise path_error("instance", "1-128 characters of [A-Za-z0-9._:-]")
+        check_instance(instance)
         published = stores().snapshots.get(env)
         if body["applied_version"] > published.version:  # from another worker, or another history
             stores().history.sdk_applied(env, body["applied_version"])
@@ -53,3 +53,19 @@ class ClientInstance(MethodView):
             token_id=current_token().id,
             flags=published.flags,
         )
+
+    @require(Role.SDK)
+    @blp.response(204)
+    @blp.alt_response(404, description="No such instance registered with this token")
+    def delete(self, env: str, instance: str) -> None:
+        """Goodbye of one SDK instance (its client closed, its process ends): it no longer counts
+        as live, nor as lagging. Only the token that registered the instance may say it."""
+        check_env(env)
+        check_instance(instance)
+        if not stores().clients.forget(env, instance, token_id=current_token().id):
+            raise ClientNotFound(f"no SDK instance {instance!r} of this token in {env!r}")
+
+
+def check_instance(instance: str) -> None:
+    if not _INSTANCE.fullmatch(instance):
+        raise path_error("instance", "1-128 characters of [A-Za-z0-9._:-]")

@@ -57,8 +57,11 @@ HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("/api/v1/envs/{env}/stream", "get"): [LAST_EVENT_ID],
 }
 WRITES = ("post", "put", "patch", "delete")
-#: Writes that are not state changes of their own: an SDK heartbeat.
-NOT_IDEMPOTENT = {("/api/v1/envs/{env}/clients/{instance}", "post")}
+#: Writes that are not audited state changes: an SDK instance's heartbeat and goodbye.
+NOT_IDEMPOTENT = {
+    ("/api/v1/envs/{env}/clients/{instance}", "post"),
+    ("/api/v1/envs/{env}/clients/{instance}", "delete"),
+}
 
 
 class ContractPlugin(BasePlugin):
