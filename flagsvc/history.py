@@ -4,7 +4,8 @@ A Redis failover to a replica that missed the newest writes, or a restore of an 
 rolls the data back: versions go back and their numbers are then reused for other content. Each
 process remembers the newest environment version, version mark and audit head it has seen
 (:class:`HistoryGuard`, shown what Redis holds by the snapshot cache's refresh every second),
-and an SDK that reports a version Redis does not have is evidence too. On either, the guard
+and an SDK that reports a version Redis does not have is evidence too (up to
+:data:`MAX_VERSIONS_LOST` versions ahead, and only from a heartbeat the limits accepted). On either, the guard
 logs an error, counts it (``flagsvc_history_rollbacks_total``), keeps it for ``/readyz`` to
 show, and commits an audited ``env.rollback_detected`` that moves the environment's version past
 every version seen: every SDK then applies the current state, newer than anything it held.
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: How long /readyz shows a detected rollback.
 SHOWN_SECONDS = 3600
+#: The most versions a rollback can plausibly have lost. An SDK claiming a version further ahead of
+#: Redis is not believed (a heartbeat is not authenticated beyond its sdk token): it is logged as a
+#: warning, and neither counted as a rollback nor allowed to move the version.
+MAX_VERSIONS_LOST = 1000
 SYSTEM = WriteContext(actor="system")
 
 
@@ -63,7 +68,12 @@ class HistoryGuard:
     def sdk_applied(self, env: str, version: int) -> None:
         """An SDK reports ``version`` applied: a rollback if Redis' version is older."""
         stored = int(self._redis.get(EnvKeys(env).version) or 0)
-        if version > stored:
+        if version > stored + MAX_VERSIONS_LOST:
+            log.warning(
+                "an SDK of environment %s claims version %d, Redis is at %d: more than %d versions "
+                "ahead, not believed", env, version, stored, MAX_VERSIONS_LOST,
+            )  # fmt: skip
+        elif version > stored:
             self._rolled_back(env, f"an SDK applied version {version}, Redis is at {stored}", version)
 
     def _check(self, env: str, now: Seen) -> None:

@@ -401,6 +401,8 @@ class ProblemSchema(Schema):
 INSTANCE_ID = r"^[A-Za-z0-9._:-]{1,128}$"
 #: Most evaluations of one flag one heartbeat may report (a billion in 30 s is beyond any instance).
 MAX_COUNT = 10**9
+#: Largest version a heartbeat may claim: 2^53 - 1, exact as a JSON number everywhere.
+MAX_VERSION = 2**53 - 1
 
 
 class HeartbeatSchema(Schema):
@@ -411,7 +413,7 @@ class HeartbeatSchema(Schema):
     pid = JsonInteger(load_default=None, allow_none=True)
     sdk = fields.String(load_default="", validate=validate.Length(max=64))
     mode = fields.String(load_default="", validate=validate.Length(max=16))
-    applied_version = JsonInteger(required=True, validate=validate.Range(min=0))
+    applied_version = JsonInteger(required=True, validate=validate.Range(min=0, max=MAX_VERSION))
     source = fields.String(load_default="", validate=validate.Length(max=16))
     stale = StrictBool(load_default=False)
     last_error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))

@@ -24,12 +24,13 @@ from prometheus_client import REGISTRY
 
 from flagsvc.audit import AuditLog
 from flagsvc.connection import connect
+from flagsvc.history import MAX_VERSIONS_LOST
 from flagsvc.keys import EnvKeys
 from flagsvc_client import FlagClient
 from flagsvc_client._snapshot import Snapshot
 
 from .conftest import RestartableServer
-from .helpers import ENV, FLAGS_URL
+from .helpers import ENV, ENV_URL, FLAGS_URL
 from .redis_topology import SentinelSet, wait_until
 from .test_propagation import Stack, close_stream, next_event, open_stream
 
@@ -123,6 +124,21 @@ def test_an_sdk_ahead_of_redis_reveals_a_rollback_no_process_saw(
     finally:
         again.stop()
         fresh.extensions["flagsvc"].close()
+
+
+def test_an_sdk_claiming_a_version_far_ahead_is_not_believed(client, tokens, r, caplog):
+    """A heartbeat is authenticated by an sdk token only: a claim more than MAX_VERSIONS_LOST
+    versions ahead of Redis is logged, and neither alarms nor moves the version."""
+    sdk = {"Authorization": f"Bearer {tokens['sdk']}"}
+    stored = int(r.get(KEYS.version) or 0)
+    audit_before = r.xlen(KEYS.audit)
+    far = {"app": "shop", "applied_version": stored + MAX_VERSIONS_LOST + 1}
+    assert client.post(f"{ENV_URL}/clients/i-far", json=far, headers=sdk).status_code == 204
+    assert int(r.get(KEYS.version) or 0) == stored and r.xlen(KEYS.audit) == audit_before
+    assert "not believed" in caplog.text and "went back" not in caplog.text
+    beyond = {"app": "shop", "applied_version": 2**53}
+    refused = client.post(f"{ENV_URL}/clients/i-far", json=beyond, headers=sdk)
+    assert refused.status_code == 422 and refused.json["errors"][0]["field"] == "applied_version"
 
 
 def snapshot(version: int, history: str, source: str = "server") -> Snapshot:

@@ -24,7 +24,7 @@ from flagsvc.tokens import TokenStore
 from flagsvc.writes import IDEMPOTENCY_RECORDS_PER_TOKEN
 from flagsvc_client._stream import interrupt
 
-from .conftest import RestartableServer
+from .conftest import RestartableServer, dataset
 from .helpers import ENV, ENV_URL
 
 KEYS = EnvKeys(ENV)
@@ -221,3 +221,16 @@ def test_a_stream_on_a_descriptor_past_1024_stays_open(limited_server, make_toke
         for sock in ballast:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_heartbeat_the_limits_refuse_is_evidence_of_nothing(limited, make_token, r):
+    """A refused heartbeat writes nothing, even one claiming a version Redis does not have (it would
+    otherwise count as a rollback and move the environment's version)."""
+    client = limited.test_client()
+    sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
+    version = int(r.get(EnvKeys(ENV).version) or 0)
+    for n in range(3):
+        assert beat(client, sdk, f"i-{n}", applied_version=version).status_code == 204
+    before = dataset(r)
+    assert_429(beat(client, sdk, "i-3", applied_version=version + 5))
+    assert dataset(r) == before

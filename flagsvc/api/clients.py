@@ -43,9 +43,7 @@ class ClientInstance(MethodView):
         check_env(env)
         check_instance(instance)
         published = stores().snapshots.get(env)
-        if body["applied_version"] > published.version:  # from another worker, or another history
-            stores().history.sdk_applied(env, body["applied_version"])
-        stores().clients.report(
+        stores().clients.report(  # first: a heartbeat refused by the limits is evidence of nothing
             env,
             instance,
             body,
@@ -53,6 +51,8 @@ class ClientInstance(MethodView):
             token_id=current_token().id,
             flags=published.flags,
         )
+        if body["applied_version"] > published.version:  # from another worker, or another history
+            stores().history.sdk_applied(env, body["applied_version"])
 
     @require(Role.SDK)
     @blp.response(204)
