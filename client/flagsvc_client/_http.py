@@ -89,7 +89,7 @@ class SnapshotFetcher:
         url = f"{self.base}/clients/{quote(instance, safe='')}"
         try:
             with self._new_session() as session:
-                resp = session.delete(url, timeout=min(self._timeout, 2.0), headers={"Connection": "close"})
+                resp = session.delete(url, timeout=min(self._timeout, 1.0), headers={"Connection": "close"})
         except requests.RequestException as exc:
             raise FetchError(f"cannot say goodbye to flagsvc: {type(exc).__name__}") from None
         if resp.status_code >= 300 and resp.status_code != 404:
