@@ -3,6 +3,7 @@ when its process exits, and the service forgets it at once."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,3 +72,39 @@ def test_a_process_that_exits_without_closing_its_client_says_goodbye(server, to
     view = f"{server.url}{ENV_URL}/clients"
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert requests.get(view, headers=auth("reader"), timeout=5).json()["instances"] == []
+
+
+def test_a_pre_fork_parent_that_never_evaluates_is_not_an_instance(server, tokens, auth):
+    """gunicorn --preload: the master creates the client and forks the workers; only the workers
+    evaluate, so only they are instances (the parent would otherwise be a laggard for --wait)."""
+    view = f"{server.url}{ENV_URL}/clients"
+    recs = {"kind": "kill_switch", "enabled": True}
+    assert requests.put(f"{server.url}{ENV_URL}/flags/recs", json=recs, headers=auth("admin"), timeout=5).ok
+
+    def instances() -> list[dict]:
+        return requests.get(view, headers=auth("reader"), timeout=5).json()["instances"]
+
+    parent = FlagClient(server.url, tokens["sdk"], ENV, mode="poll", poll_interval=0.2, app_name="web")
+    try:
+        wait_for(lambda: [i["pid"] for i in instances()] == [os.getpid()], 5, "the parent's first heartbeat")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker: it evaluates, reports, then waits for the parent's go
+            os.close(write_end)
+            try:
+                parent.is_enabled("recs")
+                os.read(read_end, 1)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        try:
+            wait_for(lambda: [i["pid"] for i in instances()] == [pid], 5, "only the worker listed")
+        finally:
+            os.write(write_end, b"1")
+            os.waitpid(pid, 0)
+            os.close(write_end)
+        parent.is_enabled("recs")  # the parent now evaluates too: an instance again
+        parent._reporter.poke()
+        wait_for(lambda: os.getpid() in [i["pid"] for i in instances()], 5, "the parent listed again")
+    finally:
+        parent.close()

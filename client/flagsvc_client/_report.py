@@ -31,7 +31,7 @@ class Reporter:
     """Posts heartbeats built by ``build()`` until stopped."""
 
     def __init__(
-        self, fetcher: SnapshotFetcher, build: Callable[[], dict[str, Any]], interval: float
+        self, fetcher: SnapshotFetcher, build: Callable[[], dict[str, Any] | None], interval: float
     ) -> None:
         self._fetcher = fetcher
         self._build = build
@@ -62,6 +62,10 @@ class Reporter:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(self._fetcher.timeout + 1)
+        self.goodbye()
+
+    def goodbye(self) -> None:
+        """Tell the service this instance is gone, if it ever reported."""
         if self._reported:
             self._reported = False
             try:
@@ -75,7 +79,12 @@ class Reporter:
         self._init_thread_state()
 
     def send(self) -> None:
-        body = {"host": self.host, "pid": os.getpid(), "sdk": f"python/{__version__}", **self._build()}
+        """One heartbeat, or a goodbye when ``build()`` says this process is not an instance."""
+        built = self._build()
+        if built is None:
+            self.goodbye()
+            return
+        body = {"host": self.host, "pid": os.getpid(), "sdk": f"python/{__version__}", **built}
         try:
             self._fetcher.report(self._session, self.instance_id, body)
             self._reported = True

@@ -95,6 +95,8 @@ class FlagClient:
         self._listeners: list[ChangeListener] = []
         self._closed = False
         self._pending_counts: dict[str, int] = {}
+        self._has_evaluated = False  # in this process
+        self._forked_children = False  # a pre-fork parent (gunicorn --preload): silent until it evaluates
         self._write_lock = threading.Lock()
         self._sink = Sink(env, lambda: self._snapshot, self._apply)
         self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
@@ -267,8 +269,10 @@ class FlagClient:
             closed=self._closed,
         )
 
-    def _report_body(self) -> dict[str, Any]:
-        """The heartbeat: applied version, health, and evaluations since the last report."""
+    def _report_body(self) -> dict[str, Any] | None:
+        """The heartbeat: applied version, health, and evaluations since the last report; ``None``
+        (no heartbeat, a goodbye) in a process that forked children and never evaluated a flag: a
+        pre-fork parent is not an instance anyone waits for."""
         counts: dict[str, int] = {}
         for key, flag in self._snapshot.flags.items():
             n = flag.evaluations
@@ -278,6 +282,9 @@ class FlagClient:
         for key, n in self._pending_counts.items():
             counts[key] = counts.get(key, 0) + n
         self._pending_counts = {}
+        self._has_evaluated = self._has_evaluated or bool(counts)
+        if self._forked_children and not self._has_evaluated:
+            return None
         status = self.status()
         return {
             "app": self.app_name,
@@ -347,12 +354,18 @@ class FlagClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _after_fork_in_parent(self) -> None:
+        """This process forked a child: if it never evaluates, it stops counting as an instance."""
+        self._forked_children = True
+        self._reporter.poke()
+
     def _after_fork_in_child(self) -> None:
         """In a forked child: new locks, a new HTTP session, a new data source (the parent's
         thread and stream are not this process's); keep the warm snapshot."""
         self._write_lock = threading.Lock()
         self._sink.after_fork()
         self._pending_counts = {}
+        self._has_evaluated = self._forked_children = False  # a new instance
         for flag in self._snapshot.flags.values():
             flag.reported = flag.evaluations  # the parent reports what it counted before the fork
         self._fetcher.reset_session()
@@ -378,6 +391,11 @@ def _after_fork() -> None:
         client._after_fork_in_child()
 
 
+def _after_fork_parent() -> None:
+    for client in list(_clients):
+        client._after_fork_in_parent()
+
+
 def _at_exit() -> None:
     """The process ends: every open client says goodbye (its reporter stops)."""
     for client in list(_clients):
@@ -390,6 +408,6 @@ def _register_fork_handler(client: FlagClient) -> None:
     _clients.add(client)
     if not _fork_hook_installed:
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork)
+            os.register_at_fork(after_in_child=_after_fork, after_in_parent=_after_fork_parent)
         atexit.register(_at_exit)
         _fork_hook_installed = True
