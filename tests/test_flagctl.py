@@ -11,7 +11,7 @@ import requests
 
 from flagsvc_client.flagctl import main
 
-from .helpers import FLAGS_URL
+from .helpers import ENV_URL, FLAGS_URL, TIMEOUT_FLAG
 
 
 @pytest.fixture
@@ -151,3 +151,31 @@ def test_audit_shows_control_and_bidi_characters_escaped(ctl, flags, server, mak
     assert code == 0 and len(lines) == 3 and all(line.isprintable() for line in lines)
     assert " eve\\x1b]0;owned\\x07 " in lines[0] and lines[0].endswith(" \\u202egnp.exe")
     assert lines[1].endswith(" [INC\\u202e-1] ok\\x1b[2J\\r\\nforged")
+
+
+def test_list_show_and_kill_say_what_is_served_and_what_holds_it(ctl, flags, server, auth):
+    """An ops value a playbook switched shows its variant and the playbook; a temporary kill shows
+    when it reverts; rules and rollouts show at a glance."""
+    admin = auth("admin")
+    assert requests.put(f"{server.url}{FLAGS_URL}/timeout-ms", json=TIMEOUT_FLAG, headers=admin, timeout=5).ok
+    playbook = {"changes": {"timeout-ms": {"default_variant": "short"}}}
+    shed = f"{server.url}{ENV_URL}/playbooks/shed"
+    assert requests.put(shed, json=playbook, headers=admin, timeout=5).ok
+    action = {"reason": "p95", "incident": "INC-9"}
+    assert requests.post(f"{shed}/apply", json=action, headers=admin, timeout=5).ok
+
+    code, out, _ = ctl("kill", "exports", "--reason", "INC-9 exports hammer the DB", "--for", "30m")
+    assert code == 0 and "now KILLED" in out and "; reverts at 20" in out
+
+    code, out, _ = ctl("list", role="reader")
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[1:]}
+    header = out.splitlines()[0].split()
+    assert header[:6] == ["STATE", "KEY", "KIND", "TYPE", "RULES", "HELD"]
+    assert rows["timeout-ms"][0] == "short" and rows["timeout-ms"][5] == "playbook:shed"
+    assert rows["exports"][0] == "KILLED" and rows["exports"][5].startswith("until:20")
+    assert rows["search.v2"][4] == "rules:1" and rows["checkout.recs"][4:6] == ["-", "-"]
+
+    code, out, _ = ctl("show", "timeout-ms", role="reader")
+    assert code == 0 and "held by playbook shed" in out
+    code, out, _ = ctl("show", "exports", role="reader")
+    assert code == 0 and "temporary: reverts at 20" in out

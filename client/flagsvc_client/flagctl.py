@@ -93,16 +93,45 @@ def _describe(resp: requests.Response) -> str:
 
 
 def _flag_state(flag: dict[str, Any]) -> str:
-    if flag.get("enabled"):
-        return "on"
-    return "KILLED" if flag.get("kind") == "kill_switch" else "OFF"
+    """What the flag serves when no rule matches: ``on``/``KILLED`` for a kill switch, else the
+    default variant, or ``OFF:<off variant>`` when disabled."""
+    if flag.get("kind") == "kill_switch":
+        return "on" if flag.get("enabled") else "KILLED"
+    return str(flag["default_variant"]) if flag.get("enabled") else f"OFF:{flag['off_variant']}"
+
+
+def _targeting(flag: dict[str, Any]) -> str:
+    """Rules at a glance: ``-``, ``rules:2``, ``rules:2,rollout``."""
+    rules = flag.get("rules") or []
+    if not rules:
+        return "-"
+    return f"rules:{len(rules)}" + (",rollout" if any(r.get("rollout") for r in rules) else "")
+
+
+def _holders(api: Api) -> dict[str, str]:
+    """Flag key -> ``playbook:<name>`` for each flag an applied playbook changed."""
+    held: dict[str, str] = {}
+    for playbook in api.call("GET", api.env_path("playbooks")).json()["playbooks"]:
+        if playbook.get("applied"):
+            shown = api.call("GET", api.env_path("playbooks", playbook["name"])).json()
+            for key in (shown.get("applied") or {}).get("flags", {}):
+                held[key] = f"playbook:{playbook['name']}"
+    return held
+
+
+def _held_by(flag: dict[str, Any], holders: dict[str, str]) -> str:
+    parts = [holders[flag["key"]]] if flag["key"] in holders else []
+    if flag.get("revert_at"):
+        parts.append(f"until:{flag['revert_at']}")
+    return ",".join(parts) or "-"
 
 
 def cmd_list(api: Api, args: argparse.Namespace) -> Any:
     flags = api.call("GET", api.env_path("flags")).json()["flags"]
     if args.json:
         return flags
-    rows = [("STATE", "KEY", "KIND", "TYPE", "VER", "UPDATED", "BY")]
+    holders = _holders(api)
+    rows = [("STATE", "KEY", "KIND", "TYPE", "RULES", "HELD", "VER", "UPDATED", "BY")]
     for f in flags:
         rows.append(
             (
@@ -110,6 +139,8 @@ def cmd_list(api: Api, args: argparse.Namespace) -> Any:
                 f["key"],
                 f["kind"],
                 f["type"],
+                _targeting(f),
+                _held_by(f, holders),
                 str(f["version"]),
                 f["updated_at"],
                 f["updated_by"],
@@ -129,6 +160,11 @@ def cmd_show(api: Api, args: argparse.Namespace) -> Any:
         f"  variants: {json.dumps(flag['variants'])}",
         f"  default: {flag['default_variant']}   off (when killed): {flag['off_variant']}",
     ]
+    holder = _holders(api).get(flag["key"])
+    if holder:
+        lines.append(f"  held by {holder.replace(':', ' ', 1)} (a revert of it restores this flag)")
+    if flag.get("revert_at"):
+        lines.append(f"  temporary: reverts at {flag['revert_at']}")
     for i, rule in enumerate(flag["rules"]):
         conds = (
             " and ".join(f"{c['attribute']} {c['operator']} {c['values']}" for c in rule["conditions"])
@@ -161,6 +197,8 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
         message = f"{args.key} was already {state} in {api.env} (version {flag['version']})"
     else:
         message = f"{verb} {args.key} in {api.env}: now {_flag_state(flag)} (version {flag['version']})"
+        if flag.get("revert_at"):
+            message += f"; reverts at {flag['revert_at']}"
     if not args.wait:
         return flag if args.json else message
     if not args.json:
