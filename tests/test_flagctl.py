@@ -179,3 +179,28 @@ def test_list_show_and_kill_say_what_is_served_and_what_holds_it(ctl, flags, ser
     assert code == 0 and "held by playbook shed" in out
     code, out, _ = ctl("show", "exports", role="reader")
     assert code == 0 and "temporary: reverts at 20" in out
+
+
+def test_kill_dry_run_and_audit_filters_and_exports(ctl, flags, server, tokens, capsys):
+    base = f"{server.url}{ENV_URL}"
+    heartbeat = {"app": "checkout", "applied_version": 3, "counts": {"exports": 4}}
+    sdk = {"Authorization": f"Bearer {tokens['sdk']}"}
+    assert requests.post(f"{base}/clients/i-1", json=heartbeat, headers=sdk, timeout=5).status_code == 204
+
+    code, out, _ = ctl("kill", "exports", "--reason", "r", "--dry-run")
+    assert code == 0 and "dry run, nothing changed: would kill exports" in out
+    assert "4 times, by checkout (1 instances)" in out
+    code, out, _ = ctl("show", "exports", "--json", role="reader")
+    assert json.loads(out)["enabled"] is True, "a dry run changes nothing"
+
+    assert ctl("kill", "exports", "--reason", "INC-5 db", "--incident", "INC-5")[0] == 0
+    assert ctl("kill", "checkout.recs", "--reason", "other", "--incident", "INC-6")[0] == 0
+    code, out, _ = ctl("audit", "--incident", "INC-5", role="reader")
+    assert code == 0 and len(out.splitlines()) == 1 and "exports" in out and "INC-5 db" in out
+    code, out, _ = ctl("audit", "--action", "flag.kill", "--actor", "operator", "--since", "1h", "--json")
+    assert {e["flag"] for e in json.loads(out)} == {"exports", "checkout.recs"}
+    code, out, _ = ctl("audit", "--incident", "INC-6", "--format", "ndjson", role="reader")
+    assert [json.loads(line)["flag"] for line in out.splitlines()] == ["checkout.recs"]
+    code, out, _ = ctl("audit", "--incident", "INC-6", "--format", "csv", role="reader")
+    rows = out.splitlines()
+    assert code == 0 and rows[0].startswith("id,") and len(rows) == 2 and "checkout.recs" in rows[1]

@@ -185,6 +185,8 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
         body["incident"] = args.incident
     if args.for_:
         body["for"] = args.for_
+    if args.dry_run:
+        return _switch_preview(api, args, action, body)
     before = api.call("GET", api.env_path("flags", args.key)).json()
     # One idempotency key per invocation: the automatic retry cannot kill twice.
     headers = {"Idempotency-Key": f"flagctl-{uuid.uuid4()}"}
@@ -218,6 +220,21 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
             print(f"  lagging: {_instance_line(inst)}")
         raise CommandError(f"timed out: {summary}", EXIT_NOT_CONFIRMED)
     return f"confirmed: {summary}"
+
+
+def _switch_preview(api: Api, args: argparse.Namespace, action: str, body: dict[str, Any]) -> Any:
+    """``--dry-run``: what the kill or restore would change and who evaluated the flag lately."""
+    preview = api.call("POST", api.env_path("flags", args.key, action), json={**body, "dry_run": True}).json()
+    if args.json:
+        return preview
+    radius = preview.get("blast_radius") or {}
+    apps = ", ".join(f"{app} ({n} instances)" for app, n in sorted((radius.get("apps") or {}).items()))
+    change = "would change nothing" if not preview["changed"] else f"would {action} {args.key}"
+    return (
+        f"dry run, nothing changed: {change} in {api.env}\n"
+        f"  evaluated in the last 15 minutes: {radius.get('evaluations', 0)} times"
+        + (f", by {apps}" if apps else ", by no SDK instance")
+    )
 
 
 def _wait_for_version(api: Api, target: int, timeout: float) -> tuple[bool, dict[str, Any]]:
@@ -265,10 +282,18 @@ def cmd_clients(api: Api, args: argparse.Namespace) -> Any:
     return "\n".join(lines)
 
 
+AUDIT_FILTERS = ("flag", "actor", "action", "incident", "since", "until")
+AUDIT_FORMATS = {"csv": "text/csv", "ndjson": "application/x-ndjson"}
+
+
 def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.flag:
-        params["flag"] = args.flag
+    params: dict[str, Any] = {name: getattr(args, name) for name in AUDIT_FILTERS if getattr(args, name)}
+    if args.format in AUDIT_FORMATS:  # the whole matching log, as the service exports it
+        resp = api.call(
+            "GET", api.env_path("audit"), params=params, headers={"Accept": AUDIT_FORMATS[args.format]}
+        )
+        return resp.text.rstrip("\n")
+    params["limit"] = args.limit
     entries = api.call("GET", api.env_path("audit"), params=params).json()["entries"]
     if args.json:
         return entries
@@ -278,7 +303,7 @@ def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
         shown = {name: printable(str(value)) for name, value in e.items() if value is not None}
         incident = f"[{shown['incident']}]" if shown.get("incident") else ""
         extra = " ".join(x for x in (incident, shown.get("reason", "")) if x)
-        target = shown.get("flag") or shown.get("token") or "-"
+        target = shown.get("flag") or shown.get("playbook") or shown.get("token") or "-"
         lines.append(f"{shown['time']}  {shown['actor']:<16} {shown['action']:<14} {target:<28} {extra}")
     return "\n".join(lines) or "(no entries)"
 
@@ -387,7 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
     audit.add_argument("--flag", help="only this flag")
-    audit.add_argument("--limit", type=int, default=20)
+    audit.add_argument("--actor", help="only changes by this token name")
+    audit.add_argument("--action", help="only this action, e.g. flag.kill, playbook.apply")
+    audit.add_argument("--incident", help="only changes made for this incident id")
+    audit.add_argument("--since", help="ISO 8601 time or a duration ago (2h)")
+    audit.add_argument("--until", help="ISO 8601 time or a duration ago")
+    audit.add_argument("--limit", type=int, default=20, help="entries shown (text and --json; 20)")
+    audit.add_argument(
+        "--format", choices=["text", "csv", "ndjson"], default="text",
+        help="csv or ndjson: every matching entry, as the service exports them",
+    )  # fmt: skip
     audit.set_defaults(func=cmd_audit)
     return parser
 
@@ -423,6 +457,11 @@ def _add_switch_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> 
         p.add_argument("--incident", help="incident id, e.g. INC-42")
         p.add_argument(
             "--for", dest="for_", metavar="DURATION", help="temporary: revert by itself after 30m, 2h..."
+        )
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="show what would change and who evaluates the flag; change nothing",
         )
         p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
         p.add_argument(
