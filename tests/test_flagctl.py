@@ -9,9 +9,10 @@ import sys
 import pytest
 import requests
 
+from flagsvc_client import FlagClient
 from flagsvc_client.flagctl import main
 
-from .helpers import ENV_URL, FLAGS_URL, TIMEOUT_FLAG
+from .helpers import ENV_URL, FLAGS_URL, TIMEOUT_FLAG, wait_for
 
 
 @pytest.fixture
@@ -204,3 +205,25 @@ def test_kill_dry_run_and_audit_filters_and_exports(ctl, flags, server, tokens, 
     code, out, _ = ctl("audit", "--incident", "INC-6", "--format", "csv", role="reader")
     rows = out.splitlines()
     assert code == 0 and rows[0].startswith("id,") and len(rows) == 2 and "checkout.recs" in rows[1]
+
+
+def test_playbook_apply_waits_for_the_fleet_and_the_control_url_is_preferred(
+    ctl, flags, server, auth, tokens, monkeypatch, capsys
+):
+    shed = f"{server.url}{ENV_URL}/playbooks/shed"
+    playbook = {"changes": {"exports": {"enabled": False}}}
+    assert requests.put(shed, json=playbook, headers=auth("admin"), timeout=5).ok
+    sdk = FlagClient(server.url, tokens["sdk"], "production", mode="poll", poll_interval=0.1, app_name="web")
+    try:
+        wait_for(lambda: requests.get(f"{server.url}{ENV_URL}/clients", headers=auth("reader"), timeout=5)
+                 .json()["summary"]["live"] == 1, 5, "the SDK's first heartbeat")  # fmt: skip
+        monkeypatch.setenv("FLAGSVC_URL", "http://127.0.0.1:9")  # nothing there
+        monkeypatch.setenv("FLAGSVC_CONTROL_URL", server.url)
+        monkeypatch.setenv("FLAGSVC_TOKEN", tokens["operator"])
+        code = main(["playbook", "apply", "shed", "--reason", "INC-7 db", "--incident", "INC-7", "--wait"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "applied playbook shed" in out and "confirmed: " in out and "1/1" in out
+        assert sdk.is_enabled("exports") is False
+    finally:
+        sdk.close()

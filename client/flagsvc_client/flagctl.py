@@ -203,16 +203,22 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
             message += f"; reverts at {flag['revert_at']}"
     if not args.wait:
         return flag if args.json else message
+    target = int(resp.headers.get("X-Flagsvc-Env-Version", "0"))
+    return _confirm(api, args, target, {"flag": flag}, message)
+
+
+def _confirm(api: Api, args: argparse.Namespace, target: int, result: dict[str, Any], message: str) -> Any:
+    """``--wait``: print ``message``, then wait until every live SDK instance runs ``target``;
+    exit 8 naming the laggards when ``--timeout-wait`` is up."""
     if not args.json:
         print(message, flush=True)
-    target = int(resp.headers.get("X-Flagsvc-Env-Version", "0"))
     confirmed, view = _wait_for_version(api, target, args.timeout_wait)
     if args.json:
-        result = {"flag": flag, "env_version": target, "confirmed": confirmed, "clients": view}
+        answer = {**result, "env_version": target, "confirmed": confirmed, "clients": view}
         if not confirmed:
-            print(json.dumps(result, indent=2))
+            print(json.dumps(answer, indent=2))
             raise CommandError("not every live SDK instance applied the change in time", EXIT_NOT_CONFIRMED)
-        return result
+        return answer
     summary = _propagation_line(view, target)
     if not confirmed:
         lagging = [i for i in view["instances"] if i["live"] and i["applied_version"] < target]
@@ -339,7 +345,7 @@ def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
     outcome = api.call(
         "POST", api.env_path("playbooks", args.name, args.playbook_command), json=body, retry=False
     ).json()
-    if args.json:
+    if args.json and not args.wait:
         return outcome
     verb = args.playbook_command
     done = {"apply": "applied", "revert": "reverted"}[verb]
@@ -356,7 +362,9 @@ def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
         )
     lines += [f"  {flag}: already as wanted" for flag in outcome["unchanged"]]
     lines += [f"  {s['flag']}: LEFT ALONE, {s['reason']}" for s in outcome["skipped"]]
-    return "\n".join(lines)
+    if args.wait and not outcome["dry_run"] and outcome["changed"]:
+        return _confirm(api, args, outcome["env_version"], {"outcome": outcome}, "\n".join(lines))
+    return outcome if args.json else "\n".join(lines)
 
 
 def cmd_report(api: Api, args: argparse.Namespace) -> Any:
@@ -429,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _common_options() -> argparse.ArgumentParser:
     """The options every command takes, before or after its name."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_URL)")
+    common.add_argument(
+        "--url", default=argparse.SUPPRESS, help="flagsvc base URL (FLAGSVC_CONTROL_URL, else FLAGSVC_URL)"
+    )
     common.add_argument("--token", default=argparse.SUPPRESS, help="API token (FLAGSVC_TOKEN)")
     common.add_argument(
         "--env", default=argparse.SUPPRESS, help="environment (FLAGSVC_ENV, default production)"
@@ -482,6 +492,10 @@ def _add_playbook_commands(sub: _Subcommands, common: argparse.ArgumentParser) -
         p.add_argument("--reason", required=True)
         p.add_argument("--incident", required=action == "apply", help="incident id (required to apply)")
         p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+        p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
+        p.add_argument(
+            "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
+        )
         if action == "apply":
             p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")
     playbook.set_defaults(func=cmd_playbook)
@@ -490,12 +504,13 @@ def _add_playbook_commands(sub: _Subcommands, common: argparse.ArgumentParser) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    url = getattr(args, "url", None) or os.environ.get("FLAGSVC_URL")
+    # The control listener, when there is one, answers operators first (SDK polls never queue there).
+    url = getattr(args, "url", None) or os.environ.get("FLAGSVC_CONTROL_URL") or os.environ.get("FLAGSVC_URL")
     token = getattr(args, "token", None) or os.environ.get("FLAGSVC_TOKEN")
     env = getattr(args, "env", None) or os.environ.get("FLAGSVC_ENV") or "production"
     args.json = getattr(args, "json", False)
     if not url or not token:
-        parser.error("set --url and --token (or FLAGSVC_URL and FLAGSVC_TOKEN)")
+        parser.error("set --url and --token (or FLAGSVC_CONTROL_URL or FLAGSVC_URL, and FLAGSVC_TOKEN)")
     api = Api(url, token, env, getattr(args, "timeout", 10.0))
     try:
         result = args.func(api, args)
