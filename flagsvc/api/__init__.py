@@ -41,6 +41,7 @@ class FlagsvcApi(Api):
         self._undocumented: list[tuple[Any, str]] = []
         self._documenting = threading.RLock()
         self._completing = False
+        self._complete = False
         self._responses_documented = False
         self._assembled = False  # the app is still being built
         super().__init__(app, **kwargs)
@@ -52,12 +53,13 @@ class FlagsvcApi(Api):
     @property
     def spec(self) -> Any:
         """The OpenAPI document, with every registered blueprint's views in it."""
-        if self._assembled and (self._undocumented or not self._responses_documented):
-            with self._documenting:
-                if not self._completing:  # documenting reads self.spec: the document as it stands
+        if self._assembled and not self._complete:
+            with self._documenting:  # other readers wait here until the document is whole
+                if not self._complete and not self._completing:  # documenting reads self.spec
                     self._completing = True
                     try:
                         self._complete_document()
+                        self._complete = True
                     finally:
                         self._completing = False
         return self._spec
