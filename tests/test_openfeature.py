@@ -13,12 +13,13 @@ from openfeature.evaluation_context import EvaluationContext
 from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
+from openfeature.provider import ProviderStatus
 
 import flagsvc_client
 from flagsvc_client import FlagClient
 from flagsvc_client.openfeature import FlagsvcProvider
 
-from .helpers import FLAGS_URL, SAMPLE_FLAGS
+from .helpers import FLAGS_URL, SAMPLE_FLAGS, wait_for
 
 
 @pytest.fixture
@@ -116,3 +117,49 @@ def test_narrowed_type_mismatch_messages_survive_stripped_docstrings(of_client, 
         "flag 'payments.ratio' is not an integer",
         "flag 'payments.timeout-ms' is not an object or a list",
     ]
+
+
+def test_the_provider_state_follows_the_service_through_an_outage(server, auth, tokens):
+    """READY while the service answers, STALE while it is down (the last snapshot serves), READY
+    again when it is back; evaluations keep the snapshot's values throughout."""
+    recs = f"{server.url}{FLAGS_URL}/recs"
+    assert requests.put(recs, json=SAMPLE_FLAGS["recs"], headers=auth("admin"), timeout=5).ok
+    sdk = FlagClient(server.url, tokens["sdk"], "production", poll_interval=0.1, mode="poll")
+    api.set_provider_and_wait(FlagsvcProvider(sdk))
+    client = api.get_client()
+    try:
+        assert client.get_provider_status() == ProviderStatus.READY
+        server.stop()
+        wait_for(lambda: client.get_provider_status() == ProviderStatus.STALE, 5, "STALE in the outage")
+        assert client.get_boolean_details("recs", False).value is True, "the last snapshot serves"
+        server.start()
+        wait_for(lambda: client.get_provider_status() == ProviderStatus.READY, 5, "READY once it is back")
+    finally:
+        api.shutdown()
+
+
+def test_without_a_snapshot_the_provider_is_in_error_and_says_why(tokens):
+    """The service unreachable from the start: ERROR, and evaluations answer PROVIDER_NOT_READY with
+    the reason, not FLAG_NOT_FOUND for flags that may well exist."""
+    sdk = FlagClient("http://127.0.0.1:9", tokens["sdk"], "production", init_timeout=0.5, mode="poll")
+    api.set_provider(FlagsvcProvider(sdk))
+    client = api.get_client()
+    try:
+        wait_for(lambda: client.get_provider_status() == ProviderStatus.ERROR, 5, "ERROR without a snapshot")
+        details = client.get_boolean_details("recs", True)
+        assert (details.value, details.error_code) == (True, ErrorCode.PROVIDER_NOT_READY)
+        assert "has not sent a snapshot yet" in details.error_message
+    finally:
+        api.shutdown()
+
+
+def test_a_refused_token_makes_the_provider_fatal(server):
+    sdk = FlagClient(server.url, "fsk_000000000000_wrong", "production", init_timeout=2, mode="poll")
+    api.set_provider(FlagsvcProvider(sdk))
+    client = api.get_client()
+    try:
+        wait_for(lambda: client.get_provider_status() == ProviderStatus.FATAL, 5, "FATAL on a 401")
+        details = client.get_boolean_details("recs", True)
+        assert details.value is True and details.error_code == ErrorCode.PROVIDER_FATAL
+    finally:
+        api.shutdown()

@@ -233,8 +233,10 @@ def test_heartbeats_feed_the_propagation_view_and_wait(stack, clients, capsys):
     assert "confirmed: 2/2 live SDK instances run version" in out
     assert all(i["applied_version"] == v["version"] + 1 for i in view()["instances"])
 
-    # A lagging instance (its updates stopped) makes --wait time out and name it.
-    clients[1].close()
+    # A lagging instance (alive, reporting, but its updates stopped) makes --wait time out and name
+    # it. (A closed client is not one: it said goodbye, see test_goodbye.py.)
+    clients[1]._source.stop()
+    clients[1]._source.join(5)
     code = flagctl(["--url", stack.url, "--token", stack.tokens["operator"], "restore", "a", "--reason", "ok",
                     "--wait", "--timeout-wait", "2s"])  # fmt: skip
     captured = capsys.readouterr()

@@ -59,6 +59,7 @@ class Sink:
         self.last_error: str | None = None
         self.failing = False
         self.fatal = False
+        self.on_health: Callable[[], None] = lambda: None  # health changed: fetching works, fails, stopped
 
     def after_fork(self) -> None:
         """In a forked child: a new event (the parent's may be locked), set: the warm snapshot serves."""
@@ -81,17 +82,21 @@ class Sink:
         self._apply(snapshot)
 
     def succeeded(self) -> None:
+        changed = self.failing or self.last_success is None
         self.last_success = time.time()
         self.last_error = None
         if self.failing:
-            log.warning("flagsvc: service reachable again (version %d)", self._current().version)
+            log.info("flagsvc: service reachable again (version %d)", self._current().version)
             self.failing = False
         self.ready.set()
+        if changed:
+            self.on_health()
 
     def failed(self, message: str) -> None:
         """Record a failure; only the first of a series is logged."""
         self.last_error = message
-        if not self.failing:
+        first = not self.failing
+        if first:
             self.failing = True
             snapshot = self._current()
             log.warning(
@@ -101,12 +106,15 @@ class Sink:
                 snapshot.version,
             )
         self.ready.set()  # start-up does not wait on a service that is down
+        if first and not self.fatal:
+            self.on_health()
 
     def stopped(self, exc: FetchError) -> None:
         """Updates stop for good (token refused, environment unknown)."""
         self.fatal = True
         self.failed(str(exc))
         log.error("flagsvc: %s; updates stopped, serving the last known values", exc)
+        self.on_health()
 
 
 def fetch_snapshot(fetcher: SnapshotFetcher, sink: Sink, *, keep_alive: bool = True) -> None:

@@ -93,12 +93,14 @@ class FlagClient:
         self._fetcher = SnapshotFetcher(url, token, env, timeout=request_timeout)
         self._snapshot = Snapshot.empty(env)
         self._listeners: list[ChangeListener] = []
+        self._health_listeners: list[Callable[[ClientStatus], None]] = []
         self._closed = False
         self._pending_counts: dict[str, int] = {}
         self._has_evaluated = False  # in this process
         self._forked_children = False  # a pre-fork parent (gunicorn --preload): silent until it evaluates
         self._write_lock = threading.Lock()
         self._sink = Sink(env, lambda: self._snapshot, self._apply)
+        self._sink.on_health = self._health_changed
         self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
         self._source = self._new_source()
         self._source.start()
@@ -251,6 +253,20 @@ class FlagClient:
         """Call ``listener(FlagChange)`` after each new snapshot (from the updater thread)."""
         self._listeners.append(listener)
         return listener
+
+    def on_status(self, listener: Callable[[ClientStatus], None]) -> Callable[[ClientStatus], None]:
+        """Call ``listener(status())`` when fetching starts working, starts failing, or stops for
+        good (from the updater thread)."""
+        self._health_listeners.append(listener)
+        return listener
+
+    def _health_changed(self) -> None:
+        status = self.status()
+        for listener in list(self._health_listeners):
+            try:
+                listener(status)
+            except Exception:
+                log.exception("flagsvc: status listener failed")
 
     def status(self) -> ClientStatus:
         """Where the values come from and how fetching them goes; never blocks."""

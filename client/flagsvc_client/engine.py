@@ -76,6 +76,7 @@ class Reason(enum.StrEnum):
 class ErrorCode(enum.StrEnum):
     """Why an evaluation gave the caller's default: OpenFeature's error codes (the same strings)."""
 
+    PROVIDER_NOT_READY = "PROVIDER_NOT_READY"
     FLAG_NOT_FOUND = "FLAG_NOT_FOUND"
     PARSE_ERROR = "PARSE_ERROR"
     TYPE_MISMATCH = "TYPE_MISMATCH"

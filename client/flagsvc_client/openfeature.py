@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,13 @@ from typing import Any
 from openfeature.evaluation_context import EvaluationContext
 from openfeature.event import ProviderEventDetails
 from openfeature.exception import ErrorCode as OFErrorCode
+from openfeature.exception import ProviderFatalError, ProviderNotReadyError
 from openfeature.flag_evaluation import FlagResolutionDetails
 from openfeature.flag_evaluation import Reason as OFReason
 from openfeature.provider import AbstractProvider
 from openfeature.provider.metadata import Metadata
 
-from .client import FlagChange, FlagClient
+from .client import ClientStatus, FlagChange, FlagClient
 from .engine import ErrorCode, EvaluationDetails, FlagType, Reason
 
 __all__ = ["FlagsvcProvider"]
@@ -37,6 +39,11 @@ _INTEGER = _Narrowing(lambda value: isinstance(value, int) and not isinstance(va
 _OBJECT = _Narrowing(lambda value: isinstance(value, dict | list), "an object or a list")
 
 
+def _not_ready(status: ClientStatus) -> str:
+    why = f" ({status.last_error})" if status.last_error else ""
+    return f"flagsvc has not sent a snapshot yet{why}: the default is served"
+
+
 def _context(ctx: EvaluationContext | None) -> dict[str, Any]:
     if ctx is None:
         return {}
@@ -47,16 +54,52 @@ def _context(ctx: EvaluationContext | None) -> dict[str, Any]:
 
 
 class FlagsvcProvider(AbstractProvider):
-    """Resolves flags locally through a FlagClient; emits CONFIGURATION_CHANGED on new snapshots."""
+    """Resolves flags locally through a FlagClient; emits CONFIGURATION_CHANGED on new snapshots.
+
+    Its state follows the client's: READY while the service answers; STALE while it does not and a
+    snapshot (from the service or the cache file) serves; ERROR while nothing but defaults serve;
+    FATAL once the service refused the client for good (a wrong token: 401/403, an unknown
+    environment).
+    """
 
     def __init__(self, client: FlagClient, *, close_client_on_shutdown: bool = True) -> None:
         super().__init__()
         self.client = client
         self._close = close_client_on_shutdown
         client.on_change(self._on_change)
+        client.on_status(self._on_status)
 
     def get_metadata(self) -> Metadata:
         return Metadata(name="flagsvc")
+
+    def initialize(self, evaluation_context: EvaluationContext) -> None:
+        """READY, or the error that makes the state ERROR or FATAL; a snapshot that is not current
+        makes it STALE just after."""
+        status = self.client.status()
+        if status.fatal:
+            raise ProviderFatalError(f"flagsvc refused this client: {status.last_error}")
+        if status.source == "defaults":
+            raise ProviderNotReadyError(_not_ready(status))
+        if status.stale:
+            threading.Timer(0.05, lambda: self._on_status(self.client.status())).start()
+
+    def _on_status(self, status: ClientStatus) -> None:
+        if not hasattr(self, "_on_emit"):
+            return  # not registered with the OpenFeature API (yet)
+        if status.fatal:
+            message = f"flagsvc refused this client: {status.last_error}"
+            self.emit_provider_error(
+                ProviderEventDetails(message=message, error_code=OFErrorCode.PROVIDER_FATAL)
+            )
+        elif status.source == "defaults":
+            self.emit_provider_error(ProviderEventDetails(message=_not_ready(status)))
+        elif status.stale:
+            message = (
+                f"flagsvc unreachable ({status.last_error}): serving {status.source} version {status.version}"
+            )
+            self.emit_provider_stale(ProviderEventDetails(message=message))
+        else:
+            self.emit_provider_ready(ProviderEventDetails(message=f"version {status.version}"))
 
     def shutdown(self) -> None:
         if self._close:
@@ -79,6 +122,8 @@ class FlagsvcProvider(AbstractProvider):
         narrowing: _Narrowing | None = None,
     ) -> FlagResolutionDetails[Any]:
         details = self.client.evaluate(key, _context(ctx), default, expected_type=expected)
+        if details.error_code == ErrorCode.FLAG_NOT_FOUND:
+            details = self._not_found(details)
         if narrowing is not None and details.reason != Reason.ERROR and not narrowing.accepts(details.value):
             message = f"flag {key!r} is not {narrowing.name}"
             details = EvaluationDetails(key, default, None, Reason.ERROR, ErrorCode.TYPE_MISMATCH, message)
@@ -91,6 +136,17 @@ class FlagsvcProvider(AbstractProvider):
             error_message=details.error_message,
             flag_metadata=metadata,
         )
+
+    def _not_found(self, details: EvaluationDetails) -> EvaluationDetails:
+        """A flag missing because the client holds no snapshot is not a missing flag: say why."""
+        status = self.client.status()
+        if status.fatal:
+            code, message = ErrorCode.GENERAL, f"flagsvc refused this client: {status.last_error}"
+        elif status.source == "defaults":
+            code, message = ErrorCode.PROVIDER_NOT_READY, _not_ready(status)
+        else:
+            return details
+        return EvaluationDetails(details.key, details.value, None, Reason.ERROR, code, message)
 
     def resolve_boolean_details(
         self, flag_key: str, default_value: bool, evaluation_context: EvaluationContext | None = None
