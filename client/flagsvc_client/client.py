@@ -104,7 +104,7 @@ class FlagClient:
         self._reporter = Reporter(self._fetcher, self._report_body, report_interval)
         self._source = self._new_source()
         self._source.start()
-        _register_fork_handler(self)
+        _register_process_hooks(self)
         self._sink.ready.wait(init_timeout)
         if self._snapshot.source == "defaults" and cache_path:
             cached = load_cache(cache_path, env)
@@ -399,7 +399,7 @@ def _error(
 
 
 _clients: weakref.WeakSet[FlagClient] = weakref.WeakSet()
-_fork_hook_installed = False
+_process_hooks_installed = False
 
 
 def _after_fork() -> None:
@@ -419,11 +419,13 @@ def _at_exit() -> None:
             client._reporter.stop()
 
 
-def _register_fork_handler(client: FlagClient) -> None:
-    global _fork_hook_installed
+def _register_process_hooks(client: FlagClient) -> None:
+    """Track ``client`` for the fork hooks (child: a new instance; parent: maybe not one) and the
+    exit hook (goodbye), installed once per process."""
+    global _process_hooks_installed
     _clients.add(client)
-    if not _fork_hook_installed:
+    if not _process_hooks_installed:
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_after_fork, after_in_parent=_after_fork_parent)
         atexit.register(_at_exit)
-        _fork_hook_installed = True
+        _process_hooks_installed = True
