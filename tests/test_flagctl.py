@@ -227,3 +227,27 @@ def test_playbook_apply_waits_for_the_fleet_and_the_control_url_is_preferred(
         assert sdk.is_enabled("exports") is False
     finally:
         sdk.close()
+
+
+def test_status_is_the_incident_screen_and_flagctl_alone_shows_it(ctl, flags, server, auth):
+    admin = auth("admin")
+    shed = f"{server.url}{ENV_URL}/playbooks/shed"
+    playbook = {"changes": {"search.v2": {"enabled": False}}}
+    assert requests.put(shed, json=playbook, headers=admin, timeout=5).ok
+    action = {"reason": "p95 at 9 s", "incident": "INC-3"}
+    assert requests.post(f"{shed}/apply", json=action, headers=admin, timeout=5).ok
+    assert ctl("kill", "exports", "--reason", "db melts", "--incident", "INC-3", "--for", "1h")[0] == 0
+
+    code, out, _ = ctl("status", role="reader")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "production: service ready"
+    assert lines[1] == "off (2):"
+    exports = next(line for line in lines if " exports " in line)
+    assert exports.split()[0] == "KILLED" and "by operator, reverts at 20" in exports
+    assert exports.endswith('[INC-3] "db melts"')
+    assert any(line.startswith("  shed: 20") and "by admin (INC-3)" in line for line in lines)
+    assert lines[-1].startswith("SDK: version ") and "no live SDK instance" in lines[-1]
+
+    code, alone, _ = ctl(role="reader")
+    assert code == 0 and alone == out, "flagctl alone is flagctl status"

@@ -367,6 +367,87 @@ def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
     return outcome if args.json else "\n".join(lines)
 
 
+def cmd_status(api: Api, args: argparse.Namespace) -> Any:
+    """One screen for the incident: health, what is off and why, what reverts when, applied
+    playbooks, and the fleet on the current version."""
+    health = _health(api)
+    flags = api.call("GET", api.env_path("flags")).json()["flags"]
+    applied = _applied_playbooks(api)
+    view = api.call("GET", api.env_path("clients")).json()
+    off = [f for f in flags if not f["enabled"]]
+    if args.json:
+        return {"health": health, "off": off, "playbooks": applied, "clients": view["summary"]}
+    lines = [f"{api.env}: service {health.get('status', '?')}" + _rollbacks(health)]
+    lines += _off_lines(api, off)
+    lines += [
+        f"  temporary: {f['key']} ({_flag_state(f)}) reverts at {f['revert_at']}"
+        for f in flags
+        if f.get("revert_at") and f["enabled"]
+    ]
+    lines.append(f"playbooks applied ({len(applied)}):" if applied else "playbooks applied: none")
+    for name, record in sorted(applied.items()):
+        until = f", reverts at {record['revert_at']}" if record.get("revert_at") else ""
+        incident = f" ({printable(str(record['incident']))})" if record.get("incident") else ""
+        by = printable(record["applied_by"])
+        lines.append(f"  {name}: {record['applied_at']} by {by}{incident}{until}")
+    silent = view["summary"]["silent"]
+    lines.append(f"SDK: {_propagation_line(view, view['version'])}; {silent} silent")
+    lines += [f"  LAGGING {_instance_line(i)}" for i in view["instances"] if i["live"] and i["lag"]][:10]
+    return "\n".join(lines)
+
+
+def _applied_playbooks(api: Api) -> dict[str, dict[str, Any]]:
+    """Playbook name -> its current application, for the applied ones."""
+    listed = api.call("GET", api.env_path("playbooks")).json()["playbooks"]
+    return {
+        p["name"]: api.call("GET", api.env_path("playbooks", p["name"])).json()["applied"]
+        for p in listed
+        if p["applied"]
+    }
+
+
+def _off_lines(api: Api, off: list[dict[str, Any]]) -> list[str]:
+    """The flags that are off: since when, by whom, why (their newest audit entry)."""
+    lines = [f"off ({len(off)}):" if off else "off: none"]
+    why = _latest_reasons(api, [f["key"] for f in off])
+    for f in off:
+        until = f", reverts at {f['revert_at']}" if f.get("revert_at") else ""
+        by = printable(f["updated_by"])
+        line = f"  {_flag_state(f):<8} {f['key']}  since {f['updated_at']} by {by}{until}"
+        lines.append(line + (f"  {why[f['key']]}" if f["key"] in why else ""))
+    return lines
+
+
+def _health(api: Api) -> dict[str, Any]:
+    """``/readyz``, whatever its status code (a 503 is the answer, not an error)."""
+    try:
+        resp = api.session.get(f"{api.base}/readyz", timeout=api.timeout)
+        body: dict[str, Any] = resp.json()
+        return body
+    except (requests.RequestException, ValueError) as exc:
+        raise CommandError(
+            f"cannot reach flagsvc at {api.base}: {type(exc).__name__}", EXIT_UNAVAILABLE
+        ) from None
+
+
+def _rollbacks(health: dict[str, Any]) -> str:
+    rolled = health.get("rollbacks") or {}
+    problem = f" (Redis: {health['redis']})" if health.get("redis") else ""
+    return problem + "".join(f"; ROLLBACK DETECTED in {env}: {what}" for env, what in rolled.items())
+
+
+def _latest_reasons(api: Api, keys: list[str]) -> dict[str, str]:
+    """Flag key -> the reason of its newest change (why it is off), for ``keys``."""
+    reasons: dict[str, str] = {}
+    for key in keys:
+        entries = api.call("GET", api.env_path("audit"), params={"flag": key, "limit": 1}).json()["entries"]
+        if entries:
+            e = entries[0]
+            incident = f"[{printable(e['incident'])}] " if e.get("incident") else ""
+            reasons[key] = f'{incident}"{printable(e.get("reason") or "")}"'
+    return reasons
+
+
 def cmd_report(api: Api, args: argparse.Namespace) -> Any:
     params: dict[str, Any] = {"order": "oldest"}
     for name in ("incident", "since", "until"):
@@ -398,13 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="flagctl",
-        description="Operate flagsvc flags: list, show, kill, restore, playbooks, clients, audit, report.",
+        description="Operate flagsvc flags: status, list, show, kill, restore, playbooks, clients, audit, "
+        "report. Without a command: status.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
         "6 service unreachable, 7 refused input, 8 --wait timed out",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"flagctl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(func=cmd_status)  # flagctl alone: the incident screen
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    status = sub.add_parser("status", parents=[common], help="the incident screen (also: flagctl alone)")
+    status.set_defaults(func=cmd_status)
     sub.add_parser("list", parents=[common], help="flags, kill switches first").set_defaults(func=cmd_list)
     show = sub.add_parser("show", parents=[common], help="one flag")
     show.add_argument("key")
