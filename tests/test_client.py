@@ -383,3 +383,26 @@ def test_event_stream_lines_are_the_same_however_the_bytes_arrive():
     for size in range(1, len(body) + 1):
         chunks = [body[i : i + size] for i in range(0, len(body), size)]
         assert list(sse.lines(chunks)) == expected, size
+
+
+@pytest.mark.parametrize("mode", ["poll", "stream"])
+def test_a_refused_token_is_one_error_with_the_servers_detail(server, mode, caplog):
+    """A wrong token is the operator's to fix: logged at ERROR once, with what the service said,
+    and shown in status(); updates stop (retrying cannot help)."""
+    refused = requests.get(
+        f"{server.url}{FLAGS_URL.removesuffix('/flags')}/snapshot",
+        headers={"Authorization": "Bearer fsk_000000000000_wrong"},
+        timeout=5,
+    )
+    detail = refused.json()["detail"]
+    with caplog.at_level("INFO", logger="flagsvc_client"):
+        client = FlagClient(server.url, "fsk_000000000000_wrong", "production", mode=mode, init_timeout=2)
+        try:
+            status = client.status()
+            assert status.fatal and status.ready
+            assert "401" in status.last_error and detail in status.last_error
+            time.sleep(0.5)  # a while of not retrying: no second error
+        finally:
+            client.close()
+    errors = [r for r in caplog.records if r.name == "flagsvc_client" and r.levelname == "ERROR"]
+    assert len(errors) == 1 and detail in errors[0].getMessage()

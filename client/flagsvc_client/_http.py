@@ -66,11 +66,11 @@ class SnapshotFetcher:
         except requests.RequestException as exc:
             raise FetchError(f"cannot reach flagsvc: {type(exc).__name__}") from None
         if resp.status_code != 200:
-            resp.close()
             fatal = resp.status_code in (401, 403, 404)
-            raise FetchError(
-                f"flagsvc refused the stream: {resp.status_code}", fatal=fatal, status=resp.status_code
-            )
+            detail = f" {_problem_detail(resp)}" if fatal else ""  # what to fix: the server says
+            resp.close()
+            message = f"flagsvc refused the stream: {resp.status_code}{detail}"
+            raise FetchError(message, fatal=fatal, status=resp.status_code)
         return resp
 
     def report(self, session: requests.Session, instance: str, body: dict[str, Any]) -> None:
