@@ -322,20 +322,29 @@ def _unpack(state: State) -> tuple[int, str | None, str | None, list[str | None]
     return int(version or 0), raw, applied, rest[0] if rest else []
 
 
+def _change_problem(key: str, change: dict[str, Any], flag: Flag | None) -> tuple[str, str] | None:
+    """``(field, message)`` if ``change`` cannot apply to ``flag`` (missing, archived, or without
+    the variant named), else ``None``."""
+    if flag is None:
+        return f"changes.{key}", f"flag {key!r} does not exist"
+    if "default_variant" in change and change["default_variant"] not in flag["variants"]:
+        variants = ", ".join(sorted(flag["variants"]))
+        return (
+            f"changes.{key}.default_variant",
+            f"flag {key!r} has no variant {change['default_variant']!r} (it has {variants})",
+        )
+    return None
+
+
 def _check_changes(changes: dict[str, Any], raw_flags: dict[str, str | None]) -> None:
     """422 unless each changed flag exists (not archived) and has the default variant named."""
     errors = []
     for key, change in sorted(changes.items()):
-        flag = live_flag(parse_flag(raw_flags[key]))
-        if flag is None:
-            errors.append({"field": f"changes.{key}", "message": f"flag {key!r} does not exist"})
-        elif "default_variant" in change and change["default_variant"] not in flag["variants"]:
-            variants = ", ".join(sorted(flag["variants"]))
-            message = f"flag {key!r} has no variant {change['default_variant']!r} (it has {variants})"
-            errors.append({"field": f"changes.{key}.default_variant", "message": message})
+        problem = _change_problem(key, change, live_flag(parse_flag(raw_flags[key])))
+        if problem is not None:
+            field, message = problem
+            errors.append({"field": field, "location": "body", "message": message})
     if errors:
-        for error in errors:
-            error["location"] = "body"
         raise InvalidInput("; ".join(e["message"] for e in errors), errors=errors)
 
 
@@ -356,11 +365,12 @@ def _plan_apply(plan: _Plan, changes: dict[str, Any], raw_flags: list[str | None
     problems, prior = [], {}
     for key, raw in zip(sorted(changes), raw_flags, strict=True):
         flag, change = live_flag(parse_flag(raw)), changes[key]
-        if flag is None:
-            problems.append(f"flag {key!r} does not exist")
-        elif "default_variant" in change and change["default_variant"] not in flag["variants"]:
-            problems.append(f"flag {key!r} has no variant {change['default_variant']!r}")
-        elif {**definition_of(flag), **change} == definition_of(flag):
+        problem = _change_problem(key, change, flag)
+        if problem is not None:
+            problems.append(problem[1])
+            continue
+        assert flag is not None  # a missing flag is a problem
+        if {**definition_of(flag), **change} == definition_of(flag):
             plan.outcome.unchanged.append(key)
         else:
             after = plan.write(flag, change)

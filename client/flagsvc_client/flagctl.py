@@ -110,13 +110,11 @@ def _targeting(flag: dict[str, Any]) -> str:
 
 def _holders(api: Api) -> dict[str, str]:
     """Flag key -> ``playbook:<name>`` for each flag an applied playbook changed."""
-    held: dict[str, str] = {}
-    for playbook in api.call("GET", api.env_path("playbooks")).json()["playbooks"]:
-        if playbook.get("applied"):
-            shown = api.call("GET", api.env_path("playbooks", playbook["name"])).json()
-            for key in (shown.get("applied") or {}).get("flags", {}):
-                held[key] = f"playbook:{playbook['name']}"
-    return held
+    return {
+        key: f"playbook:{name}"
+        for name, application in _applied_playbooks(api).items()
+        for key in (application or {}).get("flags", {})
+    }
 
 
 def _held_by(flag: dict[str, Any], holders: dict[str, str]) -> str:

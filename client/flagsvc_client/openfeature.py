@@ -39,6 +39,10 @@ _INTEGER = _Narrowing(lambda value: isinstance(value, int) and not isinstance(va
 _OBJECT = _Narrowing(lambda value: isinstance(value, dict | list), "an object or a list")
 
 
+def _refused(status: ClientStatus) -> str:
+    return f"flagsvc refused this client: {status.last_error}"
+
+
 def _not_ready(status: ClientStatus) -> str:
     why = f" ({status.last_error})" if status.last_error else ""
     return f"flagsvc has not sent a snapshot yet{why}: the default is served"
@@ -77,7 +81,7 @@ class FlagsvcProvider(AbstractProvider):
         makes it STALE just after."""
         status = self.client.status()
         if status.fatal:
-            raise ProviderFatalError(f"flagsvc refused this client: {status.last_error}")
+            raise ProviderFatalError(_refused(status))
         if status.source == "defaults":
             raise ProviderNotReadyError(_not_ready(status))
         if status.stale:
@@ -87,10 +91,8 @@ class FlagsvcProvider(AbstractProvider):
         if not hasattr(self, "_on_emit"):
             return  # not registered with the OpenFeature API (yet)
         if status.fatal:
-            message = f"flagsvc refused this client: {status.last_error}"
-            self.emit_provider_error(
-                ProviderEventDetails(message=message, error_code=OFErrorCode.PROVIDER_FATAL)
-            )
+            fatal = ProviderEventDetails(message=_refused(status), error_code=OFErrorCode.PROVIDER_FATAL)
+            self.emit_provider_error(fatal)
         elif status.source == "defaults":
             self.emit_provider_error(ProviderEventDetails(message=_not_ready(status)))
         elif status.stale:
@@ -141,7 +143,7 @@ class FlagsvcProvider(AbstractProvider):
         """A flag missing because the client holds no snapshot is not a missing flag: say why."""
         status = self.client.status()
         if status.fatal:
-            code, message = ErrorCode.GENERAL, f"flagsvc refused this client: {status.last_error}"
+            code, message = ErrorCode.GENERAL, _refused(status)
         elif status.source == "defaults":
             code, message = ErrorCode.PROVIDER_NOT_READY, _not_ready(status)
         else:
