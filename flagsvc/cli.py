@@ -24,14 +24,15 @@ from . import embedded
 from . import serve as serve_mod
 from .audit import AuditLog
 from .connection import connect
+from .definitions import apply_definitions, export_env, parse_document, summary
 from .durations import parse_duration, parse_moment
 from .envs import ENV_NAME, EnvStore
-from .errors import AlreadyExists, TokenNotFound
+from .errors import AlreadyExists, InvalidInput, TokenNotFound
 from .keys import EnvKeys, SystemKeys
 from .retention import read_archive, trim
 from .scheduler import Scheduler
 from .tokens import Role, TokenStore
-from .transfer import ImportRefused, export_env, import_env
+from .writes import WriteContext
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -225,7 +226,7 @@ def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
     if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     with redis_for(redis_url, data_dir) as client:
-        click.echo(json.dumps(export_env(client, env), indent=2, sort_keys=True))
+        click.echo(json.dumps(export_env(client, env, metadata=True), indent=2))
 
 
 @main.command("import")
@@ -235,22 +236,22 @@ def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
 @redis_url_option
 def import_command(env: str, file: Any, data_dir: Path, redis_url: str | None) -> None:
     """Make --env hold the flags and playbooks of an export FILE ('-' for stdin): validated
-    first, applied in one audited commit, idempotent. Flags not in the file are left alone."""
+    first, applied in one audited commit, idempotent. Flags not in the file are left alone, and
+    so is what containment holds (a flag's on/off state, flags of applied playbooks)."""
     if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:
-        document = json.load(file)
+        declared = parse_document(json.load(file))
     except ValueError as exc:
         raise click.ClickException(f"{file.name}: not JSON: {exc}") from None
+    except InvalidInput as exc:
+        raise click.ClickException(f"{file.name}: {exc.detail}") from None
+    ctx = WriteContext(actor=cli_actor(), reason=f"import from {os.path.basename(file.name)}")
     with redis_for(redis_url, data_dir) as client:
-        try:
-            counts = import_env(client, env, document, actor=cli_actor(), source=os.path.basename(file.name))
-        except ImportRefused as exc:
-            raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"imported into {env!r}: {counts['flags_created']} flags created, {counts['flags_updated']} updated, "
-        f"{counts['playbooks_written']} playbooks written, {counts['unchanged']} unchanged"
-    )
+        plan = apply_definitions(client, env, declared, ctx).result
+    click.echo(f"imported into {env!r}: {summary(plan)}")
+    for kept in plan.kept:
+        click.echo(f"  left alone: {kept['type']} {kept['name']}: {kept['reason']}")
 
 
 @main.group()

@@ -322,7 +322,7 @@ def _unpack(state: State) -> tuple[int, str | None, str | None, list[str | None]
     return int(version or 0), raw, applied, rest[0] if rest else []
 
 
-def _change_problem(key: str, change: dict[str, Any], flag: Flag | None) -> tuple[str, str] | None:
+def change_problem(key: str, change: dict[str, Any], flag: Flag | None) -> tuple[str, str] | None:
     """``(field, message)`` if ``change`` cannot apply to ``flag`` (missing, archived, or without
     the variant named), else ``None``."""
     if flag is None:
@@ -340,7 +340,7 @@ def _check_changes(changes: dict[str, Any], raw_flags: dict[str, str | None]) ->
     """422 unless each changed flag exists (not archived) and has the default variant named."""
     errors = []
     for key, change in sorted(changes.items()):
-        problem = _change_problem(key, change, live_flag(parse_flag(raw_flags[key])))
+        problem = change_problem(key, change, live_flag(parse_flag(raw_flags[key])))
         if problem is not None:
             field, message = problem
             errors.append({"field": field, "location": "body", "message": message})
@@ -365,7 +365,7 @@ def _plan_apply(plan: _Plan, changes: dict[str, Any], raw_flags: list[str | None
     problems, prior = [], {}
     for key, raw in zip(sorted(changes), raw_flags, strict=True):
         flag, change = live_flag(parse_flag(raw)), changes[key]
-        problem = _change_problem(key, change, flag)
+        problem = change_problem(key, change, flag)
         if problem is not None:
             problems.append(problem[1])
             continue

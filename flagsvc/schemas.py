@@ -512,3 +512,42 @@ class PlaybookOutcomeSchema(Schema):
     blast_radius = fields.Raw(
         metadata={"description": "per changed flag: evaluations and instances per app, last 15 min"}
     )
+
+
+class DefinitionsApplySchema(Schema):
+    """Body of a definitions apply: the document, why (not needed for a dry run), and how."""
+
+    definitions = fields.Dict(
+        required=True, metadata={"description": "the document: {format, flags, playbooks}"}
+    )
+    reason = fields.String(load_default="", validate=validate.Length(max=1000))
+    incident = fields.String(load_default="", validate=validate.Length(max=128))
+    prune = StrictBool(load_default=False, metadata={"description": "archive flags the document omits"})
+    dry_run = StrictBool(load_default=False, metadata={"description": "answer the plan, change nothing"})
+    base_version = fields.Integer(
+        load_default=None,
+        validate=validate.Range(min=0),
+        metadata={"description": "refuse (409) if the environment is no longer at this version"},
+    )
+
+    @ma.validates_schema
+    def _reason_unless_dry_run(self, data: dict[str, Any], **_: Any) -> None:
+        if not data.get("dry_run") and not data.get("reason", "").strip():
+            raise ValidationError("a reason is required to apply (not for a dry run)", "reason")
+
+
+class DefinitionsPlanSchema(Schema):
+    """What a definitions apply changed, or with ``dry_run`` would change."""
+
+    env = fields.String()
+    dry_run = fields.Boolean()
+    prune = fields.Boolean()
+    operation = fields.String()
+    base_version = fields.Integer()
+    env_version = fields.Integer()
+    changes = fields.List(
+        fields.Raw(),
+        metadata={"description": "{op: create|update|archive|delete, type: flag|playbook, name, fields}"},
+    )
+    kept = fields.List(fields.Raw(), metadata={"description": "left alone, with the reason"})
+    unmanaged = fields.List(fields.Raw(), metadata={"description": "in the environment, not in the document"})

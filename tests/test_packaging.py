@@ -18,6 +18,9 @@ def test_the_service_the_sdk_and_the_pin_carry_one_version():
     requires = config["options"]["install_requires"].split("\n")
     [pin] = [line.strip() for line in requires if line.strip().startswith("flagsvc-client")]
     assert pin == f"flagsvc-client=={flagsvc.__version__}"
+    tests = config["options.extras_require"]["test"].split("\n")
+    [test_pin] = [line.strip() for line in tests if line.strip().startswith("flagsvc-client")]
+    assert test_pin == f"flagsvc-client[cli]=={flagsvc.__version__}"
     assert flagsvc_client.__version__ == flagsvc.__version__
     assert importlib.metadata.version("flagsvc") == flagsvc.__version__, "setup.cfg reads flagsvc.__version__"
     assert importlib.metadata.version("flagsvc-client") == flagsvc_client.__version__

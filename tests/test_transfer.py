@@ -56,13 +56,13 @@ def test_export_import_round_trip_into_an_empty_redis(client, auth, redis_url, t
         path.write_text(exported.output)
         imported = cli("import", "--env", "production", str(path), "--redis-url", empty.url)
         assert imported.exit_code == 0, imported.output
-        assert "2 flags created" in imported.output and "1 playbooks written" in imported.output
+        assert "2 flags created, 1 playbook created" in imported.output
         again = json.loads(cli("export", "--env", "production", "--redis-url", empty.url).output)
         for doc in (document, again):
             doc.pop("exported_at"), doc.pop("env_version")
         assert again == document
         repeat = cli("import", "--env", "production", str(path), "--redis-url", empty.url)
-        assert "0 flags created, 0 updated, 0 playbooks written, 3 unchanged" in repeat.output
+        assert "nothing to change" in repeat.output
         other = redis.Redis.from_url(empty.url, decode_responses=True)
         log = AuditLog(other, EnvKeys("production"))
         assert log.verify().ok
@@ -82,7 +82,11 @@ def test_an_invalid_file_imports_nothing(redis_url, snapshot_redis, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     result = cli("import", "--env", "production", str(path), "--redis-url", redis_url)
-    assert result.exit_code != 0 and "flag 'bad'" in result.output and "nothing was imported" in result.output
-    foreign = cli("import", "--env", "production", "-", "--redis-url", redis_url, input='{"flags": {}}')
-    assert foreign.exit_code != 0 and "not a flagsvc export" in foreign.output
+    assert (
+        result.exit_code != 0 and "flags.bad.kind" in result.output and "nothing was changed" in result.output
+    )
+    foreign = cli("import", "--env", "production", "-", "--redis-url", redis_url, input='{"flag": {}}')
+    assert foreign.exit_code != 0 and "flag: unknown field" in foreign.output
+    alien = cli("import", "--env", "production", "-", "--redis-url", redis_url, input='{"format": "x/2"}')
+    assert alien.exit_code != 0 and "format: must be 'flagsvc/1'" in alien.output
     assert snapshot_redis() == before

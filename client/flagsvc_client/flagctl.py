@@ -3,7 +3,8 @@
 Configuration: ``--url``/``FLAGSVC_URL``, ``--token``/``FLAGSVC_TOKEN``, ``--env``/``FLAGSVC_ENV``.
 Exit codes: 0 done, 1 unexpected error, 2 usage, 3 not authorized (401/403), 4 not found,
 5 conflict (the flag changed: 409/412), 6 service unreachable or failing (5xx), 7 refused input,
-8 ``--wait`` timed out before every live SDK instance applied the change.
+8 ``--wait`` timed out before every live SDK instance applied the change, 9 ``diff --exit-code``
+found changes.
 """
 
 from __future__ import annotations
@@ -14,82 +15,23 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
-from urllib.parse import quote
 
 import requests
 
+from ._ctlapi import (
+    EXIT_NOT_CONFIRMED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Api,
+    CommandError,
+)
+from ._definitions import cmd_apply, cmd_create, cmd_delete, cmd_diff, cmd_edit, cmd_export, cmd_set
 from ._escaping import printable
 from ._incident import build_report
 from ._version import __version__
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = range(7)
-EXIT_INVALID, EXIT_NOT_CONFIRMED = 7, 8
-USER_AGENT = f"flagctl/{__version__}"
-
-
-class CommandError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _exit_code(status: int) -> int:
-    if status in (401, 403):
-        return EXIT_AUTH
-    if status == 404:
-        return EXIT_NOT_FOUND
-    if status in (409, 412):
-        return EXIT_CONFLICT
-    if status >= 500:
-        return EXIT_UNAVAILABLE
-    return EXIT_INVALID
-
-
-class Api:
-    """Thin REST client; every failure becomes a :class:`CommandError` with one clear line."""
-
-    def __init__(self, url: str, token: str, env: str, timeout: float) -> None:
-        self.base = url.rstrip("/")
-        self.env = env
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT})
-
-    def env_path(self, *parts: str) -> str:
-        return "/".join([f"/api/v1/envs/{quote(self.env, safe='')}", *(quote(p, safe="") for p in parts)])
-
-    def call(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> requests.Response:
-        attempts = 2 if retry else 1
-        for attempt in range(attempts):
-            try:
-                resp = self.session.request(method, self.base + path, timeout=self.timeout, **kwargs)
-            except requests.RequestException as exc:
-                if attempt + 1 < attempts:
-                    continue
-                reason = type(exc).__name__
-                raise CommandError(
-                    f"cannot reach flagsvc at {self.base}: {reason}", EXIT_UNAVAILABLE
-                ) from None
-            if resp.status_code >= 500 and attempt + 1 < attempts:
-                continue
-            if resp.status_code >= 400:
-                raise CommandError(_describe(resp), _exit_code(resp.status_code))
-            return resp
-        raise AssertionError("unreachable")
-
-
-def _describe(resp: requests.Response) -> str:
-    try:
-        body = resp.json()
-    except ValueError:
-        return f"{resp.status_code} {resp.reason}"
-    detail = body.get("detail") or body.get("title") or resp.reason
-    fields = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in body.get("errors") or [])
-    return f"{resp.status_code} {body.get('title') or resp.reason}: {detail}" + (
-        f" ({fields})" if fields else ""
-    )
 
 
 def _flag_state(flag: dict[str, Any]) -> str:
@@ -203,6 +145,14 @@ def _switch(api: Api, args: argparse.Namespace, action: str) -> Any:
         return flag if args.json else message
     target = int(resp.headers.get("X-Flagsvc-Env-Version", "0"))
     return _confirm(api, args, target, {"flag": flag}, message)
+
+
+def cmd_kill(api: Api, args: argparse.Namespace) -> Any:
+    return _switch(api, args, "kill")
+
+
+def cmd_restore(api: Api, args: argparse.Namespace) -> Any:
+    return _switch(api, args, "restore")
 
 
 def _confirm(api: Api, args: argparse.Namespace, target: int, result: dict[str, Any], message: str) -> Any:
@@ -473,35 +423,83 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30s or 2m") from None
 
 
+EXIT_CODES = (
+    "exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
+    "6 service unreachable, 7 refused input, 8 --wait timed out, 9 diff --exit-code found changes"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="flagctl",
-        description="Operate flagsvc flags: status, list, show, kill, restore, playbooks, clients, audit, "
-        "report. Without a command: status.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 not authorized, 4 not found, 5 conflict, "
-        "6 service unreachable, 7 refused input, 8 --wait timed out",
+        description="Operate flagsvc: contain an incident (status, kill, restore, playbook), look "
+        "(list, show, clients, audit, report), and keep flags as code (create, set, edit, delete, "
+        "export, diff, apply). Without a command: status.",
+        epilog=f"{EXIT_CODES}\n\n"
+        + _examples("flagctl", "flagctl kill checkout.recs --reason 'p95 9s' --wait"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"flagctl {__version__}")
     parser.set_defaults(func=cmd_status)  # flagctl alone: the incident screen
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    status = sub.add_parser("status", parents=[common], help="the incident screen (also: flagctl alone)")
-    status.set_defaults(func=cmd_status)
-    sub.add_parser("list", parents=[common], help="flags, kill switches first").set_defaults(func=cmd_list)
-    show = sub.add_parser("show", parents=[common], help="one flag")
-    show.add_argument("key")
-    show.set_defaults(func=cmd_show)
-    _add_switch_commands(sub, common)
-    clients = sub.add_parser("clients", parents=[common], help="SDK instances and the version they run")
-    clients.set_defaults(func=cmd_clients)
-    _add_playbook_commands(sub, common)
-    report = sub.add_parser("report", parents=[common], help="post-incident report (Markdown)")
+    command = _command_maker(sub, common)
+    command("status", cmd_status, "the incident screen (also: flagctl alone)", "flagctl status --env staging")
+    command("list", cmd_list, "flags, kill switches first: state, rules, what holds them", "flagctl list")
+    command("show", cmd_show, "one flag", "flagctl show payments.timeout-ms").add_argument(
+        "key", help="the flag's key"
+    )
+    _add_switch_commands(command)
+    command("clients", cmd_clients, "SDK instances and the version they run", "flagctl clients --json")
+    _add_playbook_commands(command, common)
+    _add_review_commands(command)
+    _add_definition_commands(command)
+    completion = command(
+        "completion", cmd_completion, "print a shell completion script (bash or zsh)",
+        "source <(flagctl completion bash)", "flagctl completion zsh > ~/.zfunc/_flagctl",
+    )  # fmt: skip
+    completion.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    return parser
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _command_maker(sub: _Subcommands, common: argparse.ArgumentParser) -> _Command:
+    """A maker of subcommands: name, function, help, then example command lines."""
+
+    def command(
+        name: str, func: Callable[..., Any], help_text: str, *examples: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=_examples(*examples) if examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    return command
+
+
+def _add_review_commands(command: _Command) -> None:
+    """``report`` and ``audit``."""
+    report = command(
+        "report", cmd_report, "post-incident report (Markdown)",
+        "flagctl report --incident INC-42 > INC-42.md", "flagctl report --since 6h",
+    )  # fmt: skip
     report.add_argument("--incident", help="the incident id given with the changes")
     report.add_argument("--since", help="ISO 8601 time or a duration ago (2h)")
     report.add_argument("--until", help="ISO 8601 time or a duration ago")
-    report.set_defaults(func=cmd_report)
-    audit = sub.add_parser("audit", parents=[common], help="recent changes, newest first")
+    audit = command(
+        "audit", cmd_audit, "recent changes, newest first",
+        "flagctl audit --flag checkout.recs", "flagctl audit --incident INC-42 --format csv > INC-42.csv",
+    )  # fmt: skip
     audit.add_argument("--flag", help="only this flag")
     audit.add_argument("--actor", help="only changes by this token name")
     audit.add_argument("--action", help="only this action, e.g. flag.kill, playbook.apply")
@@ -513,8 +511,84 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=["text", "csv", "ndjson"], default="text",
         help="csv or ndjson: every matching entry, as the service exports them",
     )  # fmt: skip
-    audit.set_defaults(func=cmd_audit)
-    return parser
+
+
+def _add_definition_commands(command: _Command) -> None:
+    """Flags as code: ``create``, ``set``, ``edit``, ``delete``, ``export``, ``diff``, ``apply``."""
+    create = command(
+        "create", cmd_create, "create a flag (admin)",
+        "flagctl create checkout.recs --kind kill_switch --owner checkout",
+        "flagctl create payments.timeout-ms --kind ops --type number "
+        "--variant normal=3000 --variant short=800 --default normal --off short",
+    )  # fmt: skip
+    create.add_argument("key", help="the new flag's key: lower-case [a-z0-9] then [a-z0-9._-]")
+    create.add_argument("--kind", required=True, choices=["kill_switch", "release", "ops", "experiment"])
+    create.add_argument("--type", default="boolean", choices=["boolean", "string", "number", "json"])
+    create.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE", help="repeatable")
+    create.add_argument("--default", metavar="NAME", help="the variant served when no rule matches")
+    create.add_argument("--off", metavar="NAME", help="the variant served when the flag is off (killed)")
+    create.add_argument("--disabled", action="store_true", help="create it off")
+    create.add_argument("--description", help="what the flag is for")
+    create.add_argument("--owner", help="the team that owns it")
+    create.add_argument("--tag", action="append", default=[], help="repeatable")
+    set_ = command(
+        "set", cmd_set, "serve another default variant, or give it a new value (admin)",
+        "flagctl set payments.timeout-ms short", "flagctl set payments.timeout-ms normal=2500",
+    )  # fmt: skip
+    set_.add_argument("key", help="the flag's key")
+    set_.add_argument("target", help="a variant's name, a variant's value, or NAME=VALUE")
+    edit = command(
+        "edit", cmd_edit, "edit a flag's definition in $EDITOR, saved with If-Match (admin)",
+        "EDITOR=nano flagctl edit search.v2",
+    )  # fmt: skip
+    edit.add_argument("key", help="the flag's key")
+    edit.add_argument(
+        "--format", choices=["yaml", "json"], help="of the file edited (YAML if PyYAML is there)"
+    )
+    delete = command(
+        "delete",
+        cmd_delete,
+        "archive a flag (admin; kept in the audit log)",
+        "flagctl delete old.banner --yes",
+    )
+    delete.add_argument("key", help="the flag's key")
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    export = command(
+        "export", cmd_export, "write the environment's flags and playbooks as a definitions file",
+        "flagctl export -o flags/production.yaml", "flagctl export --env staging --format json",
+    )  # fmt: skip
+    export.add_argument("-o", "--output", metavar="FILE", help="the file to write (default: print)")
+    export.add_argument("--format", choices=["yaml", "json"], help="default: by the file's suffix, else YAML")
+    diff = command(
+        "diff", cmd_diff, "what applying a file (or another environment) would change",
+        "flagctl diff -f flags/production.yaml", "flagctl diff --from staging --env production",
+    )  # fmt: skip
+    apply = command(
+        "apply", cmd_apply, "make the environment hold a definitions file, in one audited commit (admin)",
+        "flagctl apply -f flags/production.yaml --dry-run",
+        "flagctl apply -f flags/production.yaml --reason 'PR #123' --yes",
+        "flagctl apply --from staging --env production --reason 'promote search.v2'",
+    )  # fmt: skip
+    for p in (diff, apply):
+        p.add_argument("-f", "--file", metavar="FILE", help="YAML or JSON definitions file ('-': stdin)")
+        p.add_argument("--from", dest="from_env", metavar="ENV", help="compare with this environment instead")
+        p.add_argument(
+            "--prune", action="store_true", help="archive the flags (delete the playbooks) not in it"
+        )
+    diff.add_argument("--exit-code", action="store_true", help="exit 9 when there are changes")
+    apply.add_argument("--reason", help="why (recorded with every change; required unless --dry-run)")
+    apply.add_argument("--incident", help="incident id, e.g. INC-42")
+    apply.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    apply.add_argument("--yes", action="store_true", help="apply without asking (required off a terminal)")
+
+
+def cmd_completion(api: Api | None, args: argparse.Namespace) -> Any:
+    try:
+        import shtab
+    except ImportError:
+        raise CommandError("completion needs shtab: pip install 'flagsvc-client[cli]'", EXIT_USAGE) from None
+    script: str = shtab.complete(build_parser(), shell=args.shell)
+    return script.rstrip("\n")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -536,16 +610,21 @@ def _common_options() -> argparse.ArgumentParser:
 
 # argparse names the type of add_subparsers() only privately.
 _Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+#: Makes a subcommand: its name, function, help, then example command lines.
+_Command: TypeAlias = Callable[..., argparse.ArgumentParser]
 
 
-def _add_switch_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> None:
+def _add_switch_commands(command: _Command) -> None:
     """``kill`` and ``restore``."""
-    for action, help_text in (
-        ("kill", "disable a flag (serve its off variant)"),
-        ("restore", "re-enable a flag"),
-    ):
-        p = sub.add_parser(action, parents=[common], help=help_text)
-        p.add_argument("key")
+    for action, func, help_text, example in (
+        ("kill", cmd_kill, "disable a flag (serve its off variant)",
+         "flagctl kill checkout.recs --reason 'p95 9s' --incident INC-42 --for 30m --wait"),
+        ("restore", cmd_restore, "re-enable a flag", "flagctl restore checkout.recs --reason 'fixed' --wait"),
+    ):  # fmt: skip
+        p = command(
+            action, func, help_text, f"flagctl {action} checkout.recs --reason 'why' --dry-run", example
+        )
+        p.add_argument("key", help="the flag's key")
         p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         p.add_argument("--incident", help="incident id, e.g. INC-42")
         p.add_argument(
@@ -560,19 +639,22 @@ def _add_switch_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> 
         p.add_argument(
             "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
         )
-        p.set_defaults(func=lambda api, args, _a=action: _switch(api, args, _a))
 
 
-def _add_playbook_commands(sub: _Subcommands, common: argparse.ArgumentParser) -> None:
+def _add_playbook_commands(command: _Command, common: argparse.ArgumentParser) -> None:
     """``playbook list|show|apply|revert``."""
-    playbook = sub.add_parser("playbook", parents=[common], help="containment playbooks")
+    playbook = command(
+        "playbook", cmd_playbook, "containment playbooks: list, show, apply, revert",
+        "flagctl playbook list",
+        "flagctl playbook apply checkout-degraded --reason 'p95 9s' --incident INC-42 --dry-run",
+    )  # fmt: skip
     pb = playbook.add_subparsers(dest="playbook_command", required=True, metavar="ACTION")
     pb.add_parser("list", parents=[common], help="playbooks and whether applied")
-    pb.add_parser("show", parents=[common], help="one playbook").add_argument("name")
+    pb.add_parser("show", parents=[common], help="one playbook").add_argument("name", help="the playbook")
     for action, help_text in (("apply", "apply every change at once"), ("revert", "put the flags back")):
-        p = pb.add_parser(action, parents=[common], help=help_text)
-        p.add_argument("name")
-        p.add_argument("--reason", required=True)
+        p = pb.add_parser(action, parents=[common], help=help_text, description=help_text)
+        p.add_argument("name", help="the playbook")
+        p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         p.add_argument("--incident", required=action == "apply", help="incident id (required to apply)")
         p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
         p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
@@ -581,20 +663,13 @@ def _add_playbook_commands(sub: _Subcommands, common: argparse.ArgumentParser) -
         )
         if action == "apply":
             p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")
-    playbook.set_defaults(func=cmd_playbook)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The control listener, when there is one, answers operators first (SDK polls never queue there).
-    url = getattr(args, "url", None) or os.environ.get("FLAGSVC_CONTROL_URL") or os.environ.get("FLAGSVC_URL")
-    token = getattr(args, "token", None) or os.environ.get("FLAGSVC_TOKEN")
-    env = getattr(args, "env", None) or os.environ.get("FLAGSVC_ENV") or "production"
     args.json = getattr(args, "json", False)
-    if not url or not token:
-        parser.error("set --url and --token (or FLAGSVC_CONTROL_URL or FLAGSVC_URL, and FLAGSVC_TOKEN)")
-    api = Api(url, token, env, getattr(args, "timeout", 10.0))
+    api = None if args.func is cmd_completion else _connect(parser, args)
     try:
         result = args.func(api, args)
     except CommandError as exc:
@@ -604,6 +679,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(json.dumps(result, indent=2) if args.json else result)
     return EXIT_OK
+
+
+def _connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Api:
+    """The service of the options or the environment (exits with usage help if there is none)."""
+    # The control listener, when there is one, answers operators first (SDK polls never queue there).
+    url = getattr(args, "url", None) or os.environ.get("FLAGSVC_CONTROL_URL") or os.environ.get("FLAGSVC_URL")
+    token = getattr(args, "token", None) or os.environ.get("FLAGSVC_TOKEN")
+    env = getattr(args, "env", None) or os.environ.get("FLAGSVC_ENV") or "production"
+    if not url or not token:
+        parser.error("set --url and --token (or FLAGSVC_CONTROL_URL or FLAGSVC_URL, and FLAGSVC_TOKEN)")
+    return Api(url, token, env, getattr(args, "timeout", 10.0))
 
 
 if __name__ == "__main__":
