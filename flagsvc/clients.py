@@ -13,9 +13,11 @@ reports, so a scrape costs the same whatever the size of the fleet.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -63,6 +65,8 @@ class PropagationView:
     env: str
     version: int
     instances: list[dict[str, Any]]
+    #: OFREP consumers: they evaluate on the server, so they hold no version to wait for.
+    ofrep: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         live = [i for i in self.instances if i["live"]]
@@ -77,6 +81,7 @@ class PropagationView:
                 "silent": len(self.instances) - len(live),
             },
             "instances": self.instances,
+            "ofrep": self.ofrep,
         }
 
 
@@ -172,7 +177,16 @@ class ClientRegistry:
             record["lag"] = max(0, current_version - int(record.get("applied_version") or 0))
             instances.append(record)
         instances.sort(key=lambda r: (not r["live"], -r["lag"], r.get("app", ""), r["instance"]))
-        return PropagationView(env, current_version, instances)
+        return PropagationView(env, current_version, instances, self._ofrep_consumers(env, now))
+
+    def _ofrep_consumers(self, env: str, now: float) -> list[dict[str, Any]]:
+        consumers = []
+        for value in self._redis.hvals(EnvKeys(env).ofrep_consumers):
+            record = json.loads(value)
+            age = now - float(record.pop("seen_ts", 0))
+            if age <= FORGET_SECONDS:
+                consumers.append({**record, "live": age <= LIVE_SECONDS, "age_seconds": round(age, 1)})
+        return sorted(consumers, key=lambda r: (not r["live"], r["consumer"]))
 
     def summary(self, env: str) -> dict[str, int]:
         """Live instances and those on the current version, as the last housekeeping pass counted."""
@@ -186,6 +200,7 @@ class ClientRegistry:
             k.clients_seen, "-inf", now - FORGET_SECONDS, start=0, num=PURGE_BATCH
         )
         pipe = self._redis.pipeline(transaction=False)
+        self._forget_silent_consumers(k, now)
         if gone:
             pipe.hdel(k.clients, *gone)
             pipe.zrem(k.clients_seen, *gone)
@@ -196,6 +211,12 @@ class ClientRegistry:
         current = sum(1 for v in applied if v is not None and v >= current_version)
         self._redis.hset(k.clients_summary, mapping={"live": len(live), "current": current, "at": now})
 
+    def _forget_silent_consumers(self, k: EnvKeys, now: float) -> None:
+        records = self._redis.hgetall(k.ofrep_consumers)  # at most MAX_OFREP_APPS per token
+        gone = [c for c, raw in records.items() if now - float(json.loads(raw)["seen_ts"]) > FORGET_SECONDS]
+        if gone:
+            self._redis.hdel(k.ofrep_consumers, *gone)
+
     def evaluations(self, env: str, minutes: int) -> dict[str, dict[str, Any]]:
         """Per flag, over the last ``minutes``: evaluations, and per app the instances that evaluated it."""
         now_minute = int(time.time() // 60)
@@ -204,11 +225,81 @@ class ClientRegistry:
             pipe.hgetall(EnvKeys(env).evaluations(m))
         out: dict[str, dict[str, Any]] = {}
         for bucket in pipe.execute():
-            for field, n in bucket.items():
-                flag, app, instance = field.split("|", 2)
+            for name, n in bucket.items():
+                flag, app, instance = name.split("|", 2)
                 entry = out.setdefault(flag, {"evaluations": 0, "apps": {}})
                 entry["evaluations"] += int(n)
                 entry["apps"].setdefault(app, set()).add(instance)
         for entry in out.values():
             entry["apps"] = {app: len(instances) for app, instances in sorted(entry["apps"].items())}
         return out
+
+
+#: Distinct app names (``X-Flagsvc-App``) one token's OFREP evaluations are counted under, per
+#: process; beyond, they count under the token's name.
+MAX_OFREP_APPS = 20
+
+
+class OfrepUsage:
+    """OFREP evaluations, counted in memory on the request path (which never waits on Redis) and
+    written into the same per-minute counts as SDK heartbeats once a second, by the change
+    listener (:meth:`refresh`). An OFREP consumer is a token and an app name: it counts as one
+    instance of that app, under the id ``ofrep:<token name>:<app>``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str, str, str]] = Counter()  # env, flag, app, token -> n
+        self._seen: dict[tuple[str, str, str], tuple[float, str]] = {}  # env, app, token -> when, from
+        self._apps: dict[str, set[str]] = {}  # token -> app names counted
+
+    def count(self, env: str, token: str, app: str, flags: Collection[str], source: str) -> None:
+        """``flags`` were evaluated in ``env`` by ``token`` for ``app`` (``""``: the token's name)."""
+        with self._lock:
+            apps = self._apps.setdefault(token, set())
+            if not app or (app not in apps and len(apps) >= MAX_OFREP_APPS):
+                app = token
+            apps.add(app)
+            for flag in flags:
+                self._counts[(env, flag, app, token)] += 1
+            self._seen[(env, app, token)] = (time.time(), source)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._seen.clear()
+            self._apps.clear()
+
+    def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
+        """Nothing: counts do not depend on changes."""
+
+    def refresh(self) -> None:
+        """Write the counts gathered since the last call; kept for the next call if Redis fails."""
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+            seen, self._seen = self._seen, {}
+        if not counts and not seen:
+            return
+        try:
+            self._write(counts, seen)
+        except redis.RedisError:
+            with self._lock:
+                self._counts.update(counts)
+                self._seen = {**seen, **self._seen}
+            raise
+
+    def _write(
+        self, counts: Counter[tuple[str, str, str, str]], seen: dict[tuple[str, str, str], tuple[float, str]]
+    ) -> None:
+        minute = int(time.time() // 60)
+        pipe = self._redis.pipeline(transaction=False)
+        for (env, flag, app, token), n in counts.items():
+            key = EnvKeys(env).evaluations(minute)
+            pipe.hincrby(key, f"{flag}|{app}|ofrep:{token}:{app}", n)
+            pipe.expire(key, COUNTS_TTL_SECONDS)
+        for (env, app, token), (when, source) in seen.items():
+            consumer = f"ofrep:{token}:{app}"
+            at = datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            record = {"consumer": consumer, "app": app, "token": token, "address": source, "seen_at": at}
+            pipe.hset(EnvKeys(env).ofrep_consumers, consumer, json.dumps({**record, "seen_ts": when}))
+        pipe.execute()

@@ -13,7 +13,7 @@ from flask import Flask, current_app
 
 from .audit import AuditLog
 from .changes import ChangeListener
-from .clients import ClientRegistry, Limits
+from .clients import ClientRegistry, Limits, OfrepUsage
 from .connection import connect, durability_of, writable
 from .envs import EnvStore
 from .flags import FlagStore
@@ -38,6 +38,7 @@ class Stores:
     playbooks: PlaybookStore
     streams: StreamLimiter
     history: HistoryGuard
+    ofrep_usage: OfrepUsage
     listener: ChangeListener
 
     def audit(self, env: str) -> AuditLog:
@@ -71,6 +72,7 @@ def make_stores(
     envs = EnvStore(client)
     history = HistoryGuard(client)
     snapshots = SnapshotCache(client, flags, list_envs=envs.list, observe=history.observe)
+    ofrep_usage = OfrepUsage(client)
     return Stores(
         redis=client,
         envs=envs,
@@ -81,7 +83,10 @@ def make_stores(
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
         history=history,
-        listener=ChangeListener(client, [snapshots, tokens, *filter(None, [durability_of(client)])]),
+        ofrep_usage=ofrep_usage,
+        listener=ChangeListener(
+            client, [snapshots, tokens, ofrep_usage, *filter(None, [durability_of(client)])]
+        ),
     )
 
 

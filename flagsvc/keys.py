@@ -135,6 +135,11 @@ class EnvKeys(Namespace):
         """Hash of evaluation counts in one minute: ``flag|app|instance`` -> count."""
         return f"{self.base}:evals:{minute}"
 
+    @property
+    def ofrep_consumers(self) -> str:
+        """Hash: OFREP consumer (``ofrep:<token name>:<app>``) -> its record JSON (app, token, seen)."""
+        return f"{self.base}:ofrep:consumers"
+
 
 @dataclass(frozen=True)
 class SystemKeys(Namespace):

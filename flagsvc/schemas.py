@@ -446,11 +446,27 @@ class PropagationSummarySchema(Schema):
     silent = fields.Integer()
 
 
+class OfrepConsumerSchema(Schema):
+    """An OFREP consumer: a token and an app name (``X-Flagsvc-App``, else the token's name)."""
+
+    consumer = fields.String(metadata={"description": "ofrep:<token name>:<app>"})
+    app = fields.String()
+    token = fields.String()
+    address = fields.String()
+    seen_at = fields.String()
+    live = fields.Boolean()
+    age_seconds = fields.Float()
+
+
 class PropagationSchema(Schema):
     env = fields.String()
     version = fields.Integer()
     summary = fields.Nested(PropagationSummarySchema)
     instances = fields.List(fields.Nested(ClientInstanceSchema))
+    ofrep = fields.List(
+        fields.Nested(OfrepConsumerSchema),
+        metadata={"description": "OFREP consumers: they evaluate on the server and hold no version"},
+    )
 
 
 class PlaybookChangeSchema(Schema):

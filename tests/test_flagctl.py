@@ -251,3 +251,27 @@ def test_status_is_the_incident_screen_and_flagctl_alone_shows_it(ctl, flags, se
 
     code, alone, _ = ctl(role="reader")
     assert code == 0 and alone == out, "flagctl alone is flagctl status"
+
+
+def test_clients_status_and_dry_run_show_ofrep_consumers(ctl, flags, server, make_token):
+    """A Node app on OFREP is listed as such, counts in the blast radius, and never makes
+    --wait wait (it evaluates on the service: it has no version to apply)."""
+    node = {
+        "X-API-Key": make_token("sdk", name="node-token", envs=["production"]),
+        "X-Flagsvc-App": "node-search",
+    }
+    for _ in range(5):
+        resp = requests.post(
+            f"{server.url}/ofrep/v1/evaluate/flags/search.v2", json={}, headers=node, timeout=5
+        )
+        assert resp.status_code == 200, resp.text
+
+    def listed() -> str:
+        return ctl("clients", role="reader")[1]
+
+    wait_for(lambda: "node-search over OFREP (token node-token" in listed(), 5, "the consumer listed")
+    code, out, _ = ctl("kill", "search.v2", "--reason", "why", "--dry-run")
+    assert code == 0 and "5 times, by node-search (1 instances)" in out
+    assert "1 OFREP consumers" in ctl("status", role="reader")[1]
+    code, out, _ = ctl("kill", "search.v2", "--reason", "INC-9", "--wait", "--timeout-wait", "5s")
+    assert code == 0 and "no live SDK instance reports" in out

@@ -16,7 +16,7 @@ from openfeature.flag_evaluation import Reason
 from flagsvc.keys import EnvKeys
 from flagsvc_client.engine import evaluate
 
-from .helpers import ENV_URL, SAMPLE_FLAGS
+from .helpers import ENV_URL, SAMPLE_FLAGS, wait_for
 
 VECTORS = json.loads((Path(__file__).parent.parent / "client/spec/evaluation-cases.json").read_text())[
     "cases"
@@ -141,13 +141,18 @@ def test_error_codes_over_plain_http(client, auth, seeded, ofrep_token, r):
     )
     bad_context = post(client, "/evaluate/flags/recs", ofrep_token, {"context": ["not", "an", "object"]})
     assert bad_context.status_code == 400 and bad_context.json["errorCode"] == "INVALID_CONTEXT"
+    assert bad_context.json["key"] == "recs", "every error of a flag's evaluation names the flag"
     garbage = client.post(
         "/ofrep/v1/evaluate/flags/recs",
         data="{nope",
         content_type="application/json",
         headers={"Authorization": f"Bearer {ofrep_token}"},
     )
-    assert garbage.status_code == 400 and garbage.json["errorCode"] == "INVALID_CONTEXT"
+    assert garbage.status_code == 400 and garbage.json == {
+        "key": "recs",
+        "errorCode": "PARSE_ERROR",
+        "errorDetails": "the body is not valid JSON",
+    }
     no_key = post(client, "/evaluate/flags/checkout.theme", ofrep_token, {"context": {}})
     assert no_key.status_code == 400 and no_key.json["errorCode"] == "TARGETING_KEY_MISSING"
     ill_typed = post(client, "/evaluate/flags/search.v2", ofrep_token, {"context": {"country": ["FR"]}})
@@ -172,8 +177,42 @@ def test_auth_and_configuration(client, seeded, ofrep_token, tokens, make_token)
     assert by_api_key.status_code == 200 and by_api_key.json["value"] is True
     everywhere = post(client, "/evaluate/flags/recs", tokens["sdk"])
     assert everywhere.status_code == 403 and "exactly one environment" in everywhere.json["errorDetails"]
+    assert everywhere.json["key"] == "recs"
     config = client.get("/ofrep/v1/configuration", headers={"X-API-Key": ofrep_token}).json
     assert config["capabilities"]["cacheInvalidation"]["polling"] == {
         "enabled": True,
         "minPollingIntervalMs": 1000,
     }
+
+
+def test_ofrep_consumers_appear_in_the_blast_radius_and_the_clients_view(client, auth, seeded, ofrep_token):
+    """A Node app evaluating over OFREP is as much a user of a flag as an SDK instance: a dry run
+    shows it, and /clients lists it as an OFREP consumer (it holds no version to wait for)."""
+    for _ in range(3):
+        assert (
+            post(
+                client, "/evaluate/flags/recs", ofrep_token, {}, **{"X-Flagsvc-App": "node-search"}
+            ).status_code
+            == 200
+        )
+    assert (
+        post(client, "/evaluate/flags", ofrep_token, {"context": {"targetingKey": "u1"}}).status_code == 200
+    )
+    assert post(client, "/evaluate/flags/nope", ofrep_token).status_code == 404
+    bad_app = post(client, "/evaluate/flags/recs", ofrep_token, {}, **{"X-Flagsvc-App": "a b"})
+    assert bad_app.status_code == 400 and "X-Flagsvc-App" in bad_app.json["errorDetails"]
+
+    reader, operator = auth("reader"), auth("operator")
+
+    def blast_radius():
+        body = {"reason": "x", "dry_run": True}
+        return client.post(f"{ENV_URL}/flags/recs/kill", json=body, headers=operator).json["blast_radius"]
+
+    wait_for(lambda: blast_radius()["evaluations"], 5, "the counts written by the change listener")
+    assert blast_radius() == {"evaluations": 4, "apps": {"node-search": 1, "php-checkout": 1}}
+    view = client.get(f"{ENV_URL}/clients", headers=reader).json
+    assert view["instances"] == [] and view["summary"]["live"] == 0, "no version to wait for"
+    consumers = {c["consumer"]: c for c in view["ofrep"]}
+    assert set(consumers) == {"ofrep:php-checkout:node-search", "ofrep:php-checkout:php-checkout"}
+    assert consumers["ofrep:php-checkout:node-search"]["live"] is True
+    assert consumers["ofrep:php-checkout:node-search"]["token"] == "php-checkout"

@@ -233,7 +233,16 @@ def cmd_clients(api: Api, args: argparse.Namespace) -> Any:
     for inst in view["instances"]:
         state = "silent" if not inst["live"] else ("LAGGING" if inst["lag"] else "current")
         lines.append(f"  {state:<8} {_instance_line(inst)}")
+    lines += [f"  {'ofrep' if c['live'] else 'silent':<8} {_consumer_line(c)}" for c in view.get("ofrep", [])]
     return "\n".join(lines)
+
+
+def _consumer_line(consumer: dict[str, Any]) -> str:
+    """An OFREP consumer: it evaluates on the service, so it is always on the current version."""
+    return (
+        f"{printable(consumer['app'])} over OFREP (token {printable(consumer['token'])}, "
+        f"{consumer.get('address') or '?'}, seen {consumer['age_seconds']} s ago; evaluates on the service)"
+    )
 
 
 AUDIT_FILTERS = ("flag", "actor", "action", "incident", "since", "until")
@@ -339,7 +348,8 @@ def cmd_status(api: Api, args: argparse.Namespace) -> Any:
         by = printable(record["applied_by"])
         lines.append(f"  {name}: {record['applied_at']} by {by}{incident}{until}")
     silent = view["summary"]["silent"]
-    lines.append(f"SDK: {_propagation_line(view, view['version'])}; {silent} silent")
+    ofrep = sum(1 for c in view.get("ofrep", []) if c["live"])
+    lines.append(f"SDK: {_propagation_line(view, view['version'])}; {silent} silent; {ofrep} OFREP consumers")
     lines += [f"  LAGGING {_instance_line(i)}" for i in view["instances"] if i["live"] and i["lag"]][:10]
     return "\n".join(lines)
 
