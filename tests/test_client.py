@@ -124,6 +124,20 @@ def test_cold_start_without_service_uses_the_cache(server, rest, make_client, tm
     assert time.monotonic() - start < 3
     assert cold.is_enabled("exports") is False, "the cached kill wins over the hard-coded default"
     assert cold.status().source == "cache" and cold.status().stale
+    assert cold.status().ready, "a snapshot of flagsvc's serves, if an old one"
+
+
+def test_ready_means_the_same_whether_the_service_refuses_or_hangs(make_client):
+    """``status().ready``: a snapshot of flagsvc's serves, not the code's defaults, however the
+    service failed: a refused connection fails at once, a hung one only after the timeout."""
+    with socket.socket() as hung, socket.socket() as closed:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # accepts connections (the backlog), never answers
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        for port in (closed.getsockname()[1], hung.getsockname()[1]):
+            client = make_client(url=f"http://127.0.0.1:{port}", init_timeout=0.5, defaults={"x": True})
+            status = client.status()
+            assert (status.ready, status.source, client.is_enabled("x")) == (False, "defaults", True), port
 
 
 def test_corrupt_or_foreign_cache_falls_back_to_defaults(server, make_client, tmp_path, caplog):
@@ -305,7 +319,7 @@ def test_unexpected_stream_error_ends_start_up_and_updates_go_on(make_client):
     client = make_client(mode="stream", token="fsk_000000000000_\u20ac", init_timeout=5)
     assert time.monotonic() - start < 2, "an unexpected stream error does not make start-up wait"
     status = client.status()
-    assert status.ready and status.stale and not status.fatal
+    assert not status.ready and status.stale and not status.fatal and status.source == "defaults"
     assert "UnicodeEncodeError" in status.last_error
     time.sleep(5 * POLL)  # the fallback polls meet the same error
     assert updater_alive(), "an unexpected error in a fallback poll does not end the updates"
@@ -399,7 +413,7 @@ def test_a_refused_token_is_one_error_with_the_servers_detail(server, mode, capl
         client = FlagClient(server.url, "fsk_000000000000_wrong", "production", mode=mode, init_timeout=2)
         try:
             status = client.status()
-            assert status.fatal and status.ready
+            assert status.fatal and not status.ready
             assert "401" in status.last_error and detail in status.last_error
             time.sleep(0.5)  # a while of not retrying: no second error
         finally:

@@ -46,6 +46,8 @@ class ClientStatus:
     env: str
     version: int
     source: str  # "server", "cache" or "defaults"
+    #: A snapshot of flagsvc's serves (from the service, or the cache file), not the code's
+    #: defaults; the same whether the service refused the connection, timed out or refused the token.
     ready: bool
     stale: bool
     last_success: float | None  # wall-clock time of the last good answer from the server
@@ -277,7 +279,7 @@ class FlagClient:
             env=self.env,
             version=self._snapshot.version,
             source=self._snapshot.source,
-            ready=sink.ready.is_set(),
+            ready=self._snapshot.source != "defaults",
             stale=stale,
             last_success=last,
             last_error=sink.last_error,
