@@ -40,6 +40,28 @@ def decode_entry(stream_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+#: What every record carries and no reader of a change needs to see.
+_BOOKKEEPING = ("version", "created_at", "updated_at", "updated_by", "key", "name")
+
+
+def change_summary(before: Any, after: Any, *, width: int = 80) -> str:
+    """A change as a person reads it: ``enabled: true -> false; default_variant: "normal" ->
+    "short"``, ``created`` or ``archived``; each value cut at ``width`` characters."""
+    if not isinstance(after, dict):
+        return "deleted" if before else ""
+    if not isinstance(before, dict):
+        return "created"
+    if after.get("archived") and not before.get("archived"):
+        return "archived"
+    names = [n for n in {**before, **after} if n not in _BOOKKEEPING and before.get(n) != after.get(n)]
+    return "; ".join(f"{n}: {_shown(before.get(n), width)} -> {_shown(after.get(n), width)}" for n in names)
+
+
+def _shown(value: Any, width: int) -> str:
+    text = "(none)" if value is None else json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 @dataclass(frozen=True)
 class AuditPage:
     entries: list[dict[str, Any]]

@@ -14,7 +14,7 @@ from flagsvc.audit import decode_entry
 from flagsvc.commit import AUDIT_FIELDS
 from flagsvc.keys import EnvKeys
 
-from .helpers import ENV_URL
+from .helpers import ENV_URL, FLAGS_URL, TIMEOUT_FLAG
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +129,28 @@ def test_csv_and_ndjson_exports_round_trip(shared, history):
     rows = list(csv.DictReader(io.StringIO(exported.data.decode())))
     assert [r["id"] for r in rows] == [e["id"] for e in expected]
     for row, entry in zip(rows, expected, strict=True):
+        row.pop("change")
         assert decode_entry(row.pop("id"), row) == entry
     assert list(rows[0]) == list(AUDIT_FIELDS)
 
     everything = client.get(f"{ENV_URL}/audit", headers={**auth("reader"), "Accept": "application/x-ndjson"})
     assert len(everything.data.decode().splitlines()) == len(history), "an export has no page limit"
+
+
+def test_the_csv_export_says_what_changed_before_and_after(client, auth):
+    admin = auth("admin")
+    client.put(f"{FLAGS_URL}/t", json=TIMEOUT_FLAG, headers=admin)
+    client.post(f"{FLAGS_URL}/t/kill", json={"reason": "INC-1"}, headers=auth("operator"))
+    client.patch(f"{FLAGS_URL}/t", json={"default_variant": "short", "owner": "payments"}, headers=admin)
+    client.delete(f"{FLAGS_URL}/t", headers=admin)
+    exported = client.get(f"{ENV_URL}/audit?flag=t&order=oldest", headers={**admin, "Accept": "text/csv"})
+    changes = [row["change"] for row in csv.DictReader(io.StringIO(exported.data.decode()))]
+    assert changes == [
+        "created",
+        "enabled: true -> false",
+        'default_variant: "normal" -> "short"; owner: "" -> "payments"',
+        "archived",
+    ]
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -13,7 +13,7 @@ from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from ..audit import AuditFilter, decode_entry
+from ..audit import AuditFilter, change_summary, decode_entry
 from ..auth import require
 from ..commit import AUDIT_FIELDS
 from ..extensions import stores
@@ -25,7 +25,8 @@ blp = Blueprint("audit", __name__, url_prefix="/api/v1/envs/<env>", description=
 
 CSV = "text/csv"
 NDJSON = "application/x-ndjson"
-EXPORT_COLUMNS = ("id", *AUDIT_FIELDS)
+#: ``change``: the readable before -> after of :func:`~flagsvc.audit.change_summary`.
+EXPORT_COLUMNS = ("id", *AUDIT_FIELDS, "change")
 # A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -36,8 +37,9 @@ def _csv_cell(text: str) -> str:
 
 
 def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Iterator[str]:
-    """Rows as they are read: the whole log is never in memory. CSV cells that a spreadsheet
-    would run as formulas are quoted (:func:`_csv_cell`); NDJSON keeps the exact text."""
+    """Rows as they are read: the whole log is never in memory. CSV adds a readable ``change``
+    column, and quotes cells that a spreadsheet would run as formulas (:func:`_csv_cell`); NDJSON
+    keeps the exact text."""
     if mimetype == NDJSON:
         for stream_id, fields in entries:
             yield json.dumps(decode_entry(stream_id, fields)) + "\n"
@@ -46,7 +48,9 @@ def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Ite
     writer = csv.writer(buffer)
     writer.writerow(EXPORT_COLUMNS)
     for stream_id, fields in entries:
-        row = [stream_id, *(fields.get(name, "") for name in AUDIT_FIELDS)]
+        entry = decode_entry(stream_id, fields)
+        change = change_summary(entry.get("before"), entry.get("after"))
+        row = [stream_id, *(fields.get(name, "") for name in AUDIT_FIELDS), change]
         writer.writerow([_csv_cell(cell) for cell in row])
         if buffer.tell() > 64 * 1024:
             yield buffer.getvalue()
