@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, errors, extensions, logs, metrics
+from . import api, console, errors, extensions, logs, metrics
 from .config import DEFAULTS
 from .fastpath import SnapshotPolls
 
@@ -26,6 +26,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     metrics.init_app(app)
     logs.init_app(app)
     api.init_app(app)
+    console.init_app(app)
     errors.init_app(app)
     app.wsgi_app = SnapshotPolls(  # type: ignore[method-assign]
         app.wsgi_app,

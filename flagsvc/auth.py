@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from flask import g, request
 
 from .body import check_body
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, TooManyRequests, Unauthorized
 from .extensions import stores
 from .tokens import Role, Token, TokenStore
 
@@ -51,6 +51,22 @@ def authorize(
     return token
 
 
+_READS = ("GET", "HEAD", "OPTIONS")
+
+
+def _spend_write(token: Token) -> None:
+    """One write of ``token`` from its budget, or (after a pause) 429."""
+    budget = stores().writes
+    wait = budget.take(token.id)
+    if wait:
+        budget.tarpit(wait)
+        raise TooManyRequests(
+            f"token {token.name!r} sent more than {budget.burst} writes at once "
+            f"({budget.rate:g} per second sustained)",
+            budget.retry_after(wait),
+        )
+
+
 def require(role: Role, *, cached: bool = False) -> Callable[[F], F]:
     """Decorate a view: a token of at least ``role``, scoped to the ``env`` in the URL if any.
     ``cached``: authenticate from the token cache alone (the SDK's reads never wait on Redis)."""
@@ -61,6 +77,8 @@ def require(role: Role, *, cached: bool = False) -> Callable[[F], F]:
             env = (request.view_args or {}).get("env")
             secret = bearer(request.headers.get("Authorization"))
             g.token = authorize(stores().tokens, secret, role, env, may_wait=not cached)
+            if request.method not in _READS and g.token.role_level >= Role.OPERATOR:
+                _spend_write(g.token)
             check_body()
             return view(*args, **kwargs)
 

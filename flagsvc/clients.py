@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from .errors import ProblemError
+from .errors import ProblemError, TooManyRequests
 from .keys import EnvKeys
 
 #: An instance is live if it reported within this many seconds (SDKs report every 30 s).
@@ -39,13 +39,6 @@ COUNTS_TTL_SECONDS = 3 * 3600
 PURGE_BATCH = 1000
 
 _HEARTBEAT = resources.files(__package__).joinpath("lua/heartbeat.lua").read_text()
-
-
-class TooManyRequests(ProblemError):
-    status, slug, title = 429, "too-many-requests", "Too many requests"
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
 
 
 class ClientNotFound(ProblemError):

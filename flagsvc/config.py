@@ -24,6 +24,10 @@ DEFAULTS: dict[str, object] = {
     "MAX_INSTANCES_PER_TOKEN": 10_000,
     "HEARTBEATS_PER_MINUTE": 30,
     "MAX_STREAMS_PER_TOKEN": 2_000,
+    # Writes (POST, PUT, PATCH, DELETE) per operator or admin token, per worker process: a
+    # sustained rate and a burst; beyond, 429 after a pause of up to a second.
+    "WRITES_PER_SECOND_PER_TOKEN": 20.0,
+    "WRITE_BURST_PER_TOKEN": 60,
     # Request logs: "" (none beyond gunicorn's), "text" or "json" (one JSON object per line).
     "LOG_FORMAT": "",
     "LOG_LEVEL": "INFO",

@@ -245,7 +245,7 @@ def _plan_flag(plan: Plan, stored: _Stored, key: str, definition: Flag) -> Flag 
     if live["enabled"] != definition["enabled"]:
         state = "on" if live["enabled"] else "off"
         reason = (
-            f"the flag is {state} since {live['updated_at']} by {live['updated_by']}: "
+            f"the flag is {state} (last changed {live['updated_at']} by {live['updated_by']}): "
             "apply never switches a flag; use flagctl kill or restore"
         )
         plan.kept.append({"type": "flag", "name": key, "field": "enabled", "reason": reason})

@@ -60,6 +60,13 @@ class Forbidden(ProblemError):
     status, slug, title = 403, "forbidden", "Token not allowed here"
 
 
+class TooManyRequests(ProblemError):
+    status, slug, title = 429, "too-many-requests", "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+
+
 class EnvNotFound(ProblemError):
     status, slug, title = 404, "env-not-found", "Environment not found"
 

@@ -15,11 +15,13 @@ from .audit import AuditLog
 from .changes import ChangeListener
 from .clients import ClientRegistry, Limits, OfrepUsage
 from .connection import connect, durability_of, writable
+from .console.sessions import ConsoleSessions
 from .envs import EnvStore
 from .flags import FlagStore
 from .history import HistoryGuard
 from .keys import EnvKeys
 from .playbooks import PlaybookStore
+from .ratelimit import WriteBudget
 from .snapshots import SnapshotCache
 from .streaming import StreamLimiter
 from .tokens import TokenStore
@@ -37,8 +39,10 @@ class Stores:
     clients: ClientRegistry
     playbooks: PlaybookStore
     streams: StreamLimiter
+    writes: WriteBudget
     history: HistoryGuard
     ofrep_usage: OfrepUsage
+    console: ConsoleSessions
     listener: ChangeListener
 
     def audit(self, env: str) -> AuditLog:
@@ -66,6 +70,7 @@ def make_stores(
     token_cache_seconds: float = 1.0,
     limits: Limits | None = None,
     streams_per_token: int = 2_000,
+    writes: WriteBudget | None = None,
 ) -> Stores:
     flags = FlagStore(client)
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
@@ -82,8 +87,10 @@ def make_stores(
         clients=ClientRegistry(client, limits),
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
+        writes=writes or WriteBudget(20.0, 60),
         history=history,
         ofrep_usage=ofrep_usage,
+        console=ConsoleSessions(client, tokens),
         listener=ChangeListener(
             client, [snapshots, tokens, ofrep_usage, *filter(None, [durability_of(client)])]
         ),
@@ -109,6 +116,9 @@ def init_app(app: Flask) -> None:
         token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),
         limits=Limits(int(app.config["MAX_INSTANCES_PER_TOKEN"]), int(app.config["HEARTBEATS_PER_MINUTE"])),
         streams_per_token=int(app.config["MAX_STREAMS_PER_TOKEN"]),
+        writes=WriteBudget(
+            float(app.config["WRITES_PER_SECOND_PER_TOKEN"]), int(app.config["WRITE_BURST_PER_TOKEN"])
+        ),
     )
 
 

@@ -123,6 +123,21 @@ class Mutation:
     archived: bool = False
 
 
+def switch(env: str, key: str, action: str, enabled: bool) -> Callable[[Flag | None], Mutation]:
+    """The mutation of a kill (``enabled=False``) or a restore: no change if already so; 404 if
+    the flag does not exist. The API and the console both switch flags with it."""
+
+    def mutate(current: Flag | None) -> Mutation:
+        if current is None:
+            raise FlagNotFound(f"flag {key!r} does not exist in {env!r}")
+        definition = definition_of(current)
+        if definition["enabled"] is enabled:
+            return Mutation(action, None)
+        return Mutation(action, {**definition, "enabled": enabled})
+
+    return mutate
+
+
 @dataclass(frozen=True)
 class WriteResult:
     flag: Flag

@@ -161,3 +161,12 @@ class SystemKeys(Namespace):
     def token_names(self) -> str:
         """Hash: token name -> token id (names are unique)."""
         return f"{self.base}:token-names"
+
+    @property
+    def console_key(self) -> str:
+        """The key that signs console session cookies (made by the first worker that needs it)."""
+        return f"{self.base}:console:key"
+
+    def console_session(self, digest: str) -> str:
+        """A console session (token id, CSRF token), by the SHA-256 of its id; expires with it."""
+        return f"{self.base}:console:session:{digest}"

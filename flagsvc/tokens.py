@@ -269,6 +269,12 @@ class TokenStore:
             return None
         return record if record.is_active(self.now()) else None
 
+    def by_id(self, token_id: str) -> Token | None:
+        """The active token ``token_id`` (cached as :meth:`authenticate` caches), or ``None``: what
+        a console session, which holds the id and not the secret, acts with."""
+        record = self._cached_or_read(token_id, may_wait=True)
+        return record if record is not None and record.is_active(self.now()) else None
+
     def still_valid(self, token: Token) -> bool:
         """Whether ``token`` (authenticated earlier) is still active, from the cache alone: an open
         stream checks this every second and ends once its token is revoked or expired."""

@@ -57,9 +57,14 @@ def r(redis_url: str) -> Iterator[Any]:
     client.close()
 
 
+#: A write budget no test's seeding reaches.
+UNLIMITED_WRITES = {"WRITES_PER_SECOND_PER_TOKEN": 1e6, "WRITE_BURST_PER_TOKEN": 1_000_000}
+
+
 def start_app(r: Any, redis_url: str) -> Any:
     """The app on ``redis_url``, with the environment ``ENV`` created."""
-    app = create_app({"REDIS_URL": redis_url, "TESTING": True})
+    # Tests seed flags faster than any operator writes: test_limits.py tests the write budget.
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True, **UNLIMITED_WRITES})
     EnvStore(r).create(ENV, actor="test-setup")
     return app
 

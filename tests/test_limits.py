@@ -32,7 +32,8 @@ KEYS = EnvKeys(ENV)
 
 @pytest.fixture
 def limited(r: redis.Redis, redis_url: str) -> Iterator[Any]:
-    """An app with small limits: 3 instances per token, 4 heartbeats a minute, 2 streams."""
+    """An app with small limits: 3 instances per token, 4 heartbeats a minute, 2 streams,
+    writes in bursts of 5 then 1 every 10 seconds."""
     app = create_app(
         {
             "REDIS_URL": redis_url,
@@ -40,6 +41,8 @@ def limited(r: redis.Redis, redis_url: str) -> Iterator[Any]:
             "MAX_INSTANCES_PER_TOKEN": 3,
             "HEARTBEATS_PER_MINUTE": 4,
             "MAX_STREAMS_PER_TOKEN": 2,
+            "WRITES_PER_SECOND_PER_TOKEN": 0.1,
+            "WRITE_BURST_PER_TOKEN": 5,
         }
     )
     EnvStore(r).create(ENV, actor="test-setup")
@@ -234,3 +237,37 @@ def test_a_heartbeat_the_limits_refuse_is_evidence_of_nothing(limited, make_toke
     before = dataset(r)
     assert_429(beat(client, sdk, "i-3", applied_version=version + 5))
     assert dataset(r) == before
+
+
+@pytest.mark.slow  # each refused write is held a second
+def test_an_operator_token_writes_within_its_budget_and_others_are_not_slowed(limited, make_token, r):
+    """A runaway script with an operator token cannot keep the (control) worker busy: beyond its
+    burst it gets 429 with Retry-After, nothing written, while another token's kill goes through."""
+    client = limited.test_client()
+    admin = {"Authorization": f"Bearer {make_token('admin')}"}
+    assert (
+        client.put(
+            f"{ENV_URL}/flags/a", json={"kind": "kill_switch", "enabled": True}, headers=admin
+        ).status_code
+        == 201
+    )
+    runaway = {"Authorization": f"Bearer {make_token('operator', name='runaway')}"}
+    answers = [
+        client.post(
+            f"{ENV_URL}/flags/a/{'kill' if i % 2 else 'restore'}", json={"reason": "loop"}, headers=runaway
+        )
+        for i in range(6)
+    ]
+    assert [a.status_code for a in answers] == [200] * 5 + [429], "the admin's PUT was not the runaway's"
+    assert_429(answers[-1])
+    assert "runaway" in answers[-1].json["detail"]
+    before = dataset(r)
+    assert client.post(f"{ENV_URL}/flags/a/kill", json={"reason": "x"}, headers=runaway).status_code == 429
+    assert dataset(r) == before, "a refused write writes nothing"
+    assert client.get(f"{ENV_URL}/flags/a", headers=runaway).status_code == 200, "reads are not budgeted"
+    oncall = {"Authorization": f"Bearer {make_token('operator', name='oncall')}"}
+    assert client.post(f"{ENV_URL}/flags/a/kill", json={"reason": "INC-1"}, headers=oncall).status_code == 200
+    sdk = {"Authorization": f"Bearer {make_token('sdk')}"}
+    assert all(beat(client, sdk, f"i{n}").status_code == 204 for n in range(3)), (
+        "heartbeats have their own limits"
+    )

@@ -36,7 +36,7 @@ def _csv_cell(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Iterator[str]:
+def export_lines(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Iterator[str]:
     """Rows as they are read: the whole log is never in memory. CSV adds a readable ``change``
     column, and quotes cells that a spreadsheet would run as formulas (:func:`_csv_cell`); NDJSON
     keeps the exact text."""
@@ -57,6 +57,12 @@ def _export(entries: Iterator[tuple[str, dict[str, str]]], mimetype: str) -> Ite
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+
+
+def audit_filter(query: dict[str, Any]) -> AuditFilter:
+    """The filter of a loaded :class:`~flagsvc.schemas.AuditQuerySchema` query."""
+    names = ("flag", "actor", "action", "incident", "since", "until")
+    return AuditFilter(**{name: query.get(name) for name in names})
 
 
 @blp.route("/audit")
@@ -83,20 +89,13 @@ class Audit(MethodView):
         ``cursor`` for the next page. ``Accept: text/csv`` or ``application/x-ndjson`` streams
         every matching entry (no ``limit``)."""
         check_env(env)
-        criteria = AuditFilter(
-            flag=query.get("flag"),
-            actor=query.get("actor"),
-            action=query.get("action"),
-            incident=query.get("incident"),
-            since=query.get("since"),
-            until=query.get("until"),
-        )
+        criteria = audit_filter(query)
         log = stores().audit(env)
         oldest_first = query["order"] == "oldest"
         wanted = request.accept_mimetypes.best_match(["application/json", CSV, NDJSON], "application/json")
         if wanted in (CSV, NDJSON):
             rows = log.iter_matching(criteria, cursor=query.get("cursor"), oldest_first=oldest_first)
-            chunks = _export(rows, wanted)
+            chunks = export_lines(rows, wanted)
             first = next(chunks, "")  # a failure before the first row is still a problem+json answer
             filename = f"flagsvc-audit-{env}.{'csv' if wanted == CSV else 'ndjson'}"
             return Response(

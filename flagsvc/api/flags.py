@@ -14,7 +14,7 @@ from ..auth import current_token, require
 from ..clients import BLAST_RADIUS_MINUTES
 from ..errors import FlagNotFound, InvalidInput, flatten_validation_messages
 from ..extensions import stores
-from ..flags import Flag, Mutation, definition_of
+from ..flags import Flag, Mutation, definition_of, switch
 from ..schemas import (
     ActionSchema,
     FlagDefinitionSchema,
@@ -183,12 +183,7 @@ def _switch(action: str, enabled: bool) -> Callable[..., Any]:
         if body["dry_run"]:
             return _preview(env, key, enabled)
 
-        def mutate(current: Flag | None) -> Mutation:
-            definition = definition_of(_must_exist(env, key, current))
-            if definition["enabled"] is enabled:
-                return Mutation(action, None)
-            return Mutation(action, {**definition, "enabled": enabled})
-
+        mutate = switch(env, key, action, enabled)
         return _write(
             env, key, mutate, body, reason=body["reason"], incident=body["incident"], revert_in=body["for_"]
         )

@@ -10,7 +10,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import current_token, require
-from ..clients import TooManyRequests
+from ..errors import TooManyRequests
 from ..extensions import stores
 from ..schemas import SnapshotSchema
 from ..snapshots import poll_answer
