@@ -3,6 +3,7 @@ The same flows in a real browser: tests/test_console_browser.py."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from .helpers import ENV_URL, FLAGS_URL, TIMEOUT_FLAG
@@ -128,8 +129,7 @@ def test_an_admin_edit_is_saved_with_if_match_and_a_stale_one_is_explained(clien
     csrf = sign_in(client, tokens, "admin")
     page = client.get(f"{UI}/flags/payments.timeout-ms").data.decode()
     assert 'name="definition"' in page and 'name="version" value="1"' in page
-    edited = '{"kind": "ops", "type": "number", "enabled": true, "variants": {"normal": 2500, "short": 800}, ' \
-        '"default_variant": "normal", "off_variant": "short"}'  # fmt: skip
+    edited = json.dumps({**TIMEOUT_FLAG, "variants": {"normal": 2500, "short": 800}})
     saved = client.post(
         f"{UI}/flags/payments.timeout-ms", data={"csrf": csrf, "version": "1", "definition": edited}
     )
@@ -170,3 +170,15 @@ def test_audit_filters_paging_exports_and_the_report(client, tokens, auth):
     assert exported.mimetype == "text/csv" and exported.data.decode().count("INC-5") == 3
     report = client.get(f"{UI}/report?incident=INC-5").data.decode()
     assert "Incident INC-5: flag changes" in report and "step 1" in report
+
+
+def test_the_live_strip_streams_the_propagation_while_the_session_lasts(client, tokens):
+    csrf = sign_in(client, tokens, "operator")
+    resp = client.get(f"{UI}/live", buffered=False)
+    assert resp.status_code == 200 and resp.mimetype == "text/event-stream"
+    first = next(resp.response)
+    event = json.loads(first.decode().removeprefix("data: "))
+    assert {"version", "live", "applied_current", "lagging", "ofrep"} <= set(event)
+    resp.close()
+    client.post("/ui/signout", data={"csrf": csrf})
+    assert client.get(f"{UI}/live").status_code == 302, "no stream without a session"

@@ -142,6 +142,13 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
         for method, url, body, status in calls:
             resp = requests.request(method, url, json=body, headers=admin, timeout=5)
             assert resp.status_code == status, (method, url, resp.text)
+        console = requests.Session()  # the console, and its live strip unbuffered
+        signed_in = console.post(
+            f"{base}/ui/signin", data={"token": served.admin_token()}, allow_redirects=False
+        )
+        assert signed_in.status_code == 302
+        with console.get(f"{base}/ui/envs/production/live", stream=True, timeout=5) as live:
+            assert next(live.iter_lines()).startswith(b"data: {")
         time.sleep(0.2)  # nginx writes its access log line after the response
         served_by = {}
         for line in (tmp_path / "access.log").read_text().splitlines():
@@ -156,6 +163,7 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
         assert served_by[("GET", f"{path}/snapshot")] == main
         assert served_by[("POST", f"{path}/clients/web-1")] == main
         assert served_by[("POST", "/ofrep/v1/evaluate/flags/exports")] == main
+        assert served_by[("POST", "/ui/signin")] == control
     finally:
         try:
             if proc is not None:

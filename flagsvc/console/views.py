@@ -211,7 +211,7 @@ def live(env: str) -> Response:
 
     def events() -> Iterator[str]:
         end = time.monotonic() + LIVE_STREAM_SECONDS
-        while time.monotonic() < end and sessions().current(cookie) is not None:
+        while time.monotonic() < end and s.console.current(cookie) is not None:
             try:
                 view = s.clients.view(env, s.flags.version(env)).to_dict()
                 data = {"version": view["version"], **view["summary"], "ofrep": len(view["ofrep"])}
