@@ -28,10 +28,12 @@ from .definitions import apply_definitions, export_env, parse_document, summary
 from .durations import parse_duration, parse_moment
 from .envs import ENV_NAME, EnvStore
 from .errors import AlreadyExists, InvalidInput, TokenNotFound
+from .extensions import allowed_hosts
 from .keys import EnvKeys, SystemKeys
 from .retention import read_archive, trim
 from .scheduler import Scheduler
 from .tokens import Role, TokenStore
+from .webhooks import Deliverer
 from .writes import WriteContext
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -205,16 +207,23 @@ def token_revoke(name_or_id: str, reason: str, data_dir: Path, redis_url: str | 
 @data_dir_option
 @redis_url_option
 def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -> None:
-    """Perform due automatic reverts of temporary changes (``for``). Any number may run: each
-    revert happens exactly once. gunicorn workers started by `flagsvc serve` run one too."""
+    """Perform due automatic reverts of temporary changes (``for``) and deliver webhooks. Any
+    number may run: each revert happens exactly once, each subscription is delivered by one at a
+    time. gunicorn workers started by `flagsvc serve` run both too."""
     with redis_for(redis_url, data_dir) as client:
         scheduler = Scheduler(client, interval=interval)
         if once:
             click.echo(f"{scheduler.run_once()} due reverts handled")
             return
-        click.echo(f"flagsvc worker: reverting temporary changes every {interval:g} s")
+        hosts = allowed_hosts({"WEBHOOK_ALLOWED_HOSTS": os.environ.get("FLAGSVC_WEBHOOK_ALLOWED_HOSTS", "")})
+        deliverer = Deliverer(
+            client, allowed_hosts=hosts, public_url=os.environ.get("FLAGSVC_PUBLIC_URL", "")
+        )
+        deliverer.start()
+        click.echo(f"flagsvc worker: reverting temporary changes every {interval:g} s, delivering webhooks")
         with contextlib.suppress(KeyboardInterrupt):
             scheduler.run_forever()
+        deliverer.stop()
 
 
 @main.command("export")

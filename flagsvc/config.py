@@ -28,6 +28,10 @@ DEFAULTS: dict[str, object] = {
     # sustained rate and a burst; beyond, 429 after a pause of up to a second.
     "WRITES_PER_SECOND_PER_TOKEN": 20.0,
     "WRITE_BURST_PER_TOKEN": 60,
+    # Webhooks: hosts that may receive them over plain http or at an internal address (comma
+    # separated; loopback always may), and the console's public URL for links in the payloads.
+    "WEBHOOK_ALLOWED_HOSTS": "",
+    "PUBLIC_URL": "",
     # Request logs: "" (none beyond gunicorn's), "text" or "json" (one JSON object per line).
     "LOG_FORMAT": "",
     "LOG_LEVEL": "INFO",

@@ -7,6 +7,7 @@ they create the app (no preload), so no pool crosses a fork.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from flask import Flask, current_app
@@ -25,6 +26,7 @@ from .ratelimit import WriteBudget
 from .snapshots import SnapshotCache
 from .streaming import StreamLimiter
 from .tokens import TokenStore
+from .webhooks import WebhookStore
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Stores:
     history: HistoryGuard
     ofrep_usage: OfrepUsage
     console: ConsoleSessions
+    webhooks: WebhookStore
     listener: ChangeListener
 
     def audit(self, env: str) -> AuditLog:
@@ -71,6 +74,7 @@ def make_stores(
     limits: Limits | None = None,
     streams_per_token: int = 2_000,
     writes: WriteBudget | None = None,
+    webhook_hosts: tuple[str, ...] = (),
 ) -> Stores:
     flags = FlagStore(client)
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
@@ -91,6 +95,7 @@ def make_stores(
         history=history,
         ofrep_usage=ofrep_usage,
         console=ConsoleSessions(client, tokens),
+        webhooks=WebhookStore(client, webhook_hosts),
         listener=ChangeListener(
             client, [snapshots, tokens, ofrep_usage, *filter(None, [durability_of(client)])]
         ),
@@ -116,10 +121,16 @@ def init_app(app: Flask) -> None:
         token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),
         limits=Limits(int(app.config["MAX_INSTANCES_PER_TOKEN"]), int(app.config["HEARTBEATS_PER_MINUTE"])),
         streams_per_token=int(app.config["MAX_STREAMS_PER_TOKEN"]),
+        webhook_hosts=allowed_hosts(app.config),
         writes=WriteBudget(
             float(app.config["WRITES_PER_SECOND_PER_TOKEN"]), int(app.config["WRITE_BURST_PER_TOKEN"])
         ),
     )
+
+
+def allowed_hosts(config: Any) -> tuple[str, ...]:
+    """``WEBHOOK_ALLOWED_HOSTS`` as a tuple of host names."""
+    return tuple(h.strip() for h in str(config.get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
 
 
 def stores() -> Stores:

@@ -58,6 +58,15 @@ def post_worker_init(worker: Any) -> None:
             from flagsvc.scheduler import Scheduler
 
             Scheduler(stores.redis).start()
+        if os.environ.get("FLAGSVC_WEBHOOKS", "1") != "0":
+            # Webhook deliveries: in every worker too; a lease gives each subscription to one.
+            from flagsvc.extensions import allowed_hosts
+            from flagsvc.webhooks import Deliverer
+
+            config = worker.wsgi.config
+            Deliverer(
+                stores.redis, allowed_hosts=allowed_hosts(config), public_url=config["PUBLIC_URL"]
+            ).start()
 
 
 def pre_request(worker: Any, req: Any) -> None:

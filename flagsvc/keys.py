@@ -140,6 +140,27 @@ class EnvKeys(Namespace):
         """Hash: OFREP consumer (``ofrep:<token name>:<app>``) -> its record JSON (app, token, seen)."""
         return f"{self.base}:ofrep:consumers"
 
+    @property
+    def webhooks(self) -> str:
+        """Hash: webhook subscription name -> its record JSON (with its signing secrets)."""
+        return f"{self.base}:webhooks"
+
+    def webhook_lease(self, name: str) -> str:
+        """Which deliverer delivers subscription ``name`` now (expires unless renewed)."""
+        return f"{self.base}:webhook:{name}:lease"
+
+    def webhook_state(self, name: str) -> str:
+        """Hash: the entry being delivered to ``name``, its attempts and first attempt time."""
+        return f"{self.base}:webhook:{name}:state"
+
+    def webhook_log(self, name: str) -> str:
+        """Stream: the delivery log of ``name`` (capped)."""
+        return f"{self.base}:webhook:{name}:log"
+
+    def webhook_redeliver(self, name: str) -> str:
+        """List: audit entry ids to send to ``name`` again."""
+        return f"{self.base}:webhook:{name}:redeliver"
+
 
 @dataclass(frozen=True)
 class SystemKeys(Namespace):

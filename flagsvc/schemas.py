@@ -567,3 +567,57 @@ class DefinitionsPlanSchema(Schema):
     )
     kept = fields.List(fields.Raw(), metadata={"description": "left alone, with the reason"})
     unmanaged = fields.List(fields.Raw(), metadata={"description": "in the environment, not in the document"})
+
+
+WEBHOOK_EVENTS = (
+    "*", "flag.create", "flag.update", "flag.delete", "flag.kill", "flag.restore",
+    "playbook.create", "playbook.update", "playbook.delete", "playbook.apply", "playbook.revert",
+    "alert.decision", "webhook.create", "webhook.update", "webhook.delete", "webhook.rotate-secret",
+)  # fmt: skip
+
+
+class WebhookDefinitionSchema(Schema):
+    """A webhook subscription as an admin defines it."""
+
+    url = fields.String(
+        required=True, validate=validate.Length(1, 2048), metadata={"description": "https, or loopback"}
+    )
+    events = fields.List(
+        fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)),
+        load_default=lambda: ["*"],
+        validate=validate.Length(1, 32),
+        metadata={"description": "audit actions to send, or * for all"},
+    )
+    format = fields.String(load_default="standard", validate=validate.OneOf(("standard", "slack")))
+    enabled = StrictBool(load_default=True)
+
+
+class WebhookSchema(WebhookDefinitionSchema):
+    name = fields.String(dump_only=True)
+    version = fields.Integer(dump_only=True)
+    created_at = fields.String(dump_only=True)
+    updated_at = fields.String(dump_only=True)
+    updated_by = fields.String(dump_only=True)
+    secret = fields.String(
+        dump_only=True, metadata={"description": "only when created or rotated: shown once"}
+    )
+
+
+class WebhookListSchema(Schema):
+    webhooks = fields.List(fields.Nested(WebhookSchema))
+
+
+class WebhookDeliverySchema(Schema):
+    id = fields.String()
+    event_id = fields.String()
+    action = fields.String()
+    status = fields.String(metadata={"description": "delivered, retrying or failed"})
+    attempts = fields.Integer()
+    http_status = fields.Raw()
+    last_error = fields.String()
+    latency_ms = fields.Float()
+    at = fields.String()
+
+
+class WebhookDeliveriesSchema(Schema):
+    deliveries = fields.List(fields.Nested(WebhookDeliverySchema))
