@@ -326,7 +326,7 @@ class Deliverer:
         *,
         allowed_hosts: tuple[str, ...] = (),
         public_url: str = "",
-        interval: float = 0.5,
+        interval: float = 1.0,
         first_retry: float = FIRST_RETRY_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
