@@ -3,7 +3,8 @@ subscriptions (one of them dead) slow the kill itself.
 
 ``flagsvc serve`` (2 gevent workers, their deliverers on) and 10 receivers in this process on
 loopback, each verifying every delivery with the ``standardwebhooks`` package, as a real receiver
-would. Three phases, each of ``--flips`` kill/restore pairs of one kill switch, one at a time:
+would. Three phases, each of ``--flips`` kill/restore pairs of one kill switch, one at a time,
+``--pause`` apart (the deliveries of one change are over before the next):
 
 1. no subscription: the kill's latency alone;
 2. 10 subscriptions to live receivers: the kill's latency, and from the kill's response to each
@@ -93,7 +94,9 @@ def subscribe(session: requests.Session, base: str, name: str, url: str) -> str:
     return str(resp.json()["secret"])
 
 
-def flips(server: harness.Server, n: int, receivers: list[Receiver]) -> tuple[list[float], list[float], int]:
+def flips(
+    server: harness.Server, n: int, receivers: list[Receiver], args_pause: float
+) -> tuple[list[float], list[float], int]:
     """``n`` kill/restore pairs; kill latencies, delivery delays (ms), and deliveries missing."""
     flipper = harness.Flipper(server.base, server.token, harness.PROD)
     audit = f"{server.base}/api/v1/envs/{harness.PROD}/audit"
@@ -115,6 +118,7 @@ def flips(server: harness.Server, n: int, receivers: list[Receiver]) -> tuple[li
                 else:
                     missing += 1
             flipper.flip()  # restore (not announced: the subscriptions want kills)
+            time.sleep(args_pause)  # changes a moment apart, as operators make them
     finally:
         flipper.close()
     return kills, delays, missing
@@ -126,21 +130,21 @@ def one_run(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]
         admin.headers["Authorization"] = f"Bearer {server.token}"
         harness.setup_flags(server, admin, 20)
         base = f"{server.base}/api/v1/envs/{harness.PROD}"
-        kills, _, _ = flips(server, args.flips, [])
+        kills, _, _ = flips(server, args.flips, [], args.pause)
         figures["kill, no subscription"] = harness.percentiles(kills)
         receivers = [Receiver() for _ in range(10)]
         try:
             for i, r in enumerate(receivers):
                 r.secret = subscribe(admin, base, f"live-{i}", r.url)
             time.sleep(1.5)  # every deliverer holds its subscriptions
-            kills, delays, missing = flips(server, args.flips, receivers)
+            kills, delays, missing = flips(server, args.flips, receivers, args.pause)
             figures["kill, 10 subscriptions"] = harness.percentiles(kills)
             figures["delivery, 10 live receivers"] = {**harness.percentiles(delays), "missing": missing}
             with dead_receiver() as dead_url:
                 harness.call(admin, "DELETE", f"{base}/webhooks/live-9", {204})
                 subscribe(admin, base, "dead", dead_url)
                 time.sleep(1.5)
-                kills, delays, missing = flips(server, args.flips, receivers[:9])
+                kills, delays, missing = flips(server, args.flips, receivers[:9], args.pause)
                 figures["kill, 10 subscriptions, 1 dead"] = harness.percentiles(kills)
                 figures["delivery, 9 live beside 1 dead"] = {
                     **harness.percentiles(delays),
@@ -159,6 +163,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--flips", type=int, default=100, help="kill/restore pairs per phase (100)")
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between pairs (0.2)")
     parser.add_argument("--repeat", type=int, default=1, help="runs; medians across them are reported")
     args = parser.parse_args()
     harness.exit_on_sigterm()

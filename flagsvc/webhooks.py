@@ -59,6 +59,9 @@ MAX_RETRY_SECONDS = 3600.0
 LEASE_SECONDS = 10.0
 #: A receiver's connect and read timeouts.
 TIMEOUT = (2.0, 5.0)
+#: A deliverer in a gunicorn worker shares it with requests: it lets the write that made a new
+#: entry answer first (under gevent the deliveries would otherwise run before that answer).
+YIELD_SECONDS = 0.02
 #: Delivery log entries kept per subscription.
 LOG_ENTRIES = 1000
 
@@ -415,6 +418,7 @@ class Deliverer:
             if not fresh:
                 return
             entries = fresh[0][1]
+            time.sleep(YIELD_SECONDS)  # the write that made this entry answers its client first
         stream_id, fields = entries[0]
         if fields:  # an entry trimmed by retention since it was read has no fields
             entry = decode_entry(stream_id, fields)
