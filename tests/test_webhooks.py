@@ -190,6 +190,7 @@ def test_a_dead_receiver_delays_no_other_subscription_and_no_write(client, auth,
     started = time.monotonic()
     flip(client, auth, "kill", "INC")
     assert time.monotonic() - started < 2, "the write does not wait for any delivery"
+    wait_for(lambda: dead.received, 5, "the dead receiver reached")
     wait_for(lambda: alive.delivered(), 3, "the live receiver served while the dead one hangs")
     assert len(dead.received) == 1 and not dead.answered
 
