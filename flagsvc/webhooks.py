@@ -344,6 +344,8 @@ class Deliverer:
         self._owner = secrets.token_hex(8)
         self._running: dict[tuple[str, str], threading.Thread] = {}
         self._http = requests.Session()
+        self._renew_lease = client.register_script(_RENEW)
+        self._release_lease = client.register_script(_RELEASE)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="flagsvc-webhooks", daemon=True)
@@ -382,11 +384,9 @@ class Deliverer:
 
     def _renew(self, k: EnvKeys, name: str) -> bool:
         """Keep the lease; ``False`` if it was lost (another deliverer took over)."""
-        lease = k.webhook_lease(name)
-        if self._redis.get(lease) != self._owner:
-            return False
-        self._redis.pexpire(lease, int(LEASE_SECONDS * 1000))
-        return True
+        return bool(
+            self._renew_lease(keys=[k.webhook_lease(name)], args=[self._owner, int(LEASE_SECONDS * 1000)])
+        )
 
     def _deliver_subscription(self, env: str, name: str) -> None:
         k = EnvKeys(env)
@@ -407,11 +407,21 @@ class Deliverer:
             )
         except Exception:
             log.exception("webhook %s in %s: unexpected error; the lease lapses", name, env)
+        finally:
+            with contextlib.suppress(redis.RedisError):  # let the next deliverer start at once
+                self._release_lease(keys=[k.webhook_lease(name)], args=[self._owner])
 
     def _next_entry(self, k: EnvKeys, env: str, record: dict[str, Any]) -> None:
         """Deliver the oldest pending entry (one this group already read), else wait for a new one."""
         group = group_of(record["name"])
-        pending = self._redis.xreadgroup(group, "deliverer", {k.audit: "0"}, count=1)
+        try:
+            pending = self._redis.xreadgroup(group, "deliverer", {k.audit: "0"}, count=1)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("webhook %s in %s: its consumer group was gone; new events only", record["name"], env)
+            self._redis.xgroup_create(k.audit, group, id="$", mkstream=True)
+            return
         entries = pending[0][1] if pending else []
         if not entries:
             fresh = self._redis.xreadgroup(group, "deliverer", {k.audit: ">"}, count=1, block=500)
@@ -497,6 +507,14 @@ class Deliverer:
             "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }
         self._redis.xadd(k.webhook_log(name), fields, maxlen=LOG_ENTRIES, approximate=True)
+
+
+#: Renew a lease only if this deliverer still holds it; release it likewise.
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _wanted(record: dict[str, Any], action: str) -> bool:
