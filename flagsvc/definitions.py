@@ -35,7 +35,13 @@ from .flags import (
 from .keys import EnvKeys
 from .playbooks import DEFINITION_FIELDS as PLAYBOOK_FIELDS
 from .playbooks import change_problem, playbook_record
-from .schemas import BOOLEAN_VARIANTS, FLAG_KEY, FlagDefinitionSchema, PlaybookDefinitionSchema
+from .schemas import (
+    BOOLEAN_VARIANTS,
+    FLAG_KEY,
+    PLAYBOOK_ALERT_DEFAULTS,
+    FlagDefinitionSchema,
+    PlaybookDefinitionSchema,
+)
 from .writes import Change, Codec, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
 
 FORMAT = "flagsvc/1"
@@ -79,7 +85,13 @@ def canonical_flag(definition: Flag) -> Flag:
 
 
 def canonical_playbook(definition: dict[str, Any]) -> dict[str, Any]:
-    return {name: definition[name] for name in PLAYBOOK_FIELDS if definition.get(name) not in (None, "")}
+    """``definition`` without empty fields and alert fields at their default, in schema order."""
+    return {
+        name: definition[name]
+        for name in PLAYBOOK_FIELDS
+        if definition.get(name) not in (None, "")
+        and PLAYBOOK_ALERT_DEFAULTS.get(name, ...) != definition[name]
+    }
 
 
 def export_env(client: redis.Redis, env: str, *, metadata: bool = False) -> dict[str, Any]:

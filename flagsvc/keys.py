@@ -104,6 +104,12 @@ class EnvKeys(Namespace):
         return f"{self.base}:playbook-applied:{name}"
 
     @property
+    def alert_applies(self) -> str:
+        """Hash: playbook name -> its last application by an alert (when, operation) and how many
+        its UTC day had, JSON: the cooldown and the daily cap of alert-driven containment."""
+        return f"{self.base}:alerts:applies"
+
+    @property
     def clients(self) -> str:
         """Hash: SDK instance id -> its last heartbeat record JSON."""
         return f"{self.base}:clients"

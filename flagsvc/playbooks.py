@@ -13,7 +13,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -31,6 +31,7 @@ from .flags import (
 )
 from .keys import EnvKeys
 from .reverts import revert_at, schedule
+from .schemas import PLAYBOOK_ALERT_FIELDS
 from .writes import (
     Change,
     Codec,
@@ -44,8 +45,8 @@ from .writes import (
 )
 
 CHANGEABLE = ("enabled", "default_variant")
-#: The fields of a playbook that its author defines.
-DEFINITION_FIELDS = ("description", "changes")
+#: The fields of a playbook that its author defines (the alert fields: flagsvc.alerts).
+DEFINITION_FIELDS = ("description", "changes", *PLAYBOOK_ALERT_FIELDS)
 
 
 class PlaybookNotFound(ProblemError):
@@ -103,6 +104,20 @@ OUTCOME = Codec(encode=Outcome.to_dict, decode=Outcome.from_dict)
 SAVED = Codec(
     encode=lambda r: {"record": r[0], "created": r[1]}, decode=lambda d: (d["record"], d["created"])
 )
+
+
+class ApplyGuard(Protocol):
+    """What an automatic apply adds to the apply's own attempt (the alert receiver's cooldown and
+    daily cap): reads, then writes and audit entries committed with the apply, or a refusal."""
+
+    def read(self, pipe: Any) -> None:
+        """Queue the reads, after the playbook's."""
+
+    def decide(
+        self, state: State, values: list[Any], playbook: dict[str, Any], outcome: Outcome
+    ) -> Change[None]:
+        """Raise to refuse (nothing written); else the ops and audit entries to commit with the
+        apply's ``outcome`` (not on a dry run). ``values``: what :meth:`read` queued."""
 
 
 @dataclass
@@ -238,8 +253,10 @@ class PlaybookStore:
         if_match: int | None = None,
         revert_in: timedelta | None = None,
         idempotency: IdempotencyRequest | None = None,
+        guard: ApplyGuard | None = None,
     ) -> Done[Outcome]:
-        """Apply every change of ``name`` atomically, or nothing (409 naming what is in the way)."""
+        """Apply every change of ``name`` atomically, or nothing (409 naming what is in the way);
+        ``guard`` may refuse it, and commits its writes with it."""
         k = EnvKeys(env)
         operation = uuid.uuid4().hex
         seen: dict[str, Any] = {}
@@ -247,6 +264,8 @@ class PlaybookStore:
         def read(pipe: Any) -> None:
             seen["playbook"] = playbook = self.get(env, name)  # which flags to read
             _read_playbook(pipe, k, name, sorted(playbook["changes"]))
+            if guard is not None:
+                guard.read(pipe)
 
         def decide(state: State) -> Change[Outcome]:
             playbook = seen["playbook"]
@@ -258,9 +277,18 @@ class PlaybookStore:
                 k, ctx, operation, name, state, version + 1, Outcome(operation, name, dry_run, version)
             )
             prior = _plan_apply(plan, playbook["changes"], flags)
+            extra = None
+            if guard is not None:  # its values follow _read_playbook's (flags: if any change)
+                extra = guard.decide(
+                    state, state.values[3 + bool(playbook["changes"]) :], playbook, plan.outcome
+                )
             if dry_run:
                 return Change(plan.outcome)
-            return _finish_apply(plan, prior, revert_in)
+            change = _finish_apply(plan, prior, revert_in)
+            if extra is None:
+                return change
+            ops, audit = [*change.ops, *extra.ops], [*change.audit, *extra.audit]
+            return Change(change.result, ops=ops, audit=audit, notify=change.notify)
 
         return self._writer.run(k, read, decide, idempotency=idempotency, codec=OUTCOME)
 

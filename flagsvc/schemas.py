@@ -483,6 +483,36 @@ class PlaybookChangeSchema(Schema):
             raise ValidationError("a change sets enabled, default_variant or both", "enabled")
 
 
+#: The fields of a playbook that let alerts apply it (flagsvc.alerts), absent unless given, and
+#: the value each means when absent: a definition never stores that value, an export omits it.
+PLAYBOOK_ALERT_FIELDS = (
+    "triggers", "auto", "mode", "revert_on_resolve", "cooldown", "max_auto_applies_per_day", "incident_label"
+)  # fmt: skip
+PLAYBOOK_ALERT_DEFAULTS: dict[str, Any] = {"auto": False, "mode": "apply", "revert_on_resolve": False}
+MAX_COOLDOWN = timedelta(days=7)
+
+
+def _cooldown(text: str) -> None:
+    try:
+        duration = parse_duration(text)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+    if duration > MAX_COOLDOWN:
+        raise ValidationError("at most 7 days")
+
+
+class TriggerSchema(Schema):
+    """Alerts that trigger a playbook: those whose labels include every label of ``match``."""
+
+    match = fields.Dict(
+        keys=fields.String(validate=FullMatch(r"^.{1,128}$")),
+        values=fields.String(validate=validate.Length(max=1024)),
+        required=True,
+        validate=validate.Length(1, 32),
+        metadata={"description": "label -> value: each must equal the alert's label"},
+    )
+
+
 class PlaybookDefinitionSchema(Schema):
     description = fields.String(load_default="", validate=validate.Length(max=1024))
     changes = fields.Dict(
@@ -491,6 +521,42 @@ class PlaybookDefinitionSchema(Schema):
         required=True,
         validate=validate.Length(1, 500),
     )
+    triggers = fields.List(
+        fields.Nested(TriggerSchema),
+        validate=validate.Length(1, 20),
+        metadata={"description": "alerts (Alertmanager) that trigger it: any one trigger matching"},
+    )
+    auto = StrictBool(metadata={"description": "alerts may apply it (default false: refused, audited)"})
+    mode = fields.String(
+        validate=validate.OneOf(("apply", "dry_run")),
+        metadata={"description": "dry_run: an alert records what it would do, applies nothing"},
+    )
+    revert_on_resolve = StrictBool(
+        metadata={"description": "the alert's resolution reverts an application an alert made"}
+    )
+    cooldown = fields.String(
+        validate=_cooldown,
+        metadata={"description": "alerts apply it again no sooner (at most 7d)", "pattern": DURATION_PATTERN},
+    )
+    max_auto_applies_per_day = JsonInteger(
+        validate=validate.Range(1, 1000), metadata={"description": "alert applications per UTC day"}
+    )
+    incident_label = fields.String(
+        validate=validate.Length(1, 128),
+        metadata={"description": "the alert label that names the incident (default: alertname-fingerprint)"},
+    )
+
+    @ma.validates_schema(skip_on_field_errors=True)
+    def _alert_fields_need_triggers(self, data: dict[str, Any], **_: Any) -> None:
+        if "triggers" in data:
+            return
+        for name in PLAYBOOK_ALERT_FIELDS:
+            if name in data and data[name] != PLAYBOOK_ALERT_DEFAULTS.get(name, ...):
+                raise ValidationError("only a playbook with triggers is applied by alerts", name)
+
+    @ma.post_load
+    def _defaults_left_out(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if PLAYBOOK_ALERT_DEFAULTS.get(k, ...) != v}
 
 
 class PlaybookSchema(PlaybookDefinitionSchema):
@@ -528,6 +594,100 @@ class PlaybookOutcomeSchema(Schema):
     blast_radius = fields.Raw(
         metadata={"description": "per changed flag: evaluations and instances per app, last 15 min"}
     )
+
+
+ALERT_STATUSES = ("firing", "resolved")
+#: Most alerts one notification may carry (Alertmanager's ``max_alerts`` keeps under it).
+MAX_ALERTS = 1000
+
+
+class Rfc3339Field(ParsedString[str]):
+    """An RFC 3339 time as Alertmanager writes it (``2026-11-26T14:00:00.123456789Z``; Go's zero
+    time ``0001-01-01T00:00:00Z`` for no end), kept as written."""
+
+    def parse(self, text: str) -> str:
+        try:
+            moment = datetime.fromisoformat(text.upper()) if "T" in text.upper() else None
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ValidationError("an RFC 3339 time such as 2026-11-26T14:00:00Z")
+        return text
+
+
+def _labels(**kwargs: Any) -> fields.Dict:
+    return fields.Dict(
+        keys=fields.String(), values=fields.String(validate=validate.Length(max=16_384)), **kwargs
+    )
+
+
+class AlertmanagerAlertSchema(Schema):
+    """One alert of an Alertmanager notification. Fields a later Alertmanager adds are ignored."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+
+    status = fields.String(required=True, validate=validate.OneOf(ALERT_STATUSES))
+    labels = _labels(required=True, validate=validate.Length(1, 256))
+    annotations = _labels(load_default=dict, validate=validate.Length(max=256))
+    starts_at = Rfc3339Field(data_key="startsAt", required=True, metadata={"format": "date-time"})
+    ends_at = Rfc3339Field(data_key="endsAt", load_default="", metadata={"format": "date-time"})
+    generator_url = fields.String(
+        data_key="generatorURL", load_default="", validate=validate.Length(max=8192)
+    )
+    fingerprint = fields.String(load_default="", validate=validate.Length(max=128))
+
+
+class AlertmanagerWebhookSchema(Schema):
+    """Body of Alertmanager's webhook (``webhook_configs``, payload version 4). Fields a later
+    Alertmanager adds are ignored."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+
+    version = fields.String(required=True, validate=validate.OneOf(("4",)))
+    group_key = fields.String(data_key="groupKey", load_default="", validate=validate.Length(max=16_384))
+    truncated_alerts = JsonInteger(data_key="truncatedAlerts", load_default=0, validate=validate.Range(min=0))
+    status = fields.String(required=True, validate=validate.OneOf(ALERT_STATUSES))
+    receiver = fields.String(load_default="", validate=validate.Length(max=1024))
+    group_labels = _labels(data_key="groupLabels", load_default=dict, validate=validate.Length(max=256))
+    common_labels = _labels(data_key="commonLabels", load_default=dict, validate=validate.Length(max=256))
+    common_annotations = _labels(
+        data_key="commonAnnotations", load_default=dict, validate=validate.Length(max=256)
+    )
+    external_url = fields.String(data_key="externalURL", load_default="", validate=validate.Length(max=8192))
+    alerts = fields.List(
+        fields.Nested(AlertmanagerAlertSchema), required=True, validate=validate.Length(max=MAX_ALERTS)
+    )
+
+
+class AlertDecisionSchema(Schema):
+    """What was decided for one alert and one playbook it triggers (audited as ``alert.decision``)."""
+
+    alert = fields.String(metadata={"description": "the alert's alertname"})
+    fingerprint = fields.String()
+    status = fields.String(metadata={"description": "firing or resolved"})
+    playbook = fields.String(allow_none=True, metadata={"description": "null: the alert triggers none"})
+    outcome = fields.String(
+        metadata={
+            "description": "applied, reverted, would_apply, would_revert (dry_run mode), already_applied, "
+            "not_applied, not_auto, cooldown, daily_cap, no_revert, applied_by_other, still_firing, "
+            "no_match, failed"
+        }
+    )
+    detail = fields.String()
+    incident = fields.String()
+    operation = fields.String(allow_none=True, metadata={"description": "the apply or revert, if one ran"})
+    env_version = fields.Integer(allow_none=True, metadata={"description": "the version it made, if any"})
+
+
+class AlertReceiptSchema(Schema):
+    """The answer to Alertmanager: every decision, per alert."""
+
+    env = fields.String()
+    receiver = fields.String()
+    alerts = fields.Integer(metadata={"description": "how many alerts the notification carried"})
+    decisions = fields.List(fields.Nested(AlertDecisionSchema))
 
 
 class DefinitionsApplySchema(Schema):

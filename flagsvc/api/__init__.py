@@ -12,7 +12,7 @@ from flask_smorest import Api
 
 from ..errors import PROBLEM_JSON
 from ..schemas import ParsedString, ProblemSchema
-from . import audit, clients, definitions, envs, flags, health, ofrep, playbooks, snapshot, webhooks
+from . import alerts, audit, clients, definitions, envs, flags, health, ofrep, playbooks, snapshot, webhooks
 from .common import init_request_hooks
 from .contract import ContractPlugin, dict_constraints
 
@@ -111,7 +111,7 @@ def init_app(app: Flask) -> Api:
     api.ma_plugin.converter.add_attribute_function(dict_constraints)
     api.register_field(ParsedString, "string", None)
     blueprints = (envs.blp, flags.blp, playbooks.blp, definitions.blp, snapshot.blp, clients.blp, audit.blp)
-    for blp in (*blueprints, webhooks.blp, definitions.schemas_blp):
+    for blp in (*blueprints, alerts.blp, webhooks.blp, definitions.schemas_blp):
         api.register_blueprint(blp)
     app.register_blueprint(health.bp)
     app.register_blueprint(ofrep.bp)

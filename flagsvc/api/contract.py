@@ -57,10 +57,12 @@ HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("/api/v1/envs/{env}/stream", "get"): [LAST_EVENT_ID],
 }
 WRITES = ("post", "put", "patch", "delete")
-#: Writes that are not audited state changes: an SDK instance's heartbeat and goodbye.
+#: Writes that take no Idempotency-Key: an SDK instance's heartbeat and goodbye (not audited
+#: state changes), and Alertmanager's notifications (a retry is decided again, changing nothing).
 NOT_IDEMPOTENT = {
     ("/api/v1/envs/{env}/clients/{instance}", "post"),
     ("/api/v1/envs/{env}/clients/{instance}", "delete"),
+    ("/api/v1/envs/{env}/alerts/alertmanager", "post"),
 }
 
 
