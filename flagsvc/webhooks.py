@@ -352,8 +352,12 @@ class Deliverer:
         thread.start()
         return thread
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 3.0) -> None:
+        """Stop delivering; wait up to ``wait`` seconds for the delivery threads to let go."""
         self._stop.set()
+        deadline = time.monotonic() + wait
+        for thread in list(self._running.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
