@@ -464,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("clients", cmd_clients, "SDK instances and the version they run", "flagctl clients --json")
     _add_playbook_commands(command, common)
     _add_review_commands(command)
-    _add_definition_commands(command)
+    _add_flag_commands(command)
+    _add_file_commands(command)
     completion = command(
         "completion", cmd_completion, "print a shell completion script (bash or zsh)",
         "source <(flagctl completion bash)", "flagctl completion zsh > ~/.zfunc/_flagctl",
@@ -523,8 +524,8 @@ def _add_review_commands(command: _Command) -> None:
     )  # fmt: skip
 
 
-def _add_definition_commands(command: _Command) -> None:
-    """Flags as code: ``create``, ``set``, ``edit``, ``delete``, ``export``, ``diff``, ``apply``."""
+def _add_flag_commands(command: _Command) -> None:
+    """One flag at a time: ``create``, ``set``, ``edit``, ``delete``."""
     create = command(
         "create", cmd_create, "create a flag (admin)",
         "flagctl create checkout.recs --kind kill_switch --owner checkout",
@@ -563,6 +564,10 @@ def _add_definition_commands(command: _Command) -> None:
     )
     delete.add_argument("key", help="the flag's key")
     delete.add_argument("--yes", action="store_true", help="do not ask")
+
+
+def _add_file_commands(command: _Command) -> None:
+    """Flags as code: ``export``, ``diff``, ``apply`` of a definitions file."""
     export = command(
         "export", cmd_export, "write the environment's flags and playbooks as a definitions file",
         "flagctl export -o flags/production.yaml", "flagctl export --env staging --format json",
