@@ -24,6 +24,10 @@ DEFAULTS: dict[str, object] = {
     "MAX_INSTANCES_PER_TOKEN": 10_000,
     "HEARTBEATS_PER_MINUTE": 30,
     "MAX_STREAMS_PER_TOKEN": 2_000,
+    # Told to SDKs with every heartbeat's answer, so that a large fleet can be slowed without a
+    # release: seconds between heartbeats, and the spread of the reports after a change.
+    "HEARTBEAT_INTERVAL_SECONDS": 30,
+    "HEARTBEAT_JITTER_SECONDS": 1.0,
     # Writes (POST, PUT, PATCH, DELETE) per operator or admin token, per worker process: a
     # sustained rate and a burst; beyond, 429 after a pause of up to a second.
     "WRITES_PER_SECOND_PER_TOKEN": 20.0,

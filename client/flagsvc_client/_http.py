@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -73,8 +74,8 @@ class SnapshotFetcher:
             raise FetchError(message, fatal=fatal, status=resp.status_code)
         return resp
 
-    def report(self, session: requests.Session, instance: str, body: dict[str, Any]) -> None:
-        """POST a heartbeat (``/clients/{instance}``); raises ``FetchError``."""
+    def report(self, session: requests.Session, instance: str, body: dict[str, Any]) -> Mapping[str, str]:
+        """POST a heartbeat (``/clients/{instance}``): the answer's headers; raises ``FetchError``."""
         url = f"{self.base}/clients/{quote(instance, safe='')}"
         try:
             # Reports are 30 s apart: no idle keep-alive connection to hold a server's shutdown.
@@ -83,6 +84,7 @@ class SnapshotFetcher:
             raise FetchError(f"cannot report to flagsvc: {type(exc).__name__}") from None
         if resp.status_code >= 300:
             raise FetchError(f"flagsvc refused the report: {resp.status_code}", status=resp.status_code)
+        return resp.headers
 
     def forget(self, instance: str) -> None:
         """DELETE ``/clients/{instance}``: the instance is gone; raises ``FetchError``."""

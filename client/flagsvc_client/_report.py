@@ -1,7 +1,11 @@
 """Heartbeats: what this SDK instance applied and evaluated, for the propagation view.
 
-Sent at start, right after a new version is applied, and every ``interval`` seconds, from a
-thread of its own with its own HTTP session. When the client closes (or the process exits), the
+Sent at start, soon after a new version is applied, and every ``interval`` seconds, from a
+thread of its own with its own HTTP session. After a change the report waits a random moment
+within ``jitter`` seconds, and the periodic timer is not reset: a fleet that applied one change
+together does not report together ever after. The service may set both (``X-Flagsvc-Report-
+Interval``, ``X-Flagsvc-Report-Jitter`` on its answers), so a large fleet can be slowed without a
+release. When the client closes (or the process exits), the
 instance says goodbye, so that it does not count as live, nor as lagging, once it is gone. A
 failed report is logged at debug level only: the flag values never depend on it.
 """
@@ -10,17 +14,23 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._http import FetchError, SnapshotFetcher
 from ._version import __version__
 
 log = logging.getLogger("flagsvc_client")
+
+#: The interval and spread the service may ask for are kept within these bounds (seconds).
+INTERVAL_BOUNDS = (1.0, 3600.0)
+JITTER_BOUNDS = (0.0, 600.0)
 
 
 def default_app_name() -> str:
@@ -36,6 +46,7 @@ class Reporter:
         self._fetcher = fetcher
         self._build = build
         self.interval = interval
+        self.jitter = 1.0
         self.instance_id = uuid.uuid4().hex
         self.host = socket.gethostname()
         self._init_thread_state()
@@ -43,6 +54,7 @@ class Reporter:
     def _init_thread_state(self) -> None:
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._soon: float | None = None  # monotonic time of a report asked for by a change
         self._session = self._fetcher.new_session()
         self._thread: threading.Thread | None = None
         self._reported = False  # the service knows this instance: it must hear the goodbye
@@ -52,7 +64,16 @@ class Reporter:
         self._thread.start()
 
     def poke(self) -> None:
-        """Report now (a new version was applied)."""
+        """Report now (this process forked)."""
+        self._soon = time.monotonic()
+        self._wake.set()
+
+    def changed(self) -> None:
+        """A new version was applied: report it within ``jitter`` seconds (the periodic timer runs
+        on unchanged)."""
+        soon = time.monotonic() + random.uniform(0, self.jitter)
+        if self._soon is None or soon < self._soon:
+            self._soon = soon
         self._wake.set()
 
     def stop(self) -> None:
@@ -86,17 +107,39 @@ class Reporter:
             return
         body = {"host": self.host, "pid": os.getpid(), "sdk": f"python/{__version__}", **built}
         try:
-            self._fetcher.report(self._session, self.instance_id, body)
+            headers = self._fetcher.report(self._session, self.instance_id, body)
             self._reported = True
         except FetchError as exc:
             log.debug("flagsvc: heartbeat not sent: %s", exc)
+            return
+        self.interval = _advised(headers, "X-Flagsvc-Report-Interval", INTERVAL_BOUNDS, self.interval)
+        self.jitter = _advised(headers, "X-Flagsvc-Report-Jitter", JITTER_BOUNDS, self.jitter)
 
     def _run(self) -> None:
+        next_periodic = time.monotonic()
         while not self._stop.is_set():
-            try:
-                self.send()
-            except Exception:
-                log.debug("flagsvc: heartbeat failed", exc_info=True)
-            self._wake.wait(self.interval)
+            now = time.monotonic()
+            due_soon = self._soon is not None and now >= self._soon
+            if now >= next_periodic or due_soon:
+                if due_soon:
+                    self._soon = None
+                if now >= next_periodic:
+                    next_periodic = now + self.interval
+                try:
+                    self.send()
+                except Exception:
+                    log.debug("flagsvc: heartbeat failed", exc_info=True)
+                continue
+            until = min(next_periodic, self._soon if self._soon is not None else next_periodic)
+            self._wake.wait(max(0.0, until - time.monotonic()))
             self._wake.clear()
         self._session.close()
+
+
+def _advised(headers: Mapping[str, str], name: str, bounds: tuple[float, float], current: float) -> float:
+    """The seconds the service asks for in header ``name``, within ``bounds``; else ``current``."""
+    try:
+        value = float(headers.get(name, ""))
+    except ValueError:
+        return current
+    return min(max(value, bounds[0]), bounds[1]) if value == value else current

@@ -328,7 +328,7 @@ class FlagClient:
                     self._pending_counts[key] = (
                         self._pending_counts.get(key, 0) + flag.evaluations - flag.reported
                     )
-        self._reporter.poke()
+        self._reporter.changed()
         changed = frozenset(
             k
             for k in old.raw.get("flags", {}).keys() | snapshot.raw.get("flags", {}).keys()

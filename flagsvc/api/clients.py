@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -19,6 +19,10 @@ from .common import check_env, path_error
 blp = Blueprint("clients", __name__, url_prefix="/api/v1/envs/<env>/clients", description="SDK instances")
 
 _INSTANCE = re.compile(INSTANCE_ID)
+#: Heartbeat answers: how often the SDK should report, and over how long it spreads a report
+#: after a change (seconds).
+REPORT_INTERVAL_HEADER = "X-Flagsvc-Report-Interval"
+REPORT_JITTER_HEADER = "X-Flagsvc-Report-Jitter"
 
 
 @blp.route("")
@@ -36,10 +40,12 @@ class ClientInstance(MethodView):
     @require(Role.SDK)
     @blp.arguments(HeartbeatSchema)
     @blp.response(204)
-    def post(self, body: dict[str, Any], env: str, instance: str) -> None:
-        """Heartbeat of one SDK instance: at start, after applying a version, every 30 s.
+    def post(self, body: dict[str, Any], env: str, instance: str) -> tuple[None, int, dict[str, str]]:
+        """Heartbeat of one SDK instance: at start, soon after applying a version, every 30 s.
 
-        429 (``Retry-After``) beyond the limits: instances per token, heartbeats per minute."""
+        The answer tells the SDK the interval and the spread after a change to use
+        (``X-Flagsvc-Report-Interval``, ``X-Flagsvc-Report-Jitter``, seconds). 429
+        (``Retry-After``) beyond the limits: instances per token, heartbeats per minute."""
         check_env(env)
         check_instance(instance)
         published = stores().snapshots.get(env)
@@ -53,6 +59,15 @@ class ClientInstance(MethodView):
         )
         if body["applied_version"] > published.version:  # from another worker, or another history
             stores().history.sdk_applied(env, body["applied_version"])
+        config = current_app.config
+        return (
+            None,
+            204,
+            {
+                REPORT_INTERVAL_HEADER: f"{float(config['HEARTBEAT_INTERVAL_SECONDS']):g}",
+                REPORT_JITTER_HEADER: f"{float(config['HEARTBEAT_JITTER_SECONDS']):g}",
+            },
+        )
 
     @require(Role.SDK)
     @blp.response(204)

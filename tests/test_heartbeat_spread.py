@@ -1,0 +1,80 @@
+"""Heartbeats spread out: the service sets the interval and the spread after a change, and a
+change's report does not reset the periodic timer (a fleet that applied one change together
+must not report together ever after)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from flagsvc.keys import EnvKeys
+from flagsvc_client import FlagClient
+
+from .helpers import FLAGS_URL, wait_for
+
+pytestmark = pytest.mark.slow  # seconds of heartbeats
+
+
+def heartbeats(r, instance: str) -> int:
+    """How many heartbeats ``instance`` sent, as the service counted them (per minute)."""
+    pattern = EnvKeys("production").heartbeats(0).rsplit(":", 1)[0] + ":*"
+    return sum(int(r.hget(key, instance) or 0) for key in r.scan_iter(match=pattern))
+
+
+def test_the_service_sets_the_interval_and_a_change_does_not_reset_the_timer(app, server, tokens, auth, r):
+    app.config.update(HEARTBEAT_INTERVAL_SECONDS=3, HEARTBEAT_JITTER_SECONDS=0)
+    admin = auth("admin")
+    requests.put(
+        f"{server.url}{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=admin, timeout=5
+    )
+    client = FlagClient(
+        server.url, tokens["sdk"], "production", mode="poll", poll_interval=0.1, init_timeout=5
+    )
+    try:
+        instance = client._reporter.instance_id
+        wait_for(lambda: heartbeats(r, instance) == 1, 5, "the first heartbeat")
+        started = time.monotonic()
+        assert client._reporter.interval == 3.0, "the SDK's default (30 s) gave way to the service's"
+        time.sleep(1.0)
+        requests.post(
+            f"{server.url}{FLAGS_URL}/a/kill", json={"reason": "x"}, headers=auth("operator"), timeout=5
+        )
+        wait_for(lambda: heartbeats(r, instance) == 2, 3, "the report of the change")
+        # The periodic report comes 3 s after the first, not 3 s after the change's.
+        remaining = 3.5 - (time.monotonic() - started)
+        time.sleep(max(0.0, remaining))
+        assert heartbeats(r, instance) == 3
+    finally:
+        client.close()
+
+
+def test_a_changes_report_is_spread_within_the_jitter(app, server, tokens, auth, r):
+    app.config.update(HEARTBEAT_INTERVAL_SECONDS=60, HEARTBEAT_JITTER_SECONDS=2)
+    admin = auth("admin")
+    requests.put(
+        f"{server.url}{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=admin, timeout=5
+    )
+    fleet = [
+        FlagClient(server.url, tokens["sdk"], "production", mode="poll", poll_interval=0.1) for _ in range(8)
+    ]
+    try:
+        ids = [c._reporter.instance_id for c in fleet]
+        wait_for(lambda: all(heartbeats(r, i) == 1 for i in ids), 5, "every first heartbeat")
+        requests.post(
+            f"{server.url}{FLAGS_URL}/a/kill", json={"reason": "x"}, headers=auth("operator"), timeout=5
+        )
+        wait_for(lambda: all(c.is_enabled("a") is False for c in fleet), 5, "the fleet applied the kill")
+        applied = time.monotonic()
+        seen: dict[str, float] = {}
+        while len(seen) < len(ids) and time.monotonic() - applied < 4:
+            for i in ids:
+                if i not in seen and heartbeats(r, i) == 2:
+                    seen[i] = time.monotonic() - applied
+            time.sleep(0.02)
+        assert len(seen) == len(ids), "every instance reported the change within the jitter"
+        assert max(seen.values()) - min(seen.values()) > 0.3, f"spread, not together: {sorted(seen.values())}"
+    finally:
+        for c in fleet:
+            c.close()
