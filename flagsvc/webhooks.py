@@ -43,7 +43,7 @@ from .commit import Op
 from .envs import EnvStore
 from .errors import InvalidInput, ProblemError
 from .keys import EnvKeys
-from .writes import Change, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry
+from .writes import Change, Done, IdempotencyRequest, State, WriteContext, Writer, audit_entry, next_record
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,8 @@ class WebhookStore:
         def decide(state: State) -> Change[tuple[dict[str, Any], str | None]]:
             before = json.loads(state.values[0]) if state.values[0] else None
             secrets_ = before["secrets"] if before else [{"secret": secret, "since": state.now}]
-            record = {
-                "name": name,
-                **definition,
-                "secrets": secrets_,
-                "version": (before["version"] if before else 0) + 1,
-                "created_at": before["created_at"] if before else state.now,
-                "updated_at": state.now,
-                "updated_by": ctx.actor,
-            }
+            fields = {"name": name, **definition, "secrets": secrets_}
+            record = next_record(fields, ctx.actor, state.now, version_of=before, created_of=before)
             action = "webhook.update" if before else "webhook.create"
             entry = audit_entry(
                 ctx, action, before=public(before) if before else None, after=public(record), operation=name

@@ -19,6 +19,7 @@ from ..schemas import (
     WebhookSchema,
 )
 from ..tokens import Role
+from ..webhooks import public
 from .common import check_env, idempotency, path_error, write_context
 
 blp = Blueprint(
@@ -53,8 +54,7 @@ class WebhookResource(MethodView):
     def get(self, env: str, name: str) -> dict[str, Any]:
         """One subscription (never its secret)."""
         _check(env, name)
-        record = stores().webhooks.get(env, name)
-        return {k: v for k, v in record.items() if k != "secrets"}
+        return public(stores().webhooks.get(env, name))
 
     @require(Role.ADMIN)
     @blp.arguments(WebhookDefinitionSchema)
