@@ -9,6 +9,7 @@ keeps serving and :attr:`SnapshotCache.stale` says so.
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -42,6 +43,13 @@ class Published:
     body: bytes
     flags: dict[str, Any] = field(default_factory=dict, repr=False)
     _compiled: dict[str, CompiledFlag] = field(default_factory=dict, repr=False, compare=False)
+    _gzipped: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+    def gzipped(self) -> bytes:
+        """``body`` gzip-compressed, once per version and process (for ``Accept-Encoding: gzip``)."""
+        if not self._gzipped:
+            self._gzipped.append(gzip.compress(self.body, compresslevel=6, mtime=0))
+        return self._gzipped[0]
 
     def compiled(self) -> dict[str, CompiledFlag]:
         """The flags compiled for server-side evaluation (OFREP), once per version and process."""
