@@ -84,11 +84,13 @@ def parse_head(head: str | bytes | None) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Op:
-    """One write in a commit: ``cmd`` in SET/HSET/HDEL/SADD on ``key`` with ``args``."""
+    """One write in a commit: ``cmd`` (see ``commit.lua``) on ``key`` with ``args``; ``also``: the
+    other keys it touches (FLAG, SNAPSHOT), passed to the script before ``args``."""
 
     cmd: str
     key: str
     args: tuple[str, ...]
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,7 @@ def _plan(
     """The commit's plan for ``commit.lua`` but its entries (see :func:`_add_entries`)."""
     plan: dict[str, Any] = {
         "expect_head": expect_head,
-        "ops": [[op.cmd, keys.index(op.key), *op.args] for op in ops],
+        "ops": [[op.cmd, keys.index(op.key), *map(keys.index, op.also), *op.args] for op in ops],
     }
     if idempotency:
         plan["idempotency"] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 import redis
 
-from .commit import Op
+from .commit import Conflict, Op
 from .errors import FlagNotFound, VersionMismatch
 from .keys import EnvKeys
 from .reverts import revert_at, schedule
@@ -102,7 +103,12 @@ def flag_change(
 ) -> tuple[Op, dict[str, str]]:
     """The one way a flag changes: the write of its next record ``after`` and the audit entry of
     the change from ``before`` (the live flag, or ``None``). ``extra``: operation, playbook, reason."""
-    op = Op("HSET", keys.flags, (after["key"], json.dumps(after)))
+    op = Op(
+        "FLAG",
+        keys.flags,
+        (after["key"], json.dumps(after), snapshot_member(after)),
+        also=(keys.snapshot_flags,),
+    )
     entry = audit_entry(
         ctx, action, flag=after["key"], before=before, after=after, env_version=env_version, **extra
     )
@@ -110,8 +116,42 @@ def flag_change(
 
 
 def bump_version(keys: EnvKeys, env_version: int) -> list[Op]:
-    """The environment's new version, set in the commit of its flag changes, and its mark."""
-    return [Op("SET", keys.version, (str(env_version),)), Op("SETHEAD", keys.version_mark, ())]
+    """The environment's new version, set in the commit of its flag changes, its mark, and its
+    serialized snapshot (built by the commit from every flag's :func:`snapshot_member`)."""
+    return [
+        Op("SET", keys.version, (str(env_version),)),
+        Op("SETHEAD", keys.version_mark, ()),
+        Op(
+            "SNAPSHOT",
+            keys.snapshot,
+            (snapshot_prefix(keys.name, env_version),),
+            also=(keys.snapshot_flags, keys.flags),
+        ),
+    ]
+
+
+def evaluation_fields(flag: Flag) -> Flag:
+    """What the snapshot carries of a flag."""
+    return {f: flag[f] for f in EVALUATION_FIELDS if f in flag}
+
+
+def snapshot_member(flag: Flag) -> str:
+    """The flag's member of the serialized snapshot, after its kind's rank (the order of members):
+    ``<rank>|"<key>":{...}``; ``""`` for an archived flag, which the snapshot leaves out."""
+    if flag.get("archived"):
+        return ""
+    member = json.dumps({flag["key"]: evaluation_fields(flag)}, separators=(",", ":"))[1:-1]
+    return f"{KIND_ORDER.get(flag['kind'], 9)}|{member}"
+
+
+def snapshot_prefix(env: str, version: int) -> str:
+    """The serialized snapshot up to its history (the commit appends the history and the flags)."""
+    return json.dumps({"env": env, "version": version}, separators=(",", ":"))[:-1] + ',"history":"'
+
+
+def serialize_snapshot(snap: Snapshot) -> bytes:
+    """The bytes SDKs read; the same as the commit builds (``commit.lua``)."""
+    return json.dumps(snap.to_dict(), separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -203,8 +243,15 @@ class FlagStore:
     def version(self, env: str) -> int:
         return int(self._redis.get(EnvKeys(env).version) or 0)
 
-    def snapshot(self, env: str) -> Snapshot:
-        """The environment's version and the evaluation fields of its live flags, consistently."""
+    def serialized_snapshot(self, env: str) -> bytes | None:
+        """The snapshot as the last commit stored it, in one GET; ``None``: :meth:`rebuild_snapshot`."""
+        raw = self._redis.get(EnvKeys(env).snapshot)
+        return raw.encode() if isinstance(raw, str) else raw
+
+    def rebuild_snapshot(self, env: str) -> Snapshot:
+        """The environment's version and the evaluation fields of its live flags, consistently, read
+        from the flags; also stored (with every flag's member) for the next reads and commits,
+        unless something changed meanwhile. Needed once, for flags older than stored snapshots."""
         k = EnvKeys(env)
         pipe = self._redis.pipeline(transaction=True)
         pipe.get(k.version)
@@ -212,11 +259,18 @@ class FlagStore:
         pipe.get(k.audit_head)
         pipe.hvals(k.flags)
         version, mark, head, raw = pipe.execute()
-        flags: dict[str, Flag] = {}
-        for flag in sort_flags([json.loads(r) for r in raw]):
-            if not flag.get("archived"):
-                flags[flag["key"]] = {f: flag[f] for f in EVALUATION_FIELDS if f in flag}
-        return Snapshot(env, int(version or 0), flags, history_of(mark), head or "")
+        stored = [json.loads(r) for r in raw]
+        live = {f["key"]: evaluation_fields(f) for f in sort_flags(stored) if not f.get("archived")}
+        snap = Snapshot(env, int(version or 0), live, history_of(mark), head or "")
+        ops = [
+            Op("DEL", k.snapshot_flags, ()),
+            *(Op("HSET", k.snapshot_flags, (f["key"], snapshot_member(f))) for f in stored),
+            Op("SET", k.snapshot, (serialize_snapshot(snap).decode(),)),
+        ]
+        if stored:  # an empty environment's first commit stores its snapshot
+            with contextlib.suppress(Conflict):  # a commit came in between: it stored its own
+                self._writer.committer.commit(k, head, ops=ops, audit=[])
+        return snap
 
     # -- writes ------------------------------------------------------------------------------
 

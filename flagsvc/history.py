@@ -127,8 +127,11 @@ class HistoryGuard:
     # -- fed by the snapshot cache's refresh, every second ----------------------------------------
 
     def observe(self, env: str, version: int, history: str, head: str | None) -> None:
-        """What Redis holds for ``env`` now: its version, that version's history, the audit head."""
+        """What Redis holds for ``env`` now: its version, that version's history, the audit head
+        (``None``: not read, as when a changed snapshot is loaded; the version is checked alone)."""
+        before = self._seen.get(env)
+        seen_head = parse_head(head) if head is not None else before.head if before else (0, "")
         try:
-            self._check(env, Seen(version, history, parse_head(head)))
+            self._check(env, Seen(version, history, seen_head))
         except (redis.RedisError, ProblemError) as exc:
             log.warning("history guard: could not move %s past its rollback yet (%s)", env, exc)

@@ -84,6 +84,18 @@ class EnvKeys(Namespace):
         return f"{self.base}:version"
 
     @property
+    def snapshot(self) -> str:
+        """The serialized snapshot of the current version (what SDKs read), set by every commit
+        that moves the version: a worker reloads a changed environment with one GET."""
+        return f"{self.base}:snapshot"
+
+    @property
+    def snapshot_flags(self) -> str:
+        """Hash: flag key -> its member of the serialized snapshot, ``<kind rank>|"<key>":{...}``
+        (``""`` for an archived flag): what the commit builds :attr:`snapshot` from."""
+        return f"{self.base}:snapshot:flags"
+
+    @property
     def version_mark(self) -> str:
         """``<seq>:<hash>`` of the audit head when the version last moved: with the version, the
         snapshot's identity (a version number reused after a rollback has another mark)."""

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis
 
 from flagsvc_client.engine import CompiledFlag, compile_flag
 
-from .flags import FlagStore, history_of
+from .flags import FlagStore, history_of, serialize_snapshot
 from .keys import EnvKeys, is_system
 from .metrics import ENV_VERSION, POLLS
 
@@ -33,29 +34,45 @@ def etag(identity: str | int) -> str:
     return f'"{identity}"'
 
 
-@dataclass(frozen=True)
-class Published:
-    """One environment version, serialized once for every client that asks."""
+#: The start of every serialized snapshot: its version and history (see :func:`serialize_snapshot`).
+_IDENTITY = re.compile(rb'\{"env":"[^"]*","version":(\d+),"history":"([0-9a-f]*)"')
 
-    env: str
-    version: int
-    identity: str  #: ``<version>-<history>``, see :class:`flagsvc.flags.Snapshot`
-    body: bytes
-    flags: dict[str, Any] = field(default_factory=dict, repr=False)
-    _compiled: dict[str, CompiledFlag] = field(default_factory=dict, repr=False, compare=False)
-    _gzipped: list[bytes] = field(default_factory=list, repr=False, compare=False)
+
+class Published:
+    """One environment version, serialized once (by the commit that made it) for every client."""
+
+    def __init__(self, env: str, body: bytes) -> None:
+        match = _IDENTITY.match(body)
+        if match is None:
+            raise ValueError(f"the stored snapshot of {env!r} does not start as a snapshot does")
+        self.env, self.body = env, body
+        self.version, self.history = int(match[1]), match[2].decode()
+        self.identity = f"{self.version}-{self.history}"  #: see :class:`flagsvc.flags.Snapshot`
+
+    def __repr__(self) -> str:
+        return f"Published({self.env!r}, {self.identity!r})"
+
+    @cached_property
+    def flags(self) -> dict[str, Any]:
+        """Every live flag's evaluation fields, parsed once per version and process."""
+        flags: dict[str, Any] = json.loads(self.body)["flags"]
+        return flags
 
     def gzipped(self) -> bytes:
         """``body`` gzip-compressed, once per version and process (for ``Accept-Encoding: gzip``)."""
-        if not self._gzipped:
-            self._gzipped.append(gzip.compress(self.body, compresslevel=6, mtime=0))
-        return self._gzipped[0]
+        return self._gzipped
+
+    @cached_property
+    def _gzipped(self) -> bytes:
+        return gzip.compress(self.body, compresslevel=6, mtime=0)
 
     def compiled(self) -> dict[str, CompiledFlag]:
         """The flags compiled for server-side evaluation (OFREP), once per version and process."""
-        if not self._compiled and self.flags:
-            self._compiled.update({key: compile_flag(key, raw) for key, raw in self.flags.items()})
         return self._compiled
+
+    @cached_property
+    def _compiled(self) -> dict[str, CompiledFlag]:
+        return {key: compile_flag(key, raw) for key, raw in self.flags.items()}
 
 
 class SnapshotCache:
@@ -123,12 +140,16 @@ class SnapshotCache:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def _load(self, env: str) -> Published:
-        snap = self._flags.snapshot(env)
-        body = json.dumps(snap.to_dict(), separators=(",", ":")).encode()
-        entry = Published(env, snap.version, snap.identity, body, snap.flags)
+    def _load(self, env: str, identity: str | None = None) -> Published:
+        """The snapshot the last commit stored (one GET); rebuilt from the flags when there is none,
+        or when it is not the ``identity`` Redis' version says (flags written by other means)."""
+        body = self._flags.serialized_snapshot(env)
+        if body is None or (identity is not None and Published(env, body).identity != identity):
+            snap = self._flags.rebuild_snapshot(env)
+            body = serialize_snapshot(snap)
+        entry = Published(env, body)
         if self._observe is not None:
-            self._observe(env, snap.version, snap.history, snap.head)
+            self._observe(env, entry.version, entry.history, None)
         with self._changed:
             current = self._entries.get(env)
             if current is None or current.identity != entry.identity:
@@ -153,17 +174,19 @@ class SnapshotCache:
         envs = list(self._entries)
         if envs:
             pipe = self._redis.pipeline(transaction=False)
-            for env in envs:
-                pipe.get(EnvKeys(env).version)
-                pipe.get(EnvKeys(env).version_mark)
-                pipe.get(EnvKeys(env).audit_head)
+            for env in envs:  # not MGET: a cluster's pipelines refuse it
+                k = EnvKeys(env)
+                pipe.get(k.version)
+                pipe.get(k.version_mark)
+                pipe.get(k.audit_head)
             stored = pipe.execute()
             for i, env in enumerate(envs):
                 version, mark, head = int(stored[3 * i] or 0), stored[3 * i + 1] or "", stored[3 * i + 2]
-                if f"{version}-{history_of(mark)}" != self._entries[env].identity:
-                    self._load(env)
-                elif self._observe is not None:
+                if self._observe is not None:
                     self._observe(env, version, history_of(mark), head)
+                identity = f"{version}-{history_of(mark)}"
+                if identity != self._entries[env].identity:
+                    self._load(env, identity)
         else:
             self._redis.ping()
         self._last_ok = time.monotonic()

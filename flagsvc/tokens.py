@@ -13,6 +13,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +28,8 @@ from .writes import Change, State, WriteContext, Writer, audit_entry
 TOKEN_PREFIX = "fsk_"
 ALL_ENVS = "*"
 _CACHE_MAX = 10_000
+#: The most system log entries one refresh follows; beyond, it reads every token again.
+_CHANGES_PAGE = 1000
 
 
 class Role(enum.IntEnum):
@@ -92,6 +95,15 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _token_id_of(fields: dict[str, str]) -> str | None:
+    """The id of the token a system log entry changed, if it changed one."""
+    if not fields.get("action", "").startswith("token."):
+        return None
+    record = json.loads(fields.get("after") or fields.get("before") or "{}")
+    token_id = record.get("id")
+    return str(token_id) if token_id else None
+
+
 def split_token(token: str) -> str | None:
     """The id of a well-formed token, else ``None``."""
     if not token.startswith(TOKEN_PREFIX):
@@ -126,6 +138,8 @@ class TokenStore:
         self._cache_seconds = cache_seconds
         self._cache: dict[str, _Cached] = {}
         self._clock_offset = 0.0  # Redis' clock minus this host's, in seconds
+        self._followed: tuple[str, int] | None = None  # system log entry (id, seq) the cache follows
+        self._confirmed = float("-inf")  # time.monotonic() of the last refresh: every record current
         self._unreachable = False  # the last Redis read of this store failed
 
     def create(
@@ -216,27 +230,65 @@ class TokenStore:
     # -- the cache -------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read every token and Redis' clock (the change listener calls this every second):
-        the request path then rarely needs Redis, and an outage finds every token here."""
+        """Redis' clock, and the tokens changed since the last refresh (the change listener calls
+        this every second): a few commands whatever the number of tokens. Every token is read at
+        the first refresh, and again when the changes since cannot be followed (a long outage)."""
         try:
             seconds, micros = self._redis.time()
-            records = self._redis.hgetall(self._keys.tokens)
+            newest = self._redis.xrevrange(self._keys.audit, count=1)
+            if self._followed is None or not self._follow_changes(newest):
+                self._read_all(newest)
         except redis.RedisError:
             self._unreachable = True
             raise
         self._unreachable = False
         self._clock_offset = int(seconds) + int(micros) / 1e6 - time.time()
+        self._confirmed = time.monotonic()
+        self._forget_unknown_ids()
+
+    def _follow_changes(self, newest: Sequence[Any]) -> bool:
+        """Re-read the tokens the system log shows changed since the last refresh; False if it
+        cannot show them all (more than a page, or entries trimmed)."""
+        assert self._followed is not None
+        seen_id, seen_seq = self._followed
+        if not newest or newest[0][0] == seen_id:
+            return bool(newest) or seen_seq == 0
+        since = self._redis.xrange(self._keys.audit, min=f"({seen_id}", count=_CHANGES_PAGE + 1)
+        if not since or len(since) > _CHANGES_PAGE or int(since[0][1]["seq"]) != seen_seq + 1:
+            return False
+        changed = {_token_id_of(fields) for _, fields in since} - {None}
+        if changed:
+            ids = sorted(str(i) for i in changed)
+            records = self._redis.hmget(self._keys.tokens, ids)
+            now = time.monotonic()
+            for token_id, raw in zip(ids, records, strict=True):
+                self._cache[token_id] = _Cached(Token.from_json(raw) if raw else None, now)
+        self._followed = (since[-1][0], int(since[-1][1]["seq"]))
+        return True
+
+    def _read_all(self, newest: Sequence[Any]) -> None:
+        """Every token, read after the newest log entry (a change after it is followed next time)."""
+        records = self._redis.hgetall(self._keys.tokens)
         now = time.monotonic()
-        negatives = {tid: c for tid, c in self._cache.items() if c.record is None}
         vanished = {
             tid: _Cached(None, now) for tid, c in self._cache.items() if c.record and tid not in records
         }
-        self._cache = {tid: _Cached(Token.from_json(raw), now) for tid, raw in records.items()}
-        self._cache.update(vanished)  # gone from Redis: no longer valid, not "not yet read"
-        if len(negatives) < _CACHE_MAX:  # unknown ids stay unknown until they expire from it
-            self._cache.update(
-                {tid: c for tid, c in negatives.items() if now - c.loaded < self._cache_seconds}
-            )
+        negatives = {tid: c for tid, c in self._cache.items() if c.record is None}
+        self._cache = {**negatives, **vanished}  # gone from Redis: no longer valid, not "not yet read"
+        self._cache.update({tid: _Cached(Token.from_json(raw), now) for tid, raw in records.items()})
+        self._followed = (newest[0][0], int(newest[0][1]["seq"])) if newest else ("0-0", 0)
+
+    def _forget_unknown_ids(self) -> None:
+        """Ids that matched no token are looked up again once a second at most, and not kept
+        beyond :data:`_CACHE_MAX` (a flood of made-up ids)."""
+        now = time.monotonic()
+        stale = [
+            tid
+            for tid, c in self._cache.items()
+            if c.record is None and now - c.loaded >= self._cache_seconds
+        ]
+        for tid in stale:
+            del self._cache[tid]
 
     def reload(self, token_id: str) -> None:
         """Re-read one token now (its change was announced: a revocation, a new token)."""
@@ -245,6 +297,7 @@ class TokenStore:
     def reset(self) -> None:
         """Forget every cached token (the change listener starts in a new process)."""
         self._cache.clear()
+        self._followed = None
 
     def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
         """A token created or revoked anywhere is re-read here at once."""
@@ -286,7 +339,8 @@ class TokenStore:
 
     def _cached_or_read(self, token_id: str, may_wait: bool) -> Token | None:
         cached = self._cache.get(token_id)
-        fresh = cached is not None and time.monotonic() - cached.loaded <= self._cache_seconds
+        current_since = max(cached.loaded, self._confirmed) if cached is not None else 0.0
+        fresh = cached is not None and time.monotonic() - current_since <= self._cache_seconds
         if cached is not None and (fresh or not may_wait):
             return cached.record
         if cached is None and not may_wait and self._unreachable:

@@ -267,14 +267,15 @@ def test_conditional_polls_make_no_redis_round_trip(stack):
     delta.pop("cmdstat_info", None)
     # What the workers do on their own, whatever the number of polls: once a second each lists
     # the environments and reads each one's version, version mark and audit head (SMEMBERS, GET x3:
-    # new versions and rollbacks), refreshes its tokens and Redis' clock (TIME, HGETALL) - a
-    # token missing from a worker's cache costs an HGET - and its scheduler looks for due reverts
+    # new versions and rollbacks), follows the token changes in the system log and Redis' clock
+    # (TIME, XREVRANGE) - a token missing from a worker's cache costs an HGET - and its scheduler
+    # looks for due reverts
     # (TIME, SMEMBERS, ZRANGEBYSCORE), and its webhook deliverer lists each environment's
     # subscriptions (SMEMBERS, HKEYS): 11 commands. Nothing may scale with the polls.
     allowed = 2 * 11 * (int(elapsed) + 2)
     assert sum(delta.values()) <= allowed, f"{delta} for 1000 polls in {elapsed:.1f}s (allowed {allowed})"
     # (hello, client: a worker's connection pool opening one more connection.)
-    periodic = {"get", "hget", "hgetall", "hkeys", "time", "ping", "smembers", "zrangebyscore"}
+    periodic = {"get", "hget", "xrevrange", "hkeys", "time", "ping", "smembers", "zrangebyscore"}
     periodic |= {"hello", "client"}
     assert set(delta) <= {f"cmdstat_{c}" for c in periodic}, delta
 

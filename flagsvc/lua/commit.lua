@@ -8,7 +8,11 @@
 --   new_head     head after the last entry
 --   ops          list of {cmd, key_index, args...}; cmd in SET, HSET, HDEL, SADD, DEL, ZADD, ZREM,
 --                XTRIM (MINID = the given id: the audit retention, see flagsvc/retention.py),
---                SETHEAD (SET the key to new_head: where the version moved, see keys.version_mark)
+--                SETHEAD (SET the key to new_head: where the version moved, see keys.version_mark),
+--                FLAG {key_index, source_index, flag, record, fragment}: HSET the flag's record, and
+--                its snapshot fragment ("" when archived) in the snapshot source hash,
+--                SNAPSHOT {key_index, source_index, flags_index, prefix}: SET the serialized snapshot
+--                (see keys.snapshot), built from the fragments after every other op of the commit
 --   time_ms      the entries' time (their "time" field) in ms since the epoch, as a string
 --   entries      list of audit entries, each a flat list of field/value strings, in chain order,
 --                "seq" first
@@ -50,7 +54,7 @@ end
 -- Type checks first: a script is not rolled back on a runtime error, so refuse before the
 -- first write rather than fail half-way on a key someone overwrote by hand.
 local expected_type = {
-  SET = 'string', SETHEAD = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'string', ZADD = 'zset', ZREM = 'zset',
+  SET = 'string', SETHEAD = 'string', FLAG = 'hash', SNAPSHOT = 'string', HSET = 'hash', HDEL = 'hash', SADD = 'set', DEL = 'any', ZADD = 'zset', ZREM = 'zset',
   XTRIM = 'stream',
 }
 for _, op in ipairs(plan.ops) do
@@ -59,8 +63,14 @@ for _, op in ipairs(plan.ops) do
     return redis.error_reply('commit.lua: unknown op ' .. tostring(op[1]))
   end
   local have = redis.call('TYPE', KEYS[op[2]]).ok
-  if have ~= 'none' and have ~= want then
+  if want ~= 'any' and have ~= 'none' and have ~= want then
     return redis.error_reply('commit.lua: ' .. KEYS[op[2]] .. ' is a ' .. have .. ', not a ' .. want)
+  end
+  if op[1] == 'FLAG' or op[1] == 'SNAPSHOT' then
+    local source = redis.call('TYPE', KEYS[op[3]]).ok
+    if source ~= 'none' and source ~= 'hash' then
+      return redis.error_reply('commit.lua: ' .. KEYS[op[3]] .. ' is a ' .. source .. ', not a hash')
+    end
   end
 end
 local stream_type = redis.call('TYPE', KEYS[1]).ok
@@ -87,6 +97,32 @@ if time_ms == last_ms then
   next_n = last_n + 1
 end
 
+-- The snapshot of the environment: its fragments (one per flag, "<kind rank>|<JSON member>", ""
+-- for an archived flag) in rank then key order, after the prefix and this commit's history. When the
+-- fragments do not cover every flag (data written before they existed) there is no snapshot: readers
+-- build it from the flags and store it (flagsvc/flags.py).
+local function write_snapshot(key, source, flags, prefix)
+  if redis.call('HLEN', source) ~= redis.call('HLEN', flags) then
+    redis.call('DEL', key)
+    return
+  end
+  local all = redis.call('HGETALL', source)
+  local members = {}
+  for i = 1, #all, 2 do
+    if all[i + 1] ~= '' then
+      members[#members + 1] = {all[i + 1]:sub(1, 1) .. all[i], all[i + 1]:sub(3)}
+    end
+  end
+  table.sort(members, function(a, b) return a[1] < b[1] end)
+  local parts = {}
+  for i, member in ipairs(members) do
+    parts[i] = member[2]
+  end
+  local history = string.sub(string.match(plan.new_head, ':(.*)$') or '', 1, 12)
+  redis.call('SET', key, prefix .. history .. '","flags":{' .. table.concat(parts, ',') .. '}}')
+end
+
+local snapshot_op = nil
 for _, op in ipairs(plan.ops) do
   local cmd = op[1]
   local key = KEYS[op[2]]
@@ -94,6 +130,11 @@ for _, op in ipairs(plan.ops) do
     redis.call('SET', key, op[3])
   elseif cmd == 'SETHEAD' then
     redis.call('SET', key, plan.new_head)
+  elseif cmd == 'FLAG' then
+    redis.call('HSET', key, op[4], op[5])
+    redis.call('HSET', KEYS[op[3]], op[4], op[6])
+  elseif cmd == 'SNAPSHOT' then
+    snapshot_op = op
   elseif cmd == 'HSET' then
     redis.call('HSET', key, op[3], op[4])
   elseif cmd == 'HDEL' then
@@ -109,6 +150,9 @@ for _, op in ipairs(plan.ops) do
   elseif cmd == 'XTRIM' then
     redis.call('XTRIM', key, 'MINID', '=', op[3])
   end
+end
+if snapshot_op then
+  write_snapshot(KEYS[snapshot_op[2]], KEYS[snapshot_op[3]], KEYS[snapshot_op[4]], snapshot_op[5])
 end
 
 local id = ''
