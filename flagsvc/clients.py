@@ -1,18 +1,28 @@
-"""SDK instances: their heartbeats, the propagation view, and evaluation counts per minute.
+"""SDK instances: their heartbeats, the propagation view, and evaluation counts per app and minute.
 
-A heartbeat is recorded by ``heartbeat.lua`` in one atomic step, within limits that keep one
-token from flooding Redis: at most ``per_token`` instances per token and environment (a new one
-takes the place of the token's longest silent instance, else it is refused), at most
-``per_minute`` heartbeats per instance, and evaluation counts only for flags that exist.
-An instance whose SDK closes says goodbye (:meth:`ClientRegistry.forget`).
-Instances silent for a day are purged by the housekeeping pass (:meth:`ClientRegistry.housekeep`,
-run by every scheduler), which also counts the live and current instances that ``/metrics``
-reports, so a scrape costs the same whatever the size of the fleet.
+A heartbeat never waits on Redis: :meth:`ClientRegistry.report` checks it against this process's
+limits and keeps it in memory, and the change listener writes what the process gathered once a
+second (:meth:`ClientRegistry.refresh`, ``heartbeats.lua``): the newest record of each instance,
+and the evaluation counts added up per flag and app. So a fleet costs Redis one write per process
+per second, whatever the number of instances or how often they report, and the usage data grows
+with flags x apps, not with instances.
+
+Limits that keep one token from flooding: at most ``per_minute`` heartbeats per instance in a
+process (429 beyond); at most ``per_token`` instances per token and environment (a new one takes
+the place of the token's longest silent instance, else it is refused when written, and its next
+heartbeats get 429); counts only for flags that exist; at most :data:`MAX_APPS_PER_TOKEN` app
+names per token in a process. An instance whose SDK closes says goodbye (:meth:`ClientRegistry.forget`).
+
+The housekeeping pass (:meth:`ClientRegistry.housekeep`, run by every scheduler) forgets instances
+silent for a day, takes those that went silent out of the lagging count, and counts the live and
+current instances that ``/metrics`` reports; the propagation view and the blast radius read counts
+and a bounded list, so their cost does not grow with the fleet either.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -27,18 +37,31 @@ import redis
 from .errors import ProblemError, TooManyRequests
 from .keys import EnvKeys
 
+log = logging.getLogger(__name__)
+
 #: An instance is live if it reported within this many seconds (SDKs report every 30 s).
 LIVE_SECONDS = 90
 #: Instances silent for longer are forgotten.
 FORGET_SECONDS = 24 * 3600
 #: A dry run shows who evaluated the affected flags in the last this many minutes.
 BLAST_RADIUS_MINUTES = 15
-#: Evaluation counts are kept per minute for this long.
-COUNTS_TTL_SECONDS = 3 * 3600
-#: How many silent instances one housekeeping pass forgets at most, per environment.
+#: Evaluation counts are kept per minute for this long (twice what the blast radius reads).
+COUNTS_TTL_SECONDS = 30 * 60
+#: How many instances one housekeeping pass handles at most, per environment and task.
 PURGE_BATCH = 1000
+#: The propagation view lists at most this many lagging instances, and this many recent ones.
+SHOWN_INSTANCES = 100
+#: Distinct app names one token's heartbeats are counted under, per process; beyond, the
+#: token's name.
+MAX_APPS_PER_TOKEN = 50
+#: Instances one process holds unwritten at most (a second's heartbeats); beyond, 429.
+MAX_PENDING = 100_000
+#: An evaluation count larger than this in one heartbeat is taken as this.
+MAX_COUNT = 2**40
+#: A goodbye is remembered this long (longer than a report can wait in a process's buffer).
+GOODBYE_SECONDS = 120
 
-_HEARTBEAT = resources.files(__package__).joinpath("lua/heartbeat.lua").read_text()
+_HEARTBEATS = resources.files(__package__).joinpath("lua/heartbeats.lua").read_text()
 
 
 class ClientNotFound(ProblemError):
@@ -57,34 +80,63 @@ class Limits:
 class PropagationView:
     env: str
     version: int
+    #: live, applied_current, lagging, silent: counts over the whole fleet
+    summary: dict[str, int]
+    #: the lagging live instances first, then the most recent (at most :data:`SHOWN_INSTANCES` each)
     instances: list[dict[str, Any]]
     #: OFREP consumers: they evaluate on the server, so they hold no version to wait for.
     ofrep: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        live = [i for i in self.instances if i["live"]]
-        current = [i for i in live if i["applied_version"] >= self.version]
         return {
             "env": self.env,
             "version": self.version,
-            "summary": {
-                "live": len(live),
-                "applied_current": len(current),
-                "lagging": len(live) - len(current),
-                "silent": len(self.instances) - len(live),
-            },
+            "summary": self.summary,
             "instances": self.instances,
             "ofrep": self.ofrep,
         }
 
 
+@dataclass
+class _Pending:
+    """One instance's newest heartbeat in this process, not yet written."""
+
+    record: str
+    applied: int
+    seen: float
+    token_id: str
+    app: str
+
+
+@dataclass
+class _Gathered:
+    """What this process gathered since its last write to Redis."""
+
+    heartbeats: dict[tuple[str, str], _Pending] = field(default_factory=dict)  # (env, instance) ->
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (env, flag, app) -> n
+
+    def merge_older(self, older: _Gathered) -> None:
+        """Take back what a failed write held, under what came since."""
+        self.heartbeats = {**older.heartbeats, **self.heartbeats}
+        self.counts.update(older.counts)
+
+
 class ClientRegistry:
-    """Heartbeats of SDK instances per environment."""
+    """Heartbeats of SDK instances per environment; see the module docstring. Driven by the
+    change listener (:meth:`refresh` writes the heartbeats gathered, once a second)."""
 
     def __init__(self, client: redis.Redis, limits: Limits | None = None) -> None:
         self._redis = client
         self._limits = limits or Limits()
-        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._write_script = client.register_script(_HEARTBEATS)
+        self._lock = threading.Lock()
+        self._gathered = _Gathered()
+        self._sent: Counter[tuple[str, str]] = Counter()  # (env, instance) -> heartbeats this minute
+        self._minute = 0
+        self._refused: dict[tuple[str, str], float] = {}  # (env, instance) -> refused until
+        self._apps: dict[str, set[str]] = {}  # token id -> app names counted
+
+    # -- the request path: memory only -----------------------------------------------------------
 
     def report(
         self,
@@ -94,10 +146,12 @@ class ClientRegistry:
         *,
         source: str,
         token_id: str,
+        token_name: str = "",
         flags: Collection[str],
     ) -> None:
-        """Record a heartbeat of ``instance`` sent with token ``token_id``; evaluation counts of
-        flags not in ``flags`` (the environment's) are dropped. 429 beyond the limits."""
+        """Take a heartbeat of ``instance`` sent with token ``token_id``, to be written within a
+        second; evaluation counts of flags not in ``flags`` (the environment's) are dropped. 429
+        beyond the limits, and for an instance the per-token cap refused."""
         now = time.time()
         counts: dict[str, int] = body.pop("counts", {}) or {}
         record = {
@@ -107,70 +161,182 @@ class ClientRegistry:
             "seen_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "seen_ts": now,
         }
-        k, minute = EnvKeys(env), int(now // 60)
-        app = str(body.get("app", ""))
-        pairs = [
-            x for flag, n in counts.items() if flag in flags and n for x in (f"{flag}|{app}|{instance}", n)
-        ]
-        status, *wait = self._heartbeat(
-            keys=[
-                k.clients,
-                k.clients_seen,
-                k.clients_of_token(token_id),
-                k.heartbeats(minute),
-                k.evaluations(minute),
-                k.clients_applied,
-            ],
-            args=[
+        key = (env, instance)
+        with self._lock:
+            self._check_limits(key, now)
+            app = self._app_name(token_id, str(body.get("app", "")), token_name or token_id)
+            self._gathered.heartbeats[key] = _Pending(
+                json.dumps(record), int(body.get("applied_version") or 0), now, token_id, app
+            )
+            for flag, n in counts.items():
+                if flag in flags and n:
+                    self._gathered.counts[(env, flag, app)] += min(int(n), MAX_COUNT)
+
+    def sent(self, env: str, instance: str) -> int:
+        """Heartbeats ``instance`` sent this process this minute (what its rate limit counts)."""
+        with self._lock:
+            return self._sent[(env, instance)] if self._minute == int(time.time() // 60) else 0
+
+    def _check_limits(self, key: tuple[str, str], now: float) -> None:
+        refused_until = self._refused.get(key, 0.0)
+        if refused_until > now:
+            raise TooManyRequests(
+                f"this token already has {self._limits.per_token} live SDK instances in {key[0]!r}",
+                int(refused_until - now) + 1,
+            )
+        minute = int(now // 60)
+        if minute != self._minute:
+            self._sent.clear()
+            self._minute = minute
+        if self._sent[key] >= self._limits.per_minute:
+            raise TooManyRequests(
+                f"instance {key[1]!r} sent {self._limits.per_minute} heartbeats this minute",
+                60 - int(now) % 60,
+            )
+        if key not in self._gathered.heartbeats and len(self._gathered.heartbeats) >= MAX_PENDING:
+            raise TooManyRequests("too many SDK instances reported in the last second; retry", 1)
+        self._sent[key] += 1
+
+    def _app_name(self, token_id: str, app: str, fallback: str) -> str:
+        apps = self._apps.setdefault(token_id, set())
+        if not app or (app not in apps and len(apps) >= MAX_APPS_PER_TOKEN):
+            return fallback
+        apps.add(app)
+        return app
+
+    # -- driven by the change listener -----------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self._gathered = _Gathered()
+            self._sent.clear()
+            self._refused.clear()
+            self._apps.clear()
+
+    def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
+        """Nothing: heartbeats do not depend on changes."""
+
+    def refresh(self) -> None:
+        """Write the heartbeats gathered since the last call (kept for the next call if Redis fails)."""
+        with self._lock:
+            gathered, self._gathered = self._gathered, _Gathered()
+            now = time.time()
+            self._refused = {k: until for k, until in self._refused.items() if until > now}
+        if not gathered.heartbeats and not gathered.counts:
+            return
+        try:
+            refused = self._write(gathered)
+        except redis.RedisError:
+            with self._lock:
+                self._gathered.merge_older(gathered)
+            raise
+        if refused:
+            with self._lock:
+                self._refused.update(refused)
+
+    def _write(self, gathered: _Gathered) -> dict[tuple[str, str], float]:
+        """One script call per environment; the instances the per-token cap refused, until when."""
+        now = time.time()
+        refused: dict[tuple[str, str], float] = {}
+        for env in sorted({env for env, _ in gathered.heartbeats} | {env for env, _, _ in gathered.counts}):
+            keys, plan = self._plan(EnvKeys(env), gathered, now)
+            answer = self._write_script(keys=keys, args=[json.dumps(plan)])
+            for instance, wait in zip(answer[::2], answer[1::2], strict=True):
+                refused[(env, str(instance))] = now + int(wait)
+        return refused
+
+    def _plan(self, k: EnvKeys, gathered: _Gathered, now: float) -> tuple[list[str], dict[str, Any]]:
+        """The KEYS and the plan of ``heartbeats.lua`` for environment ``k``."""
+        fixed = [k.clients, k.clients_seen, k.clients_applied, k.evaluations(int(now // 60))]
+        positions = {key: i + 1 for i, key in enumerate([*fixed, k.clients_gone, k.clients_apps])}
+
+        def index(key: str) -> int:
+            return positions.setdefault(key, len(positions) + 1)
+
+        instances = [
+            [
                 instance,
-                json.dumps(record),
-                now,
-                int(body.get("applied_version") or 0),
-                self._limits.per_token,
-                self._limits.per_minute,
-                LIVE_SECONDS,
-                FORGET_SECONDS,
-                COUNTS_TTL_SECONDS,
-                *pairs,
-            ],
-        )
-        if status == "rate":
-            raise TooManyRequests(
-                f"instance {instance!r} sent {self._limits.per_minute} heartbeats this minute", int(wait[0])
-            )
-        if status == "cap":
-            raise TooManyRequests(
-                f"this token already has {self._limits.per_token} live SDK instances in {env!r}", int(wait[0])
-            )
+                p.record,
+                p.applied,
+                p.seen,
+                index(k.clients_of_token(p.token_id)),
+                index(k.clients_of_app(p.app)),
+                p.app,
+            ]
+            for (env, instance), p in gathered.heartbeats.items()
+            if env == k.name
+        ]
+        counts = [[f"{flag}|{app}", n] for (env, flag, app), n in gathered.counts.items() if env == k.name]
+        plan = {
+            "now": now,
+            "per_token": self._limits.per_token,
+            "live": LIVE_SECONDS,
+            "forget": FORGET_SECONDS,
+            "counts_ttl": COUNTS_TTL_SECONDS,
+            "instances": instances,
+            "counts": counts,
+        }
+        return list(positions), plan
+
+    # -- goodbyes, reads, housekeeping -----------------------------------------------------------
+
+    def registered(self, env: str, instance: str, *, token_id: str) -> bool:
+        """Whether ``instance`` of ``token_id`` is recorded (within the cap): only a registered
+        instance's report counts as evidence (:meth:`flagsvc.history.HistoryGuard.sdk_applied`)."""
+        return self._redis.zscore(EnvKeys(env).clients_of_token(token_id), instance) is not None
 
     def forget(self, env: str, instance: str, *, token_id: str) -> bool:
         """An instance said goodbye (its SDK closed): forget it at once, rather than count it as
         live for :data:`LIVE_SECONDS`. Only the token that registered it may; False if it did not."""
-        k = EnvKeys(env)
-        if self._redis.zscore(k.clients_of_token(token_id), instance) is None:
+        k, key = EnvKeys(env), (env, instance)
+        with self._lock:
+            pending = self._gathered.heartbeats.pop(key, None)
+        known = self._redis.zscore(k.clients_of_token(token_id), instance) is not None
+        if not known and not (pending and pending.token_id == token_id):
             return False
+        raw = self._redis.hget(k.clients, instance)
+        app = str(json.loads(raw).get("app", "")) if raw else pending.app if pending else ""
         pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(k.clients_gone, {instance: time.time()})
         pipe.hdel(k.clients, instance)
         pipe.zrem(k.clients_seen, instance)
         pipe.zrem(k.clients_applied, instance)
         pipe.zrem(k.clients_of_token(token_id), instance)
+        pipe.zrem(k.clients_of_app(app), instance)
         pipe.execute()
         return True
 
     def view(self, env: str, current_version: int) -> PropagationView:
-        now = time.time()
+        """Counts over the whole fleet, and the instances most worth a look: the lagging live ones
+        first, then the most recent; a constant cost whatever the size of the fleet."""
+        k, now = EnvKeys(env), time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zcount(k.clients_seen, now - LIVE_SECONDS, "+inf")
+        pipe.zcard(k.clients_seen)
+        pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
+        pipe.zrangebyscore(k.clients_applied, "-inf", f"({current_version}", start=0, num=SHOWN_INSTANCES)
+        pipe.zrevrange(k.clients_seen, 0, SHOWN_INSTANCES - 1)
+        live, total, lagging, behind, recent = pipe.execute()
+        shown = list(dict.fromkeys([*behind, *recent]))
         instances = []
-        for value in self._redis.hvals(EnvKeys(env).clients):
+        for value in self._redis.hmget(k.clients, shown) if shown else []:
+            if value is None:
+                continue  # forgotten in between
             record = json.loads(value)
             age = now - float(record.pop("seen_ts", 0))
-            if age > FORGET_SECONDS:
-                continue  # the next housekeeping pass forgets it
             record["live"] = age <= LIVE_SECONDS
             record["age_seconds"] = round(age, 1)
             record["lag"] = max(0, current_version - int(record.get("applied_version") or 0))
             instances.append(record)
         instances.sort(key=lambda r: (not r["live"], -r["lag"], r.get("app", ""), r["instance"]))
-        return PropagationView(env, current_version, instances, self._ofrep_consumers(env, now))
+        lagging = min(lagging, live)  # instances gone silent leave the lagging count within seconds
+        summary = {
+            "live": live,
+            "applied_current": live - lagging,
+            "lagging": lagging,
+            "silent": total - live,
+        }
+        return PropagationView(env, current_version, summary, instances, self._ofrep_consumers(env, now))
 
     def _ofrep_consumers(self, env: str, now: float) -> list[dict[str, Any]]:
         consumers = []
@@ -187,22 +353,44 @@ class ClientRegistry:
         return {"live": int(raw.get("live", 0)), "current": int(raw.get("current", 0))}
 
     def housekeep(self, env: str, current_version: int) -> None:
-        """Forget instances silent for a day, and count the live and current ones."""
+        """Forget instances silent for a day; take those that went silent since the last pass out
+        of the lagging count; count the live and current ones. Batches of :data:`PURGE_BATCH`."""
         k, now = EnvKeys(env), time.time()
+        self._forget_silent(k, now)
+        self._take_silent_out_of_lagging(k, now)
+        self._forget_silent_consumers(k, now)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(k.clients_gone, "-inf", now - GOODBYE_SECONDS)
+        for app in self._redis.smembers(k.clients_apps):
+            pipe.zremrangebyscore(k.clients_of_app(app), "-inf", now - LIVE_SECONDS)
+        pipe.zcount(k.clients_seen, now - LIVE_SECONDS, "+inf")
+        pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
+        *_, live, lagging = pipe.execute()
+        current = live - min(live, lagging)
+        self._redis.hset(k.clients_summary, mapping={"live": live, "current": current, "at": now})
+
+    def _forget_silent(self, k: EnvKeys, now: float) -> None:
         gone = self._redis.zrangebyscore(
             k.clients_seen, "-inf", now - FORGET_SECONDS, start=0, num=PURGE_BATCH
         )
-        pipe = self._redis.pipeline(transaction=False)
-        self._forget_silent_consumers(k, now)
         if gone:
+            pipe = self._redis.pipeline(transaction=False)
             pipe.hdel(k.clients, *gone)
             pipe.zrem(k.clients_seen, *gone)
             pipe.zrem(k.clients_applied, *gone)
-        pipe.zrangebyscore(k.clients_seen, now - LIVE_SECONDS, "+inf")
-        live = pipe.execute()[-1]
-        applied = self._redis.zmscore(k.clients_applied, live) if live else []
-        current = sum(1 for v in applied if v is not None and v >= current_version)
-        self._redis.hset(k.clients_summary, mapping={"live": len(live), "current": current, "at": now})
+            pipe.execute()
+
+    def _take_silent_out_of_lagging(self, k: EnvKeys, now: float) -> None:
+        """The instances whose last report left the live window since the last pass (the summary
+        remembers how far passes went) no longer count among those that applied a version."""
+        since = self._redis.hget(k.clients_summary, "silent_to") or "-inf"
+        went_silent = self._redis.zrangebyscore(
+            k.clients_seen, since, now - LIVE_SECONDS, start=0, num=PURGE_BATCH, withscores=True
+        )
+        if went_silent:
+            self._redis.zrem(k.clients_applied, *[instance for instance, _ in went_silent])
+        reached = went_silent[-1][1] if len(went_silent) == PURGE_BATCH else now - LIVE_SECONDS
+        self._redis.hset(k.clients_summary, "silent_to", repr(reached))
 
     def _forget_silent_consumers(self, k: EnvKeys, now: float) -> None:
         records = self._redis.hgetall(k.ofrep_consumers)  # at most MAX_OFREP_APPS per token
@@ -211,20 +399,27 @@ class ClientRegistry:
             self._redis.hdel(k.ofrep_consumers, *gone)
 
     def evaluations(self, env: str, minutes: int) -> dict[str, dict[str, Any]]:
-        """Per flag, over the last ``minutes``: evaluations, and per app the instances that evaluated it."""
-        now_minute = int(time.time() // 60)
+        """Per flag, over the last ``minutes``: evaluations, and per app that evaluated it its live
+        instances. Reads flags x apps counts, whatever the number of instances."""
+        k, now = EnvKeys(env), time.time()
+        now_minute = int(now // 60)
         pipe = self._redis.pipeline(transaction=False)
         for m in range(now_minute - minutes + 1, now_minute + 1):
-            pipe.hgetall(EnvKeys(env).evaluations(m))
+            pipe.hgetall(k.evaluations(m))
         out: dict[str, dict[str, Any]] = {}
         for bucket in pipe.execute():
             for name, n in bucket.items():
-                flag, app, instance = name.split("|", 2)
+                flag, app = name.split("|")[:2]  # "flag|app" ("flag|app|instance" before 2026-12)
                 entry = out.setdefault(flag, {"evaluations": 0, "apps": {}})
                 entry["evaluations"] += int(n)
-                entry["apps"].setdefault(app, set()).add(instance)
+                entry["apps"][app] = 0
+        apps = sorted({app for entry in out.values() for app in entry["apps"]})
+        pipe = self._redis.pipeline(transaction=False)
+        for app in apps:
+            pipe.zcount(k.clients_of_app(app), now - LIVE_SECONDS, "+inf")
+        live = dict(zip(apps, pipe.execute(), strict=True)) if apps else {}
         for entry in out.values():
-            entry["apps"] = {app: len(instances) for app, instances in sorted(entry["apps"].items())}
+            entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}
         return out
 
 
@@ -286,13 +481,16 @@ class OfrepUsage:
     ) -> None:
         minute = int(time.time() // 60)
         pipe = self._redis.pipeline(transaction=False)
-        for (env, flag, app, token), n in counts.items():
+        for (env, flag, app, _token), n in counts.items():
             key = EnvKeys(env).evaluations(minute)
-            pipe.hincrby(key, f"{flag}|{app}|ofrep:{token}:{app}", n)
+            pipe.hincrby(key, f"{flag}|{app}", n)
             pipe.expire(key, COUNTS_TTL_SECONDS)
         for (env, app, token), (when, source) in seen.items():
-            consumer = f"ofrep:{token}:{app}"
+            k, consumer = EnvKeys(env), f"ofrep:{token}:{app}"
             at = datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
             record = {"consumer": consumer, "app": app, "token": token, "address": source, "seen_at": at}
-            pipe.hset(EnvKeys(env).ofrep_consumers, consumer, json.dumps({**record, "seen_ts": when}))
+            pipe.hset(k.ofrep_consumers, consumer, json.dumps({**record, "seen_ts": when}))
+            pipe.zadd(k.clients_of_app(app), {consumer: when})  # one instance of its app
+            pipe.expire(k.clients_of_app(app), FORGET_SECONDS)
+            pipe.sadd(k.clients_apps, app)
         pipe.execute()

@@ -82,13 +82,14 @@ def make_stores(
     history = HistoryGuard(client)
     snapshots = SnapshotCache(client, flags, list_envs=envs.list, observe=history.observe)
     ofrep_usage = OfrepUsage(client)
+    clients = ClientRegistry(client, limits)
     return Stores(
         redis=client,
         envs=envs,
         flags=flags,
         tokens=tokens,
         snapshots=snapshots,
-        clients=ClientRegistry(client, limits),
+        clients=clients,
         playbooks=PlaybookStore(client),
         streams=StreamLimiter(streams_per_token),
         writes=writes or WriteBudget(20.0, 60),
@@ -97,7 +98,7 @@ def make_stores(
         console=ConsoleSessions(client, tokens),
         webhooks=WebhookStore(client, webhook_hosts),
         listener=ChangeListener(
-            client, [snapshots, tokens, ofrep_usage, *filter(None, [durability_of(client)])]
+            client, [snapshots, tokens, clients, ofrep_usage, *filter(None, [durability_of(client)])]
         ),
     )
 

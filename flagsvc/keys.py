@@ -141,16 +141,27 @@ class EnvKeys(Namespace):
         """Hash: live and current instance counts, as the last housekeeping pass found them."""
         return f"{self.base}:clients:summary"
 
-    def heartbeats(self, minute: int) -> str:
-        """Hash: SDK instance id -> how many heartbeats it sent in that minute (the rate limit)."""
-        return f"{self.base}:clients:heartbeats:{minute}"
+    @property
+    def clients_gone(self) -> str:
+        """Sorted set of the SDK instances that said goodbye, by when (a report from before it,
+        still in a process's buffer, does not bring one back)."""
+        return f"{self.base}:clients:gone"
+
+    @property
+    def clients_apps(self) -> str:
+        """Set of the app names SDK instances and OFREP consumers reported."""
+        return f"{self.base}:clients:apps"
+
+    def clients_of_app(self, app: str) -> str:
+        """Sorted set of the SDK instances (and OFREP consumers) of one app, by when they reported."""
+        return f"{self.base}:clients:app:{app}"
 
     def clients_of_token(self, token_id: str) -> str:
         """Sorted set of the SDK instance ids one token reported, by when (the per-token cap)."""
         return f"{self.base}:clients:token:{token_id}"
 
     def evaluations(self, minute: int) -> str:
-        """Hash of evaluation counts in one minute: ``flag|app|instance`` -> count."""
+        """Hash of evaluation counts in one minute: ``flag|app`` -> count."""
         return f"{self.base}:evals:{minute}"
 
     @property

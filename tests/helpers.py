@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -87,3 +88,8 @@ def wait_for(
         if time.monotonic() - start > timeout:
             pytest.fail(f"{what} not reached within {timeout} s")
         time.sleep(interval)
+
+
+def heartbeats_written(app: Any) -> None:
+    """Write the heartbeats ``app``'s process gathered now, as its change listener does every second."""
+    app.extensions["flagsvc"].clients.refresh()

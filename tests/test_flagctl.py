@@ -187,6 +187,8 @@ def test_kill_dry_run_and_audit_filters_and_exports(ctl, flags, server, tokens, 
     heartbeat = {"app": "checkout", "applied_version": 3, "counts": {"exports": 4}}
     sdk = {"Authorization": f"Bearer {tokens['sdk']}"}
     assert requests.post(f"{base}/clients/i-1", json=heartbeat, headers=sdk, timeout=5).status_code == 204
+    reader = {"Authorization": f"Bearer {tokens['reader']}"}
+    wait_for(lambda: requests.get(f"{base}/clients", headers=reader, timeout=5).json()["summary"]["live"], 5)
 
     code, out, _ = ctl("kill", "exports", "--reason", "r", "--dry-run")
     assert code == 0 and "dry run, nothing changed: would kill exports" in out

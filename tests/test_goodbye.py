@@ -13,7 +13,7 @@ import requests
 
 from flagsvc_client import FlagClient
 
-from .helpers import ENV, ENV_URL, wait_for
+from .helpers import ENV, ENV_URL, heartbeats_written, wait_for
 
 
 def listed(client, auth) -> set[str]:
@@ -26,10 +26,11 @@ def beat(client, token: str, instance: str):
     return client.post(f"{ENV_URL}/clients/{instance}", json=body, headers=headers)
 
 
-def test_the_token_that_registered_an_instance_can_say_its_goodbye(client, auth, tokens, make_token):
+def test_the_token_that_registered_an_instance_can_say_its_goodbye(app, client, auth, tokens, make_token):
     other = make_token("sdk", name="other-app")
     assert beat(client, tokens["sdk"], "i-1").status_code == 204
     assert beat(client, other, "i-2").status_code == 204
+    heartbeats_written(app)
     assert listed(client, auth) == {"i-1", "i-2"}
 
     foreign = client.delete(f"{ENV_URL}/clients/i-2", headers=auth("sdk"))

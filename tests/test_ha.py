@@ -30,7 +30,7 @@ from flagsvc_client import FlagClient
 from flagsvc_client._snapshot import Snapshot
 
 from .conftest import RestartableServer
-from .helpers import ENV, ENV_URL, FLAGS_URL
+from .helpers import ENV, ENV_URL, FLAGS_URL, heartbeats_written
 from .redis_topology import SentinelSet, wait_until
 from .test_propagation import Stack, close_stream, next_event, open_stream
 
@@ -126,11 +126,14 @@ def test_an_sdk_ahead_of_redis_reveals_a_rollback_no_process_saw(
         fresh.extensions["flagsvc"].close()
 
 
-def test_an_sdk_claiming_a_version_far_ahead_is_not_believed(client, tokens, r, caplog):
+def test_an_sdk_claiming_a_version_far_ahead_is_not_believed(app, client, tokens, r, caplog):
     """A heartbeat is authenticated by an sdk token only: a claim more than MAX_VERSIONS_LOST
     versions ahead of Redis is logged, and neither alarms nor moves the version."""
     sdk = {"Authorization": f"Bearer {tokens['sdk']}"}
     stored = int(r.get(KEYS.version) or 0)
+    now = {"app": "shop", "applied_version": stored}
+    assert client.post(f"{ENV_URL}/clients/i-far", json=now, headers=sdk).status_code == 204
+    heartbeats_written(app)  # a registered instance: its claims count as evidence
     audit_before = r.xlen(KEYS.audit)
     far = {"app": "shop", "applied_version": stored + MAX_VERSIONS_LOST + 1}
     assert client.post(f"{ENV_URL}/clients/i-far", json=far, headers=sdk).status_code == 204

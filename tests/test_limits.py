@@ -25,7 +25,7 @@ from flagsvc.writes import IDEMPOTENCY_RECORDS_PER_TOKEN
 from flagsvc_client._stream import interrupt
 
 from .conftest import RestartableServer, dataset
-from .helpers import ENV, ENV_URL
+from .helpers import ENV, ENV_URL, heartbeats_written
 
 KEYS = EnvKeys(ENV)
 
@@ -68,11 +68,16 @@ def test_a_token_reports_a_bounded_number_of_instances(limited, r, make_token, s
     other = {"Authorization": f"Bearer {make_token('sdk', name='billing')}"}
     for i in range(3):
         assert beat(client, sdk, f"i-{i}").status_code == 204
+    heartbeats_written(limited)
     before = snapshot_redis()
+    assert beat(client, sdk, "i-3").status_code == 204, "taken in memory; refused when written"
+    heartbeats_written(limited)
+    assert snapshot_redis() == before, "a refused instance is not written"
     assert_429(beat(client, sdk, "i-3"))
-    assert snapshot_redis() == before, "a refused heartbeat writes nothing"
     assert beat(client, sdk, "i-0").status_code == 204, "known instances keep reporting"
     assert beat(client, other, "j-0").status_code == 204, "the cap is per token"
+    heartbeats_written(limited)
+    assert set(r.hkeys(KEYS.clients)) == {"i-0", "i-1", "i-2", "j-0"}
 
 
 def test_a_new_instance_takes_the_place_of_one_gone_silent(limited, r, make_token):
@@ -80,9 +85,11 @@ def test_a_new_instance_takes_the_place_of_one_gone_silent(limited, r, make_toke
     sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
     for i in range(3):
         assert beat(client, sdk, f"i-{i}").status_code == 204
+    heartbeats_written(limited)
     token_id = TokenStore(r).list()[-1].id
     r.zadd(KEYS.clients_of_token(token_id), {"i-0": time.time() - LIVE_SECONDS - 1})  # i-0 went silent
     assert beat(client, sdk, "i-3").status_code == 204
+    heartbeats_written(limited)
     assert not r.hexists(KEYS.clients, "i-0") and r.hexists(KEYS.clients, "i-3")
 
 
@@ -97,22 +104,24 @@ def test_an_instance_sends_a_bounded_number_of_heartbeats_a_minute(limited, make
     assert beat(client, sdk, "calm").status_code == 204, "the rate is per instance"
 
 
-def test_counts_are_kept_only_for_flags_that_exist(client, auth, r):
+def test_counts_are_kept_only_for_flags_that_exist(app, client, auth, r):
     client.put(f"{ENV_URL}/flags/real", json={"kind": "kill_switch", "enabled": True}, headers=auth("admin"))
     counts = {"real": 5, **{f"ghost-{i}": 1 for i in range(500)}}
     assert beat(client, auth("sdk"), "i-1", counts=counts).status_code == 204
+    heartbeats_written(app)
     minute = int(time.time() // 60)
     stored = {**r.hgetall(KEYS.evaluations(minute)), **r.hgetall(KEYS.evaluations(minute - 1))}
-    assert stored == {"real|shop|i-1": "5"}
+    assert stored == {"real|shop": "5"}
     preview = client.post(
         f"{ENV_URL}/flags/real/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")
     )
     assert preview.json["blast_radius"] == {"evaluations": 5, "apps": {"shop": 1}}
 
 
-def test_silent_instances_are_purged_without_anyone_reading_clients(client, auth, r):
+def test_silent_instances_are_purged_without_anyone_reading_clients(app, client, auth, r):
     assert beat(client, auth("sdk"), "old").status_code == 204
     assert beat(client, auth("sdk"), "new").status_code == 204
+    heartbeats_written(app)
     r.zadd(KEYS.clients_seen, {"old": time.time() - FORGET_SECONDS - 1})  # silent for a day
     Scheduler(r).housekeep()
     assert r.hkeys(KEYS.clients) == ["new"]
@@ -137,6 +146,7 @@ def test_a_metrics_scrape_costs_the_same_whatever_the_fleet(client, auth, r):
                 token_id=f"t{i % 7}",
                 flags=(),
             )
+        registry.refresh()
         Scheduler(r).housekeep()
         before = command_calls(r)
         text = client.get("/metrics").get_data(as_text=True)
@@ -234,7 +244,11 @@ def test_a_heartbeat_the_limits_refuse_is_evidence_of_nothing(limited, make_toke
     version = int(r.get(EnvKeys(ENV).version) or 0)
     for n in range(3):
         assert beat(client, sdk, f"i-{n}", applied_version=version).status_code == 204
+    heartbeats_written(limited)
     before = dataset(r)
+    for _ in range(2):  # taken in memory and refused when written, then refused at once
+        beat(client, sdk, "i-3", applied_version=version + 5)
+        heartbeats_written(limited)
     assert_429(beat(client, sdk, "i-3", applied_version=version + 5))
     assert dataset(r) == before
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flagsvc.audit import AuditLog
 from flagsvc.keys import EnvKeys
 
-from .helpers import ENV_URL, TIMEOUT_FLAG
+from .helpers import ENV_URL, TIMEOUT_FLAG, heartbeats_written
 
 PLAYBOOK = {
     "description": "INC runbook: checkout degraded",
@@ -77,13 +77,14 @@ def test_a_playbook_naming_a_missing_flag_or_variant_is_refused_when_saved(clien
     assert client.put(f"{ENV_URL}/playbooks/broken", json=fixed, headers=auth("admin")).status_code == 201
 
 
-def test_dry_run_previews_with_blast_radius_and_changes_nothing(client, auth, snapshot_redis):
+def test_dry_run_previews_with_blast_radius_and_changes_nothing(app, client, auth, snapshot_redis):
     seed(client, auth)
-    for instance, app in (("i1", "checkout"), ("i2", "checkout"), ("i3", "search")):
-        report = {"app": app, "applied_version": 5, "counts": {"checkout.recs": 10, "exports": 1}}
+    for instance, app_name in (("i1", "checkout"), ("i2", "checkout"), ("i3", "search")):
+        report = {"app": app_name, "applied_version": 5, "counts": {"checkout.recs": 10, "exports": 1}}
         assert (
             client.post(f"{ENV_URL}/clients/{instance}", json=report, headers=auth("sdk")).status_code == 204
         )
+    heartbeats_written(app)
     before = snapshot_redis()
     preview = client.post(
         f"{ENV_URL}/playbooks/checkout-degraded/apply",
@@ -203,13 +204,14 @@ def test_roles_and_required_fields(client, auth):
     assert client.delete(f"{ENV_URL}/playbooks/checkout-degraded", headers=auth("admin")).status_code == 204
 
 
-def test_kill_dry_run_previews_and_changes_nothing(client, auth, snapshot_redis):
+def test_kill_dry_run_previews_and_changes_nothing(app, client, auth, snapshot_redis):
     seed(client, auth)
     client.post(
         f"{ENV_URL}/clients/i1",
         json={"app": "checkout", "applied_version": 1, "counts": {"exports": 4}},
         headers=auth("sdk"),
     )
+    heartbeats_written(app)
     before = snapshot_redis()
     preview = client.post(
         f"{ENV_URL}/flags/exports/kill", json={"reason": "r", "dry_run": True}, headers=auth("operator")

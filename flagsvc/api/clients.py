@@ -55,9 +55,12 @@ class ClientInstance(MethodView):
             body,
             source=request.remote_addr or "",
             token_id=current_token().id,
+            token_name=current_token().name,
             flags=published.flags,
         )
-        if body["applied_version"] > published.version:  # from another worker, or another history
+        if body["applied_version"] > published.version and stores().clients.registered(
+            env, instance, token_id=current_token().id
+        ):  # from another worker, or another history; a new instance is not yet evidence
             stores().history.sdk_applied(env, body["applied_version"])
         config = current_app.config
         return (

@@ -1,0 +1,121 @@
+"""Usage data grows with flags x apps, not with the fleet: heartbeats are gathered in memory and
+written once a second, counts are kept per flag and app, and the propagation view and the blast
+radius read counts and a bounded list."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flagsvc.clients import LIVE_SECONDS, SHOWN_INSTANCES, ClientRegistry, Limits
+from flagsvc.envs import EnvStore
+from flagsvc.keys import EnvKeys
+from flagsvc.scheduler import Scheduler
+
+from .helpers import ENV
+from .test_fanout import commands_of
+
+KEYS = EnvKeys(ENV)
+FLAGS = [f"flag-{i}" for i in range(10)]
+
+
+def report_fleet(registry: ClientRegistry, instances: int, *, apps: int = 5, version: int = 1) -> None:
+    for i in range(instances):
+        body = {"app": f"app-{i % apps}", "applied_version": version, "counts": dict.fromkeys(FLAGS, 3)}
+        registry.report(ENV, f"i-{i}", body, source="10.0.0.1", token_id=f"t{i % 4}", flags=FLAGS)
+
+
+def registry_on(r: Any) -> ClientRegistry:
+    EnvStore(r).create(ENV, actor="test-setup")
+    return ClientRegistry(r, Limits(per_token=100_000))
+
+
+def test_a_process_writes_its_heartbeats_in_one_call_a_second(r: Any) -> None:
+    registry = registry_on(r)
+    report_fleet(registry, 1)
+    registry.refresh()  # (the script's first call loads it)
+    for _ in range(3):  # every instance reports three times within the second
+        report_fleet(registry, 500)
+    assert r.hlen(KEYS.clients) == 1, "nothing written on the request path"
+
+    written = commands_of(r, registry.refresh)
+
+    # commandstats counts the commands a script runs too: one call, and what it did inside
+    assert written.pop("evalsha") == 1 and written["hset"] == 500
+    assert set(written) <= {
+        "hset",
+        "zadd",
+        "sadd",
+        "zscore",
+        "zremrangebyscore",
+        "zcard",
+        "hincrby",
+        "expire",
+    }
+    assert r.hlen(KEYS.clients) == 500
+    minute = int(time.time() // 60)
+    assert r.hget(KEYS.evaluations(minute), "flag-0|app-0") == str(3 + 100 * 3 * 3)
+
+
+def test_usage_data_grows_with_flags_and_apps_not_with_instances(r: Any) -> None:
+    registry = registry_on(r)
+    sizes = []
+    for fleet in (50, 2_000):
+        r.delete(*r.keys(f"{KEYS.base}:evals:*") or ["-"])
+        report_fleet(registry, fleet)
+        registry.refresh()
+        minute = int(time.time() // 60)
+        sizes.append(r.hlen(KEYS.evaluations(minute)) + r.hlen(KEYS.evaluations(minute - 1)))
+    assert sizes == [len(FLAGS) * 5, len(FLAGS) * 5]
+
+
+def test_the_blast_radius_and_the_view_cost_the_same_whatever_the_fleet(r: Any) -> None:
+    registry = registry_on(r)
+    costs = []
+    for fleet in (20, 3_000):
+        report_fleet(registry, fleet, version=1)
+        registry.refresh()
+        radius = registry.evaluations(ENV, 15)
+        assert radius["flag-0"]["apps"] == {f"app-{a}": fleet // 5 for a in range(5)}
+        view = registry.view(ENV, current_version=2).to_dict()
+        assert view["summary"] == {"live": fleet, "applied_current": 0, "lagging": fleet, "silent": 0}
+        assert len(view["instances"]) <= 2 * SHOWN_INSTANCES
+        costs.append(
+            (
+                commands_of(r, lambda: registry.evaluations(ENV, 15)),
+                commands_of(r, lambda: registry.view(ENV, current_version=2)),
+            )
+        )
+    assert costs[0] == costs[1], costs
+
+
+def test_the_view_lists_lagging_instances_first_and_counts_silent_ones_apart(r: Any) -> None:
+    registry = registry_on(r)
+    report_fleet(registry, 300, version=2)
+    registry.report(ENV, "behind", {"app": "shop", "applied_version": 1}, source="", token_id="t9", flags=())
+    registry.report(ENV, "gone", {"app": "shop", "applied_version": 1}, source="", token_id="t9", flags=())
+    registry.refresh()
+    r.zadd(KEYS.clients_seen, {"gone": time.time() - LIVE_SECONDS - 5})  # went silent
+    Scheduler(r).housekeep()
+
+    view = registry.view(ENV, current_version=2).to_dict()
+
+    assert view["summary"] == {"live": 301, "applied_current": 300, "lagging": 1, "silent": 1}
+    assert view["instances"][0]["instance"] == "behind" and view["instances"][0]["lag"] == 1
+
+
+def test_a_goodbye_is_not_undone_by_a_report_another_process_still_holds(r: Any) -> None:
+    one, other = registry_on(r), ClientRegistry(r)
+    body = {"app": "shop", "applied_version": 1}
+    one.report(ENV, "i-1", dict(body), source="", token_id="t1", flags=())
+    one.refresh()
+    one.report(ENV, "i-1", dict(body), source="", token_id="t1", flags=())  # held in memory...
+    assert other.forget(ENV, "i-1", token_id="t1")  # ...when its SDK says goodbye elsewhere
+    one.refresh()
+    assert not r.hexists(KEYS.clients, "i-1")
+    assert registry_view_live(other) == 0
+
+
+def registry_view_live(registry: ClientRegistry) -> int:
+    live: int = registry.view(ENV, current_version=1).summary["live"]
+    return live
