@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -54,6 +54,8 @@ SHOWN_INSTANCES = 100
 #: Distinct app names one token's heartbeats are counted under, per process; beyond, the
 #: token's name.
 MAX_APPS_PER_TOKEN = 50
+#: Instances written in one script call at most (Redis runs nothing else meanwhile).
+WRITE_BATCH = 1000
 #: Instances one process holds unwritten at most (a second's heartbeats); beyond, 429.
 MAX_PENDING = 100_000
 #: An evaluation count larger than this in one heartbeat is taken as this.
@@ -114,6 +116,15 @@ class _Gathered:
 
     heartbeats: dict[tuple[str, str], _Pending] = field(default_factory=dict)  # (env, instance) ->
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (env, flag, app) -> n
+
+    def batches(self, size: int) -> Iterator[tuple[str, _Gathered]]:
+        """Per environment, parts of at most ``size`` instances (its counts go with the first)."""
+        envs = sorted({env for env, _ in self.heartbeats} | {env for env, _, _ in self.counts})
+        for env in envs:
+            mine = [(key, p) for key, p in self.heartbeats.items() if key[0] == env]
+            counts = Counter({key: n for key, n in self.counts.items() if key[0] == env})
+            for start in range(0, max(len(mine), 1), size):
+                yield env, _Gathered(dict(mine[start : start + size]), counts if start == 0 else Counter())
 
     def merge_older(self, older: _Gathered) -> None:
         """Take back what a failed write held, under what came since."""
@@ -217,33 +228,30 @@ class ClientRegistry:
         """Nothing: heartbeats do not depend on changes."""
 
     def refresh(self) -> None:
-        """Write the heartbeats gathered since the last call (kept for the next call if Redis fails)."""
+        """Write the heartbeats gathered since the last call, in batches of at most
+        :data:`WRITE_BATCH` instances; what a Redis failure left unwritten is kept for the next call."""
         with self._lock:
             gathered, self._gathered = self._gathered, _Gathered()
             now = time.time()
             self._refused = {k: until for k, until in self._refused.items() if until > now}
-        if not gathered.heartbeats and not gathered.counts:
-            return
-        try:
-            refused = self._write(gathered)
-        except redis.RedisError:
-            with self._lock:
-                self._gathered.merge_older(gathered)
-            raise
-        if refused:
+        batches = list(gathered.batches(WRITE_BATCH))
+        for i, (env, batch) in enumerate(batches):
+            try:
+                refused = self._write(env, batch)
+            except redis.RedisError:
+                with self._lock:
+                    for _, unwritten in batches[i:]:
+                        self._gathered.merge_older(unwritten)
+                raise
             with self._lock:
                 self._refused.update(refused)
 
-    def _write(self, gathered: _Gathered) -> dict[tuple[str, str], float]:
-        """One script call per environment; the instances the per-token cap refused, until when."""
+    def _write(self, env: str, batch: _Gathered) -> dict[tuple[str, str], float]:
+        """One script call; the instances the per-token cap refused, until when."""
         now = time.time()
-        refused: dict[tuple[str, str], float] = {}
-        for env in sorted({env for env, _ in gathered.heartbeats} | {env for env, _, _ in gathered.counts}):
-            keys, plan = self._plan(EnvKeys(env), gathered, now)
-            answer = self._write_script(keys=keys, args=[json.dumps(plan)])
-            for instance, wait in zip(answer[::2], answer[1::2], strict=True):
-                refused[(env, str(instance))] = now + int(wait)
-        return refused
+        keys, plan = self._plan(EnvKeys(env), batch, now)
+        answer = self._write_script(keys=keys, args=[json.dumps(plan)])
+        return {(env, str(i)): now + int(wait) for i, wait in zip(answer[::2], answer[1::2], strict=True)}
 
     def _plan(self, k: EnvKeys, gathered: _Gathered, now: float) -> tuple[list[str], dict[str, Any]]:
         """The KEYS and the plan of ``heartbeats.lua`` for environment ``k``."""
@@ -263,10 +271,9 @@ class ClientRegistry:
                 index(k.clients_of_app(p.app)),
                 p.app,
             ]
-            for (env, instance), p in gathered.heartbeats.items()
-            if env == k.name
+            for (_, instance), p in gathered.heartbeats.items()
         ]
-        counts = [[f"{flag}|{app}", n] for (env, flag, app), n in gathered.counts.items() if env == k.name]
+        counts = [[f"{flag}|{app}", n] for (_, flag, app), n in gathered.counts.items()]
         plan = {
             "now": now,
             "per_token": self._limits.per_token,
