@@ -150,7 +150,8 @@ def snapshot_prefix(env: str, version: int) -> str:
 
 
 def serialize_snapshot(snap: Snapshot) -> bytes:
-    """The bytes SDKs read; the same as the commit builds (``commit.lua``)."""
+    """The bytes SDKs read, as the commit builds them (``commit.lua``; flags of one kind may come
+    in another order there: Redis compares keys in its own locale)."""
     return json.dumps(snap.to_dict(), separators=(",", ":")).encode()
 
 
