@@ -115,7 +115,7 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Response:
-    """Build a problem+json response."""
+    """Build a problem+json response, which no cache may store."""
     body: dict[str, Any] = {
         "type": f"{TYPE_BASE}{slug}" if slug else "about:blank",
         "title": title,
@@ -129,6 +129,7 @@ def problem_response(
     if request_id:
         body["request_id"] = request_id
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    response.headers["Cache-Control"] = "no-store"  # no cache keeps a refusal (docs/read-tier.md)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .api.common import request_id_for, snapshot_named_by
+from .api.common import accepts_gzip, request_id_for, snapshot_named_by
 from .auth import authorize, bearer
 from .envs import ENV_NAME
 from .logs import log_request
@@ -70,7 +70,8 @@ class SnapshotPolls:
             token = authorize(stores.tokens, secret, Role.SDK, env, may_wait=False)
             if not stores.envs.exists(env):
                 return None
-            status, headers, body = poll_answer(stores.snapshots, env, known)
+            gzip = accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
+            status, headers, body = poll_answer(stores.snapshots, env, known, accept_gzip=gzip)
         except Exception:  # noqa: BLE001 - a refusal, Redis trouble...: Flask answers and reports it
             return None
         if status == 200:

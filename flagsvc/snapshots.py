@@ -210,15 +210,35 @@ def holds(published: Published, known: str | None) -> bool:
     return known is not None and known in (published.identity, str(published.version))
 
 
+#: On every snapshot answer, 200 and 304 (docs/read-tier.md). A shared cache may keep it 1 s and
+#: serve it 1 s more while it revalidates in the background - s-maxage is what lets a shared
+#: cache store an answer to a request with ``Authorization`` at all (RFC 9111, 3.5) - and only to
+#: requests with the same token and encoding (``SNAPSHOT_VARY``). A private cache, or an SDK
+#: asking directly, revalidates every poll (``max-age=0``).
+SNAPSHOT_CACHE_CONTROL = "max-age=0, s-maxage=1, stale-while-revalidate=1"
+SNAPSHOT_VARY = "Authorization, Accept-Encoding"
+
+
 def poll_answer(
-    cache: SnapshotCache, env: str, known: str | None
+    cache: SnapshotCache, env: str, known: str | None, *, accept_gzip: bool = False
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """A snapshot poll's status, headers and body (``304`` when the client ``holds`` the current
-    snapshot), counted in the poll metrics; shared by the snapshot view and :mod:`flagsvc.fastpath`."""
+    snapshot; gzip-compressed if ``accept_gzip``), counted in the poll metrics; shared by the
+    snapshot view and :mod:`flagsvc.fastpath`. The ``ETag`` names the snapshot in either encoding."""
     published = cache.get(env)
-    headers = [("ETag", etag(published.identity)), ("Cache-Control", "no-cache")]
+    headers = [
+        ("ETag", etag(published.identity)),
+        ("Cache-Control", SNAPSHOT_CACHE_CONTROL),
+        ("Vary", SNAPSHOT_VARY),
+    ]
     if cache.stale:
         headers.append((STALE_HEADER, "true"))
-    status, body = (304, b"") if holds(published, known) else (200, published.body)
+    if holds(published, known):
+        status, body = 304, b""
+    elif accept_gzip:
+        status, body = 200, published.gzipped()
+        headers.append(("Content-Encoding", "gzip"))
+    else:
+        status, body = 200, published.body
     POLLS.labels(env, str(status)).inc()
     return status, headers, body

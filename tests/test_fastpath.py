@@ -3,6 +3,8 @@ requests the view would answer 200 or 304."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import time
 from typing import Any
 
@@ -83,6 +85,50 @@ def test_polls_get_the_flask_views_answer_without_reaching_flask(
     assert flask_calls == [SNAPSHOT]  # only the direct call to the Flask app reached it
 
 
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, gzip;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0, *", False),
+        ("identity", False),
+        ("deflate, br", False),
+        (None, False),
+    ],
+)
+def test_gzip_when_asked_in_both_paths(
+    app: Any, auth: Any, version: str, flask_calls: list[str], accept_encoding: str | None, gzipped: bool
+) -> None:
+    headers = {**auth("sdk"), "X-Request-ID": "req-1"}
+    if accept_encoding is not None:
+        headers["Accept-Encoding"] = accept_encoding
+    fast, flask = both(app, path=SNAPSHOT, headers=headers)
+    assert fast == flask and flask_calls == [SNAPSHOT]
+    status, answer, body = fast
+    assert status.startswith("200") and int(answer["Content-Length"]) == len(body)
+    assert answer["Vary"] == "Authorization, Accept-Encoding"
+    assert answer["ETag"] == f'"{version}"', "the ETag names the snapshot in either encoding"
+    assert answer.get("Content-Encoding") == ("gzip" if gzipped else None)
+    document = json.loads(gzip.decompress(body) if gzipped else body)
+    assert document["flags"]["pay"]["enabled"] is True
+
+
+def test_a_conditional_poll_answers_304_in_either_encoding(app: Any, auth: Any, version: str) -> None:
+    for encoding in ("gzip", "identity"):
+        headers = {
+            **auth("sdk"),
+            "If-None-Match": f'"{version}"',
+            "Accept-Encoding": encoding,
+            "X-Request-ID": "r",
+        }
+        fast, flask = both(app, path=SNAPSHOT, headers=headers)
+        assert fast == flask and fast[0].startswith("304") and fast[2] == b""
+        assert "Content-Encoding" not in fast[1] and fast[1]["Vary"] == "Authorization, Accept-Encoding"
+
+
 def test_a_bad_request_id_is_replaced_as_flask_replaces_it(app: Any, auth: Any, version: str) -> None:
     fast, flask = both(app, path=SNAPSHOT, headers={**auth("sdk"), "X-Request-ID": "bad id\t!"})
     assert len(fast[1]["X-Request-ID"]) == len(flask[1]["X-Request-ID"]) == 32
@@ -110,6 +156,7 @@ def test_anything_else_is_answered_by_flask(
     assert flask_calls == [request["path"]]
     if status >= 400:
         assert resp.content_type == "application/problem+json"
+        assert resp.headers["Cache-Control"] == "no-store", "no cache keeps a refusal"
 
 
 def test_a_token_of_another_environment_is_refused(
@@ -118,6 +165,7 @@ def test_a_token_of_another_environment_is_refused(
     staging_only = make_token("sdk", envs=["staging"])
     resp = app.test_client().get(SNAPSHOT, headers={"Authorization": f"Bearer {staging_only}"})
     assert resp.status_code == 403 and flask_calls == [SNAPSHOT]
+    assert resp.headers["Cache-Control"] == "no-store"
 
 
 def test_a_revoked_token_stops_polling_within_a_second(

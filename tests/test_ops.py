@@ -11,6 +11,7 @@ import pytest
 import redis
 import requests
 
+from .nginx import NGINX_SITE, needs_nginx, nginx, nginx_conf, openssl, plain_site, start_nginx
 from .processes import stop_tree
 from .redis_server import RedisServer, free_port
 from .served import Served
@@ -41,26 +42,6 @@ def test_alert_rule_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-NGINX_SITE = Path(__file__).parent.parent / "ops/nginx/flagsvc.conf"
-nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-openssl = shutil.which("openssl")
-needs_nginx = pytest.mark.skipif(
-    nginx is None or openssl is None, reason="nginx or openssl not installed (.ci/run installs nginx)"
-)
-
-
-def _nginx_conf(tmp_path: Path, site: str, extra_http: str = "") -> Path:
-    """A main nginx.conf around ``site`` that keeps every file nginx writes under ``tmp_path``."""
-    (tmp_path / "site.conf").write_text(site)
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\ndaemon off;\nevents {{}}\n"
-        f"http {{\n  client_body_temp_path {tmp_path}/body;\n  proxy_temp_path {tmp_path}/proxy;\n"
-        f"  {extra_http}\n  include {tmp_path}/site.conf;\n}}\n"
-    )
-    return conf
-
-
 @needs_nginx
 def test_nginx_site_is_valid(tmp_path):
     key, cert = str(tmp_path / "privkey.pem"), str(tmp_path / "fullchain.pem")
@@ -85,7 +66,7 @@ def test_nginx_site_is_valid(tmp_path):
         capture_output=True,
     )
     site = NGINX_SITE.read_text().replace("/etc/ssl/flagsvc", str(tmp_path))
-    conf = _nginx_conf(tmp_path, site)
+    conf = nginx_conf(tmp_path, site)
     result = subprocess.run(
         [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
         capture_output=True,
@@ -102,31 +83,15 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
     served = Served(tmp_path / "data", control_port=control_port)
     proc = None
     try:
-        site = NGINX_SITE.read_text()
-        site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{nginx_port};")
-        site = "\n".join(line for line in site.splitlines() if "ssl_certificate" not in line)
-        site = site.replace("127.0.0.1:8000", f"127.0.0.1:{served.port}")
-        site = site.replace("127.0.0.1:8001", f"127.0.0.1:{control_port}")
-        conf = _nginx_conf(
+        site = plain_site(nginx_port, served.port, control_port)
+        conf = nginx_conf(
             tmp_path,
             site,
             "log_format upstream '$request_method $uri $upstream_addr';\n"
             f"  access_log {tmp_path}/access.log upstream;",
         )
-        proc = subprocess.Popen(
-            [nginx, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         base = f"http://127.0.0.1:{nginx_port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                requests.get(f"{base}/healthz", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()
-                time.sleep(0.05)
+        proc = start_nginx(tmp_path, conf, base)
         admin = {"Authorization": f"Bearer {served.admin_token()}"}
         env = f"{base}/api/v1/envs/production"
         calls = [

@@ -99,6 +99,31 @@ def snapshot_named_by(raw: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def accepts_gzip(raw: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` value takes gzip: ``gzip`` (or ``x-gzip``), else ``*``, with
+    a weight above 0 (``gzip;q=0`` refuses it)."""
+    weights: dict[str, float] = {}
+    for item in (raw or "").split(","):
+        coding, *params = item.split(";")
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                weight = _qvalue(value)
+        weights.setdefault(coding.strip().lower(), weight)
+    for coding in ("gzip", "x-gzip", "*"):
+        if coding in weights:
+            return weights[coding] > 0
+    return False
+
+
+def _qvalue(raw: str) -> float:
+    try:
+        return min(max(float(raw.strip()), 0.0), 1.0)
+    except ValueError:
+        return 0.0
+
+
 def write_context(actor: str, reason: str = "", incident: str = "") -> WriteContext:
     return WriteContext(
         actor=actor,

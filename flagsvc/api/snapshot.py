@@ -16,7 +16,7 @@ from ..schemas import SnapshotSchema
 from ..snapshots import poll_answer
 from ..streaming import EventStream, events
 from ..tokens import Role
-from .common import check_env, if_none_match_snapshot
+from .common import accepts_gzip, check_env, if_none_match_snapshot
 
 #: One Server-Sent Event of the stream, as the OpenAPI document describes each.
 SSE_EVENT = {
@@ -41,10 +41,15 @@ class SnapshotResource(MethodView):
         """Every live flag's evaluation fields, with the environment version.
 
         Served from this worker's memory (no Redis round trip); ``X-Flagsvc-Stale: true`` when
-        Redis could not confirm it recently (the last known snapshot keeps serving).
+        Redis could not confirm it recently (the last known snapshot keeps serving). gzip when
+        ``Accept-Encoding`` takes it; a shared cache may keep the answer 1 s per token and
+        encoding (``Cache-Control``, ``Vary``: docs/read-tier.md).
         """
         check_env(env)
-        status, headers, body = poll_answer(stores().snapshots, env, if_none_match_snapshot())
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding"))
+        status, headers, body = poll_answer(
+            stores().snapshots, env, if_none_match_snapshot(), accept_gzip=gzip
+        )
         if status == 304:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)
