@@ -3,7 +3,7 @@ an operator kills and restores a flag.
 
 The service runs as in production: ``flagsvc serve --control-port`` on a fresh data folder and
 free ports (started and stopped through :class:`harness.Server`: embedded Redis, AOF
-``appendfsync always``, gevent workers, the main gunicorn at nice 5 and the control one at 0).
+``appendfsync always``, gevent workers, the main ones at nice 5 and the control one at 0).
 Requests go where ``ops/nginx/flagsvc.conf`` routes them: heartbeats, streams and ``/metrics`` to
 the main listener; kills, restores and ``/clients`` to the control listener. Kills and restores
 are also sent to the main listener, to compare.
@@ -608,19 +608,15 @@ class ServerSplit:
 
     def roles(self) -> dict[int, tuple[str, psutil.Process]]:
         out: dict[int, tuple[str, psutil.Process]] = {}
-        control = f"{HOST}:{self.server.control_port}"
+        workers = {w.pid for w in self.server.gunicorn_workers()}
         for proc in self.server.processes():
             with contextlib.suppress(psutil.Error):
                 if "redis" in proc.name():
                     role = "redis"
-                elif proc.pid == (self.server.proc.pid if self.server.proc else None):
-                    role = "rest"
+                elif proc.pid in workers:  # by the port it accepts on
+                    role = self.server.listener_of(proc) or "rest"
                 else:
-                    parent = proc.parent()
-                    if parent is None or not any("gunicorn" in part for part in parent.cmdline()):
-                        role = "rest"  # a gunicorn master
-                    else:
-                        role = "control" if control in parent.cmdline() else "main"
+                    role = "rest"  # flagsvc serve, the gunicorn master
                 out[proc.pid] = (role, proc)
         return out
 

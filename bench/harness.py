@@ -101,6 +101,7 @@ CONFLICTING_ENV = (
     "FLAGSVC_PORT",
     "FLAGSVC_WORKERS",
     "FLAGSVC_BIND",
+    "FLAGSVC_CONTROL_BIND",
 )
 
 
@@ -326,13 +327,29 @@ class Server:
         return procs
 
     def worker_pids(self) -> list[int]:
-        """gunicorn worker processes of the main listener (children of its gunicorn master)."""
+        """gunicorn worker processes of the main listener (those that accept on its port)."""
+        return [w.pid for w in self.gunicorn_workers() if self.listener_of(w) == "main"]
+
+    def gunicorn_workers(self) -> list[psutil.Process]:
+        """Every gunicorn worker (children of the gunicorn master under ``flagsvc serve``)."""
         assert self.proc is not None
+        workers: list[psutil.Process] = []
         with contextlib.suppress(psutil.Error):
             for master in psutil.Process(self.proc.pid).children():
-                if f"{HOST}:{self.port}" in master.cmdline():
-                    return [w.pid for w in master.children()]
-        return []
+                if any("gunicorn" in part for part in master.cmdline()):
+                    workers += master.children()
+        return workers
+
+    def listener_of(self, worker: psutil.Process) -> str | None:
+        """``main`` or ``control``: the listener whose port a gunicorn worker accepts on (each
+        worker holds the listening socket of its own listener only); ``None`` if neither."""
+        with contextlib.suppress(psutil.Error):
+            ports = {c.laddr.port for c in worker.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+            if self.port in ports:
+                return "main"
+            if self.control_port in ports:
+                return "control"
+        return None
 
     def connections_by_worker(self) -> dict[int, set[int]]:
         """Per gunicorn worker, the client ports of the connections it holds (a keep-alive

@@ -1,39 +1,26 @@
-"""flagsvc: feature flags and kill switches for production incidents."""
+"""flagsvc: feature flags and kill switches for production incidents.
+
+``create_app`` (in :mod:`flagsvc.app`) is imported on first use, not with the package: the
+processes that serve no request (``flagsvc serve``'s supervising parent, the admin commands)
+import neither Flask nor the API.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
-
-from . import api, console, errors, extensions, logs, metrics
-from .config import DEFAULTS
-from .fastpath import SnapshotPolls
+if TYPE_CHECKING:
+    from .app import create_app
 
 __version__ = "0.1.0"  # also the SDK's (client/flagsvc_client/_version.py), pinned in setup.cfg
 
+__all__ = ["__version__", "create_app"]
 
-def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: defaults, then ``FLAGSVC_*`` environment variables, then ``config``."""
-    app = Flask(__name__)
-    app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env("FLAGSVC")
-    if config:
-        app.config.from_mapping(config)
-    extensions.init_app(app)
-    metrics.init_app(app)
-    logs.init_app(app)
-    api.init_app(app)
-    console.init_app(app)
-    errors.init_app(app)
-    app.wsgi_app = SnapshotPolls(  # type: ignore[method-assign]
-        app.wsgi_app,
-        lambda: extensions.stores_of(app),
-        log_requests=bool(app.config.get("LOG_FORMAT")),
-    )
-    proxies = int(app.config["TRUSTED_PROXIES"])
-    if proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
-    return app
+
+def __getattr__(name: str) -> Any:
+    """``flagsvc.create_app``, imported from :mod:`flagsvc.app` when first asked for."""
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

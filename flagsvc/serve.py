@@ -1,4 +1,9 @@
-"""``flagsvc serve``: the embedded (or given) Redis, first-start bootstrap, then gunicorn."""
+"""``flagsvc serve``: the embedded (or given) Redis, first-start bootstrap, then gunicorn.
+
+This process supervises and serves nothing: it imports neither Flask nor redis-py, and runs the
+first-start bootstrap, which needs the stores, as a short-lived process of its own
+(:mod:`flagsvc.bootstrap`). It stays a small part of the service's memory (bench/memory.py).
+"""
 
 from __future__ import annotations
 
@@ -14,40 +19,8 @@ from pathlib import Path
 from types import FrameType
 
 import click
-import redis
 
 from . import embedded
-from .connection import connect
-from .envs import EnvStore
-from .tokens import Role, TokenStore
-
-DEFAULT_ENV = "production"
-ADMIN_TOKEN_FILE = "admin-token"
-BOOTSTRAP_ACTOR = "flagsvc-bootstrap"
-#: With a control listener, the main gunicorn runs at this niceness (the control one at 0).
-SDK_NICENESS = 5
-
-
-def bootstrap(client: redis.Redis, data_dir: Path) -> str | None:
-    """On a first start: the ``production`` environment and an admin token.
-
-    The token's secret is written to ``<data-dir>/admin-token`` (mode 0600) and returned, so it
-    is shown once; on later starts nothing is created and ``None`` is returned.
-    """
-    envs = EnvStore(client)
-    if not envs.list():
-        envs.create(DEFAULT_ENV, actor=BOOTSTRAP_ACTOR)
-    tokens = TokenStore(client)
-    if tokens.count():
-        return None
-    _, secret = tokens.create(name="admin", role=Role.ADMIN, envs=[], actor=BOOTSTRAP_ACTOR)
-    path = data_dir / ADMIN_TOKEN_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.chmod(path, 0o600)
-    return secret
 
 
 def run(
@@ -63,10 +36,10 @@ def run(
     With no ``redis_url``, the embedded Redis of ``data_dir`` runs as a child of this process,
     which restarts it should it die, and shuts it down (append-only file flushed) after gunicorn.
 
-    With ``control_port``, a second gunicorn with one worker serves the same API there: the
-    control listener for operators (``flagctl``, the nginx routes for writes). SDK polls and
-    streams keep the main workers busy; a kill sent to the control listener is answered by a
-    process that is otherwise idle, so it does not queue behind them (bench/propagation.py).
+    With ``control_port``, gunicorn also listens there, with one more worker that alone serves
+    that port: the control listener for operators (``flagctl``, the nginx routes for writes). SDK
+    polls and streams keep the main workers busy; a kill sent to the control listener is answered
+    by a process that is otherwise idle, so it does not queue behind them (bench/propagation.py).
     """
     server = None
     if not redis_url:
@@ -92,72 +65,79 @@ def _serve(
     control_port: int | None,
     server: embedded.EmbeddedRedis | None,
 ) -> int:
-    """Bootstrap, then the gunicorn listeners until the first one exits (its exit code)."""
-    client = connect(redis_url)
-    secret = bootstrap(client, data_dir)
-    client.close()
-    if secret:
-        click.echo(f"flagsvc: first start: admin token (shown once, also in {data_dir / ADMIN_TOKEN_FILE}):")
-        click.echo(f"    {secret}")
+    """Bootstrap, then gunicorn until it exits (its exit code)."""
+    _bootstrap(redis_url, data_dir)
     click.echo(f"flagsvc: listening on http://{host}:{port}")
     if control_port:
         click.echo(f"flagsvc: control listener (operators, one worker) on http://{host}:{control_port}")
     metrics_dir = data_dir / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of a previous run's workers
     metrics_dir.mkdir(parents=True)
-    env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    main = _gunicorn_command(f"{host}:{port}", workers)
-    if control_port:
-        # SDK traffic yields the CPU to operators when both want it: the SDKs evaluate locally
-        # and barely notice a slower poll; a kill must get through.
-        main = ["nice", "-n", str(SDK_NICENESS), *main]
-    procs = [subprocess.Popen(main, env=env)]
-    if control_port:
-        procs.append(subprocess.Popen(_gunicorn_command(f"{host}:{control_port}", 1), env=env))
+    control_bind = f"{host}:{control_port}" if control_port else None
+    binds = [f"{host}:{port}", *filter(None, [control_bind])]
+    env = _gunicorn_env(redis_url, metrics_dir, workers, control_bind)
+    gunicorn = subprocess.Popen(_gunicorn_command(binds), env=env)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        if gunicorn.poll() is None:
+            gunicorn.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     supervisor = embedded.Supervisor(server, log=_log) if server is not None else None
-    return _wait_first(procs, supervisor.check if supervisor else None)
+    return _wait(gunicorn, supervisor.check if supervisor else None)
+
+
+def _bootstrap(redis_url: str, data_dir: Path) -> None:
+    """The first start's environment and admin token (printed once), in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flagsvc.bootstrap", str(data_dir)],
+        env=dict(os.environ, FLAGSVC_REDIS_URL=redis_url),
+        check=False,
+    )
+    if done.returncode != 0:
+        how = embedded.describe_exit(done.returncode)
+        raise click.ClickException(f"the first-start bootstrap on Redis failed ({how}): see above")
+
+
+def _gunicorn_env(
+    redis_url: str, metrics_dir: Path, workers: int | None, control_bind: str | None
+) -> dict[str, str]:
+    """gunicorn's environment: the Redis, the metrics folder, the workers of the main listener, the
+    control listener's address, and the arbiter's import of the app's modules before it forks."""
+    env = dict(os.environ, FLAGSVC_REDIS_URL=redis_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    env.setdefault("FLAGSVC_PRELOAD", "1")
+    env.pop("FLAGSVC_WORKERS", None)
+    if workers:
+        env["FLAGSVC_WORKERS"] = str(workers)
+    env.pop("FLAGSVC_CONTROL_BIND", None)
+    if control_bind:
+        env["FLAGSVC_CONTROL_BIND"] = control_bind
+    return env
 
 
 def _log(line: str) -> None:
     click.echo(f"flagsvc: {line}", err=True)
 
 
-def _gunicorn_command(bind: str, workers: int | None) -> list[str]:
+def _gunicorn_command(binds: list[str]) -> list[str]:
+    """One gunicorn for every listener (``flagsvc/gunicorn_conf.py`` gives each its workers)."""
     return [
         sys.executable,
         "-m",
         "gunicorn",
         "--config",  # by path: the file patches for gevent before anything else is imported
         str(resources.files(__package__).joinpath("gunicorn_conf.py")),
-        "--bind",
-        bind,
-        *(["--workers", str(workers)] if workers else []),
+        *(arg for bind in binds for arg in ("--bind", bind)),
         "flagsvc:create_app()",
     ]
 
 
-def _wait_first(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None] | None = None) -> int:
-    """Wait until one gunicorn exits, stop the others, and return the first exit code: a
-    listener that is gone takes the service down with it, for the supervisor to restart.
-    ``tick`` runs every 0.2 s meanwhile (the embedded Redis' supervision)."""
-    while True:
-        for proc in procs:
-            code = proc.poll()
-            if code is not None:
-                for other in procs:
-                    if other.poll() is None:
-                        other.terminate()
-                for other in procs:
-                    other.wait()
-                return code
+def _wait(proc: subprocess.Popen[bytes], tick: Callable[[], None] | None = None) -> int:
+    """Wait until gunicorn exits and return its exit code: the service goes down with it, for
+    the supervisor to restart. ``tick`` runs every 0.2 s meanwhile (the embedded Redis' supervision)."""
+    while (code := proc.poll()) is None:
         if tick is not None:
             tick()
         time.sleep(0.2)
+    return code

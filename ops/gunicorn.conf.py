@@ -2,7 +2,9 @@
 
 The settings are flagsvc's own (``flagsvc/gunicorn_conf.py``, the ones ``flagsvc serve`` uses);
 override any of them below or with ``FLAGSVC_BIND``, ``FLAGSVC_WORKERS``,
-``FLAGSVC_WORKER_CONNECTIONS``.
+``FLAGSVC_WORKER_CONNECTIONS``. ``FLAGSVC_PRELOAD=1`` (off here, on under ``flagsvc serve``) has
+the arbiter import the app's modules before it forks: the workers share them, but a HUP then
+restarts them on the code imported at start.
 """
 
 from gevent import monkey

@@ -1,0 +1,31 @@
+"""The control worker of ``flagsvc serve --control-port``: one gunicorn worker of its own for the
+control listener, among the workers of the one gunicorn that binds both addresses.
+
+The hooks of ``flagsvc/gunicorn_conf.py`` use these functions: which worker about to be forked is
+the control one (in the arbiter), and which listening sockets a worker keeps (after its fork).
+Side-effect free, so that tests can import it (``gunicorn_conf`` patches for gevent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+def control_wanted(workers: Iterable[Any], num_workers: int) -> bool:
+    """Must the worker about to be forked serve the control listener? Yes unless a worker that
+    stays already does. gunicorn keeps the youngest ``num_workers`` (after a HUP, the new ones:
+    the old control worker goes), so the ones that stay beside the new one are the youngest
+    ``num_workers - 1`` of ``workers`` (each with its ``age``, the control one marked
+    ``flagsvc_control``)."""
+    stay = num_workers - 1
+    if stay <= 0:
+        return True
+    youngest = sorted(workers, key=lambda w: w.age)[-stay:]
+    return not any(getattr(w, "flagsvc_control", False) for w in youngest)
+
+
+def own_listeners(listeners: Sequence[Any], control_address: Any, control: bool) -> list[Any]:
+    """The listeners a worker serves: the control one's (``cfg_addr == control_address``) for the
+    control worker, every other one for the others."""
+    return [s for s in listeners if (s.cfg_addr == control_address) == control]
