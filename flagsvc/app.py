@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, console, errors, extensions, logs, metrics
 from .config import DEFAULTS
-from .fastpath import SnapshotPolls
+from .fastpath import Heartbeats, SnapshotPolls
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -26,11 +26,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     api.init_app(app)
     console.init_app(app)
     errors.init_app(app)
-    app.wsgi_app = SnapshotPolls(  # type: ignore[method-assign]
-        app.wsgi_app,
-        lambda: extensions.stores_of(app),
-        log_requests=bool(app.config.get("LOG_FORMAT")),
-    )
+    stores, log_requests = (lambda: extensions.stores_of(app)), bool(app.config.get("LOG_FORMAT"))
+    heartbeats = Heartbeats(app.wsgi_app, stores, app.config, log_requests=log_requests)
+    app.wsgi_app = SnapshotPolls(heartbeats, stores, log_requests=log_requests)  # type: ignore[method-assign]
     proxies = int(app.config["TRUSTED_PROXIES"])
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]

@@ -401,6 +401,8 @@ class ProblemSchema(Schema):
 INSTANCE_ID = r"^[A-Za-z0-9._:-]{1,128}$"
 #: Most evaluations of one flag one heartbeat may report (a billion in 30 s is beyond any instance).
 MAX_COUNT = 10**9
+#: Most flags one heartbeat may report counts for.
+MAX_COUNTS = 10_000
 #: Largest version a heartbeat may claim: 2^53 - 1, exact as a JSON number everywhere.
 MAX_VERSION = 2**53 - 1
 
@@ -421,7 +423,7 @@ class HeartbeatSchema(Schema):
         keys=fields.String(validate=FullMatch(FLAG_KEY)),
         values=JsonInteger(validate=validate.Range(min=0, max=MAX_COUNT)),
         load_default=dict,
-        validate=validate.Length(max=10_000),
+        validate=validate.Length(max=MAX_COUNTS),
     )
 
 

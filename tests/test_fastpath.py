@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from flagsvc.fastpath import SnapshotPolls
+from flagsvc.fastpath import Heartbeats, SnapshotPolls
 from flagsvc.tokens import TokenStore
+
+from .helpers import heartbeats_written
 
 SNAPSHOT = "/api/v1/envs/production/snapshot"
 
@@ -223,3 +225,88 @@ def test_a_read_right_after_a_write_in_the_same_process_sees_the_write(
         snap = client.get(SNAPSHOT, headers=auth("sdk"))
         assert snap.headers["ETag"].startswith(f'"{version}-')
         assert snap.json["flags"]["pay"]["enabled"] is (action == "restore")
+
+
+# -- heartbeats --------------------------------------------------------------------------------
+
+BEAT = "/api/v1/envs/production/clients/i-1"
+HEARTBEAT = {"app": "shop", "applied_version": 1, "sdk": "python/0.1", "counts": {"pay": 3}}
+
+
+def beat_both(app: Any, **request: Any) -> tuple[tuple[str, dict[str, str], bytes], ...]:
+    """The answer of the heartbeat middleware and of the Flask app behind it, to the same request."""
+    middleware = app.wsgi_app.app
+    assert isinstance(middleware, Heartbeats)
+    answers = []
+    for wsgi in (middleware, middleware.app):
+        body, status, headers = run_wsgi_app(wsgi, EnvironBuilder(**request).get_environ(), buffered=True)
+        answers.append((status, dict(headers), b"".join(body)))
+    return answers[0], answers[1]
+
+
+def stored_record(app: Any, r: Any) -> dict[str, Any]:
+    heartbeats_written(app)
+    record: dict[str, Any] = json.loads(r.hget("flagsvc:{production}:clients", "i-1"))
+    for moving in ("seen_at", "seen_ts", "address"):  # (the test client's, or none)
+        record.pop(moving)
+    return record
+
+
+def test_heartbeats_get_the_flask_views_answer_without_reaching_flask(
+    app: Any, auth: Any, r: Any, version: str, flask_calls: list[str]
+) -> None:
+    request = {"path": BEAT, "method": "POST", "json": HEARTBEAT, "headers": auth("sdk")}
+    (fast_status, fast_headers, fast_body), (flask_status, flask_headers, flask_body) = beat_both(
+        app, **request
+    )
+    assert flask_calls == [BEAT], "only the second reached Flask"
+    assert fast_status == flask_status == "204 NO CONTENT" and fast_body == flask_body == b""
+    for name in ("X-Flagsvc-Report-Interval", "X-Flagsvc-Report-Jitter"):
+        assert fast_headers[name] == flask_headers[name]
+    by_flask = stored_record(app, r)
+    app.test_client().post(BEAT, json=HEARTBEAT, headers=auth("sdk"))
+    assert flask_calls == [BEAT], "a plain heartbeat never reaches Flask"
+    assert stored_record(app, r) == by_flask, "the same record, defaults included"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        ({**HEARTBEAT, "counts": {"pay": True}}, {}, 422),
+        ({**HEARTBEAT, "counts": {"Bad Key": 1}}, {}, 422),
+        ({**HEARTBEAT, "extra": 1}, {}, 422),
+        ({"applied_version": 1}, {}, 422),
+        ({**HEARTBEAT, "applied_version": 99}, {}, 204),  # ahead of the worker: a rollback check
+        (HEARTBEAT, {"Authorization": "Bearer fsk_000000000000_nope"}, 401),
+    ],
+)
+def test_any_other_heartbeat_is_answered_by_flask(
+    app: Any, auth: Any, version: str, flask_calls: list[str], body: Any, headers: Any, status: int
+) -> None:
+    resp = app.test_client().post(BEAT, json=body, headers={**auth("sdk"), **headers})
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert flask_calls == [BEAT]
+
+
+def test_a_refusal_by_the_limits_comes_from_flask_and_counts_once(
+    app: Any, auth: Any, version: str, flask_calls: list[str]
+) -> None:
+    limit = app.config["HEARTBEATS_PER_MINUTE"]
+    if time.time() % 60 > 55:
+        time.sleep(60 - time.time() % 60 + 0.1)  # all in one minute
+    statuses = [
+        app.test_client().post(BEAT, json=HEARTBEAT, headers=auth("sdk")).status_code
+        for _ in range(limit + 1)
+    ]
+    assert statuses == [204] * limit + [429]
+    assert flask_calls == [BEAT]
+    assert app.extensions["flagsvc"].clients.sent("production", "i-1") == limit
+
+
+def test_counts_the_schema_takes_are_taken_the_same_way(app: Any, auth: Any, r: Any, version: str) -> None:
+    as_floats = {**HEARTBEAT, "counts": {"pay": 3.0}}  # JSON integers written as 3.0
+    assert app.test_client().post(BEAT, json=as_floats, headers=auth("sdk")).status_code == 204
+    assert stored_record(app, r)["applied_version"] == 1
+    minute = int(time.time() // 60)
+    buckets = [f"flagsvc:{{production}}:evals:{m}" for m in (minute - 1, minute)]
+    assert sum(int(r.hget(bucket, "pay|shop") or 0) for bucket in buckets) == 3

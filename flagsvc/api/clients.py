@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from flask import current_app, request
@@ -38,7 +39,7 @@ class Clients(MethodView):
 @blp.route("/<instance>")
 class ClientInstance(MethodView):
     @require(Role.SDK)
-    @blp.arguments(HeartbeatSchema)
+    @blp.arguments(HeartbeatSchema())  # an instance: not built again for every heartbeat
     @blp.response(204)
     def post(self, body: dict[str, Any], env: str, instance: str) -> tuple[None, int, dict[str, str]]:
         """Heartbeat of one SDK instance: at start, soon after applying a version, every 30 s.
@@ -62,15 +63,7 @@ class ClientInstance(MethodView):
             env, instance, token_id=current_token().id
         ):  # from another worker, or another history; a new instance is not yet evidence
             stores().history.sdk_applied(env, body["applied_version"])
-        config = current_app.config
-        return (
-            None,
-            204,
-            {
-                REPORT_INTERVAL_HEADER: f"{float(config['HEARTBEAT_INTERVAL_SECONDS']):g}",
-                REPORT_JITTER_HEADER: f"{float(config['HEARTBEAT_JITTER_SECONDS']):g}",
-            },
-        )
+        return None, 204, dict(report_headers(current_app.config))
 
     @require(Role.SDK)
     @blp.response(204)
@@ -82,6 +75,14 @@ class ClientInstance(MethodView):
         check_instance(instance)
         if not stores().clients.forget(env, instance, token_id=current_token().id):
             raise ClientNotFound(f"no SDK instance {instance!r} of this token in {env!r}")
+
+
+def report_headers(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What a heartbeat's answer tells the SDK: the report interval and the spread after a change."""
+    return [
+        (REPORT_INTERVAL_HEADER, f"{float(config['HEARTBEAT_INTERVAL_SECONDS']):g}"),
+        (REPORT_JITTER_HEADER, f"{float(config['HEARTBEAT_JITTER_SECONDS']):g}"),
+    ]
 
 
 def check_instance(instance: str) -> None:
