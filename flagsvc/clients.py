@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -108,6 +108,8 @@ class _Pending:
     seen: float
     token_id: str
     app: str
+    #: the version it applied is newer than this process's snapshot (evidence of a rollback?)
+    ahead: bool = False
 
 
 @dataclass
@@ -136,9 +138,18 @@ class ClientRegistry:
     """Heartbeats of SDK instances per environment; see the module docstring. Driven by the
     change listener (:meth:`refresh` writes the heartbeats gathered, once a second)."""
 
-    def __init__(self, client: redis.Redis, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        limits: Limits | None = None,
+        *,
+        on_claim: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """``on_claim(env, version)`` hears, once written, the newest version an admitted instance
+        claimed beyond this process's snapshot (:meth:`flagsvc.history.HistoryGuard.sdk_applied`)."""
         self._redis = client
         self._limits = limits or Limits()
+        self._on_claim = on_claim
         self._write_script = client.register_script(_HEARTBEATS)
         self._lock = threading.Lock()
         self._gathered = _Gathered()
@@ -159,10 +170,12 @@ class ClientRegistry:
         token_id: str,
         token_name: str = "",
         flags: Collection[str],
+        known_version: int | None = None,
     ) -> None:
         """Take a heartbeat of ``instance`` sent with token ``token_id``, to be written within a
         second; evaluation counts of flags not in ``flags`` (the environment's) are dropped. 429
-        beyond the limits, and for an instance the per-token cap refused."""
+        beyond the limits, and for an instance the per-token cap refused. An applied version above
+        ``known_version`` (this process's snapshot) is checked for a rollback once written."""
         now = time.time()
         counts: dict[str, int] = body.pop("counts", {}) or {}
         record = {
@@ -176,9 +189,9 @@ class ClientRegistry:
         with self._lock:
             self._check_limits(key, now)
             app = self._app_name(token_id, str(body.get("app", "")), token_name or token_id)
-            self._gathered.heartbeats[key] = _Pending(
-                json.dumps(record), int(body.get("applied_version") or 0), now, token_id, app
-            )
+            applied = int(body.get("applied_version") or 0)
+            ahead = known_version is not None and applied > known_version
+            self._gathered.heartbeats[key] = _Pending(json.dumps(record), applied, now, token_id, app, ahead)
             for flag, n in counts.items():
                 if flag in flags and n:
                     self._gathered.counts[(env, flag, app)] += min(int(n), MAX_COUNT)
@@ -245,6 +258,18 @@ class ClientRegistry:
                 raise
             with self._lock:
                 self._refused.update(refused)
+            self._check_claims(env, batch, refused)
+
+    def _check_claims(self, env: str, batch: _Gathered, refused: Collection[tuple[str, str]]) -> None:
+        """Show ``on_claim`` the newest version an admitted instance of ``batch`` claimed ahead: a
+        refused instance is evidence of nothing."""
+        ahead = [p.applied for key, p in batch.heartbeats.items() if p.ahead and key not in refused]
+        if not ahead or self._on_claim is None:
+            return
+        try:
+            self._on_claim(env, max(ahead))
+        except (redis.RedisError, ProblemError) as exc:
+            log.warning("could not check the version an SDK of %s claimed (%s)", env, exc)
 
     def _write(self, env: str, batch: _Gathered) -> dict[tuple[str, str], float]:
         """One script call; the instances the per-token cap refused, until when."""
@@ -286,11 +311,6 @@ class ClientRegistry:
         return list(positions), plan
 
     # -- goodbyes, reads, housekeeping -----------------------------------------------------------
-
-    def registered(self, env: str, instance: str, *, token_id: str) -> bool:
-        """Whether ``instance`` of ``token_id`` is recorded (within the cap): only a registered
-        instance's report counts as evidence (:meth:`flagsvc.history.HistoryGuard.sdk_applied`)."""
-        return self._redis.zscore(EnvKeys(env).clients_of_token(token_id), instance) is not None
 
     def forget(self, env: str, instance: str, *, token_id: str) -> bool:
         """An instance said goodbye (its SDK closed): forget it at once, rather than count it as

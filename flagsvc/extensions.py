@@ -82,7 +82,7 @@ def make_stores(
     history = HistoryGuard(client)
     snapshots = SnapshotCache(client, flags, list_envs=envs.list, observe=history.observe)
     ofrep_usage = OfrepUsage(client)
-    clients = ClientRegistry(client, limits)
+    clients = ClientRegistry(client, limits, on_claim=history.sdk_applied)
     return Stores(
         redis=client,
         envs=envs,

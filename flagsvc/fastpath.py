@@ -138,8 +138,6 @@ class Heartbeats:
                 return None
             body = load_heartbeat(json.loads(raw))
             published = stores.snapshots.get(env)
-            if body["applied_version"] > published.version:
-                return None  # ahead of this worker: the view checks it for a rollback
             stores.clients.report(
                 env,
                 instance,
@@ -148,6 +146,7 @@ class Heartbeats:
                 token_id=token.id,
                 token_name=token.name,
                 flags=published.flags,
+                known_version=published.version,
             )
         except Exception:  # noqa: BLE001 - a refusal, bad input, Redis trouble...: Flask answers it
             return None

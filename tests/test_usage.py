@@ -137,3 +137,22 @@ def test_a_large_second_is_written_in_batches_that_do_not_hold_redis_long(r: Any
     assert written["evalsha"] == 3
     assert r.hlen(KEYS.clients) == 2 * WRITE_BATCH + 500
     assert counted(r, "flag-0|app-0") == 3 + (2 * WRITE_BATCH + 500) // 5 * 3
+
+
+def test_a_version_claimed_ahead_is_checked_once_written_and_only_for_admitted_instances(r: Any) -> None:
+    EnvStore(r).create(ENV, actor="test-setup")
+    claims: list[tuple[str, int]] = []
+    registry = ClientRegistry(r, Limits(per_token=1), on_claim=lambda env, v: claims.append((env, v)))
+    ahead = {"app": "shop", "applied_version": 7}
+
+    def report() -> None:
+        registry.report(ENV, "i-1", dict(ahead), source="", token_id="t1", flags=(), known_version=5)
+
+    taken = commands_of(r, report)
+    assert taken == {}, "the request path never waits on Redis, even for a claim ahead"
+    registry.refresh()
+    assert claims == [(ENV, 7)]
+    beyond_cap = {"app": "shop", "applied_version": 9}
+    registry.report(ENV, "i-2", beyond_cap, source="", token_id="t1", flags=(), known_version=5)
+    registry.refresh()
+    assert claims == [(ENV, 7)], "an instance the cap refused is evidence of nothing"

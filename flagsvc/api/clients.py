@@ -50,7 +50,7 @@ class ClientInstance(MethodView):
         check_env(env)
         check_instance(instance)
         published = stores().snapshots.get(env)
-        stores().clients.report(  # first: a heartbeat refused by the limits is evidence of nothing
+        stores().clients.report(  # a version claimed ahead is checked once written, if admitted
             env,
             instance,
             body,
@@ -58,11 +58,8 @@ class ClientInstance(MethodView):
             token_id=current_token().id,
             token_name=current_token().name,
             flags=published.flags,
+            known_version=published.version,
         )
-        if body["applied_version"] > published.version and stores().clients.registered(
-            env, instance, token_id=current_token().id
-        ):  # from another worker, or another history; a new instance is not yet evidence
-            stores().history.sdk_applied(env, body["applied_version"])
         return None, 204, dict(report_headers(current_app.config))
 
     @require(Role.SDK)
