@@ -72,6 +72,7 @@ from harness import (
     CpuMeter,
     CpuUsage,
     Flipper,
+    MemorySampler,
     Server,
     call,
     create_token,
@@ -79,11 +80,11 @@ from harness import (
     median,
     percentiles,
     raise_fd_limit,
+    redis_for,
 )
 
 from flagsvc.clients import COUNTS_TTL_SECONDS
 from flagsvc.config import DEFAULTS
-from flagsvc.embedded import running_socket
 from flagsvc.keys import EnvKeys
 from flagsvc.writes import IDEMPOTENCY_RECORDS_PER_TOKEN
 
@@ -832,13 +833,6 @@ class Probe:
 # -- Redis -------------------------------------------------------------------------------------
 
 
-def redis_for(server: Server) -> redis.Redis:
-    socket_path = running_socket(server.data_dir)
-    if socket_path is None:
-        raise RuntimeError(f"no embedded Redis running for {server.data_dir}")
-    return redis.Redis(unix_socket_path=socket_path, decode_responses=True, socket_timeout=30)
-
-
 def redis_figures(r: redis.Redis, flags: set[str]) -> dict[str, Any]:
     """Memory, and the records the floods can grow, in ``production``."""
     k = EnvKeys(PROD)
@@ -871,20 +865,6 @@ def redis_figures(r: redis.Redis, flags: set[str]) -> dict[str, Any]:
         "eval_bytes": eval_bytes,
         "eval_unknown": unknown,
     }
-
-
-class MemorySampler(threading.Thread):
-    """Redis ``used_memory`` every 0.5 s; the peak."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        super().__init__(daemon=True)
-        self.redis, self.peak, self.stop = r, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            with contextlib.suppress(redis.RedisError):
-                self.peak = max(self.peak, int(self.redis.info("memory")["used_memory"]))
-            self.stop.wait(0.5)
 
 
 # -- one run -----------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ from harness import (
     CpuMeter,
     CpuUsage,
     Flipper,
+    MemorySampler,
     Server,
     call,
     exit_on_sigterm,
@@ -87,6 +88,7 @@ from harness import (
     median,
     percentiles,
     raise_fd_limit,
+    redis_for,
 )
 
 from flagsvc.config import DEFAULTS
@@ -611,13 +613,6 @@ class LoadGen:
 # -- Redis: commands and memory --------------------------------------------------------------------
 
 
-def redis_for(server: Server) -> redis.Redis:
-    socket_path = running_socket(server.data_dir)
-    if socket_path is None:
-        raise RuntimeError(f"no embedded Redis running for {server.data_dir}")
-    return redis.Redis(unix_socket_path=socket_path, decode_responses=True, socket_timeout=60)
-
-
 @dataclass
 class RedisMark:
     """Calls per command and bytes sent to clients, at one moment."""
@@ -796,20 +791,6 @@ class Memory:
             was = self.before.get(name, KeyGroup())
             total += (group.projected if projected else group.bytes) - was.bytes
         return total
-
-
-class MemorySampler(threading.Thread):
-    """Redis ``used_memory`` every 0.5 s; the peak."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        super().__init__(daemon=True)
-        self.redis, self.peak, self.stop = r, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            with contextlib.suppress(redis.RedisError):
-                self.peak = max(self.peak, int(self.redis.info("memory")["used_memory"]))
-            self.stop.wait(0.5)
 
 
 # -- the operator during the fleet -----------------------------------------------------------------
@@ -1291,7 +1272,7 @@ def run_fleet(
     server: Server, args: argparse.Namespace, tokens: Tokens, flags: list[str], tag: str
 ) -> FleetFigures:
     """The fleet phase (:func:`drive_fleet`), and the environment's Redis memory around it."""
-    r = redis_for(server)
+    r = redis_for(server, socket_timeout=60)
     with requests.Session() as admin:
         admin.headers["Authorization"] = f"Bearer {server.token}"
         spec = fleet_spec(server, args, tokens, flags, harness.current_version(server, admin))
@@ -1305,7 +1286,7 @@ def run_fleet(
         f"{args.loadgen_procs} asyncio process(es); dry runs of {dry_key!r}"
     )
     memory_before, used_before = env_memory(r, PROD), int(r.info("memory")["used_memory"])
-    sampler = MemorySampler(redis_for(server))
+    sampler = MemorySampler(redis_for(server, socket_timeout=60))
     sampler.start()
     operator = Operator(server, tokens.operator, dry_key, args.operator_gap)
     try:
@@ -1503,7 +1484,7 @@ def served(
             operator=create_tokens(server, "fleet-operator", 1, Role.OPERATOR, envs=())[0],
             sdk=create_tokens(server, "fleet-sdk", args.sdk_tokens, Role.SDK),
         )
-        r = redis_for(server)
+        r = redis_for(server, socket_timeout=60)
         result.tokens = int(r.hlen(SystemKeys().tokens))
         log(
             f"{tag} server up: main :{server.port} ({len(server.worker_pids())} workers, nice 5), "

@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 import requests
 
 
@@ -625,3 +627,27 @@ def busy_elsewhere(seconds: float = 1.0) -> float:
     time.sleep(seconds)
     after = _proc_stat()
     return (after[0] - before[0]) / seconds
+
+
+def redis_for(server: Server, *, socket_timeout: float = 30) -> redis.Redis:
+    """A client on ``server``'s embedded Redis (its Unix socket)."""
+    from flagsvc.embedded import running_socket
+
+    socket_path = running_socket(server.data_dir)
+    if socket_path is None:
+        raise RuntimeError(f"no embedded Redis running for {server.data_dir}")
+    return redis.Redis(unix_socket_path=socket_path, decode_responses=True, socket_timeout=socket_timeout)
+
+
+class MemorySampler(threading.Thread):
+    """Redis ``used_memory`` every 0.5 s; the peak."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.peak, self.stop = r, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(redis.RedisError):
+                self.peak = max(self.peak, int(self.redis.info("memory")["used_memory"]))
+            self.stop.wait(0.5)
