@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,16 @@ def start_nginx(tmp_path: Path, conf: Path, base: str, timeout: float = 10.0) ->
         log = tmp_path / "error.log"
         raise RuntimeError(f"nginx did not start: {log.read_text() if log.exists() else ''}")
     return proc
+
+
+@contextlib.contextmanager
+def running_nginx(tmp_path: Path, conf: Path, base: str) -> Iterator[None]:
+    """nginx on ``conf`` (see :func:`start_nginx`) while the block runs; stopped after, also on failure."""
+    proc = start_nginx(tmp_path, conf, base)
+    try:
+        yield
+    finally:
+        stop_tree(proc, timeout=10)
 
 
 def _answers(url: str, proc: subprocess.Popen[bytes], deadline: float) -> bool:

@@ -11,8 +11,7 @@ import pytest
 import redis
 import requests
 
-from .nginx import NGINX_SITE, needs_nginx, nginx, nginx_conf, openssl, plain_site, start_nginx
-from .processes import stop_tree
+from .nginx import NGINX_SITE, needs_nginx, nginx, nginx_conf, openssl, plain_site, running_nginx
 from .redis_server import RedisServer, free_port
 from .served import Served
 
@@ -81,7 +80,6 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
     access log names the upstream that served each request."""
     control_port, nginx_port = free_port(), free_port()
     served = Served(tmp_path / "data", control_port=control_port)
-    proc = None
     try:
         site = plain_site(nginx_port, served.port, control_port)
         conf = nginx_conf(
@@ -91,50 +89,46 @@ def test_nginx_sends_sdk_traffic_to_the_main_listener_and_the_rest_to_the_contro
             f"  access_log {tmp_path}/access.log upstream;",
         )
         base = f"http://127.0.0.1:{nginx_port}"
-        proc = start_nginx(tmp_path, conf, base)
-        admin = {"Authorization": f"Bearer {served.admin_token()}"}
-        env = f"{base}/api/v1/envs/production"
-        calls = [
-            ("PUT", f"{env}/flags/exports", {"kind": "kill_switch", "enabled": True}, 201),
-            ("POST", f"{env}/flags/exports/kill", {"reason": "INC-9"}, 200),
-            ("GET", f"{env}/snapshot", None, 200),
-            ("POST", f"{env}/clients/web-1", {"app": "web", "applied_version": 1}, 204),
-            ("GET", f"{env}/clients", None, 200),
-            ("GET", f"{env}/audit", None, 200),
-            # OFREP wants a token of one environment: the refusal still shows who answered.
-            ("POST", f"{base}/ofrep/v1/evaluate/flags/exports", {"context": {}}, 403),
-        ]
-        for method, url, body, status in calls:
-            resp = requests.request(method, url, json=body, headers=admin, timeout=5)
-            assert resp.status_code == status, (method, url, resp.text)
-        console = requests.Session()  # the console, and its live strip unbuffered
-        signed_in = console.post(
-            f"{base}/ui/signin", data={"token": served.admin_token()}, allow_redirects=False
-        )
-        assert signed_in.status_code == 302
-        with console.get(f"{base}/ui/envs/production/live", stream=True, timeout=5) as live:
-            assert next(live.iter_lines()).startswith(b"data: {")
-        time.sleep(0.2)  # nginx writes its access log line after the response
-        served_by = {}
-        for line in (tmp_path / "access.log").read_text().splitlines():
-            method, uri, upstream = line.split(" ", 2)
-            served_by[(method, uri)] = upstream.split(",")[0].strip()
-        main, control = f"127.0.0.1:{served.port}", f"127.0.0.1:{control_port}"
-        path = "/api/v1/envs/production"
-        assert served_by[("PUT", f"{path}/flags/exports")] == control
-        assert served_by[("POST", f"{path}/flags/exports/kill")] == control
-        assert served_by[("GET", f"{path}/clients")] == control
-        assert served_by[("GET", f"{path}/audit")] == control
-        assert served_by[("GET", f"{path}/snapshot")] == main
-        assert served_by[("POST", f"{path}/clients/web-1")] == main
-        assert served_by[("POST", "/ofrep/v1/evaluate/flags/exports")] == main
-        assert served_by[("POST", "/ui/signin")] == control
+        with running_nginx(tmp_path, conf, base):
+            admin = {"Authorization": f"Bearer {served.admin_token()}"}
+            env = f"{base}/api/v1/envs/production"
+            calls = [
+                ("PUT", f"{env}/flags/exports", {"kind": "kill_switch", "enabled": True}, 201),
+                ("POST", f"{env}/flags/exports/kill", {"reason": "INC-9"}, 200),
+                ("GET", f"{env}/snapshot", None, 200),
+                ("POST", f"{env}/clients/web-1", {"app": "web", "applied_version": 1}, 204),
+                ("GET", f"{env}/clients", None, 200),
+                ("GET", f"{env}/audit", None, 200),
+                # OFREP wants a token of one environment: the refusal still shows who answered.
+                ("POST", f"{base}/ofrep/v1/evaluate/flags/exports", {"context": {}}, 403),
+            ]
+            for method, url, body, status in calls:
+                resp = requests.request(method, url, json=body, headers=admin, timeout=5)
+                assert resp.status_code == status, (method, url, resp.text)
+            console = requests.Session()  # the console, and its live strip unbuffered
+            signed_in = console.post(
+                f"{base}/ui/signin", data={"token": served.admin_token()}, allow_redirects=False
+            )
+            assert signed_in.status_code == 302
+            with console.get(f"{base}/ui/envs/production/live", stream=True, timeout=5) as live:
+                assert next(live.iter_lines()).startswith(b"data: {")
+            time.sleep(0.2)  # nginx writes its access log line after the response
+            served_by = {}
+            for line in (tmp_path / "access.log").read_text().splitlines():
+                method, uri, upstream = line.split(" ", 2)
+                served_by[(method, uri)] = upstream.split(",")[0].strip()
+            main, control = f"127.0.0.1:{served.port}", f"127.0.0.1:{control_port}"
+            path = "/api/v1/envs/production"
+            assert served_by[("PUT", f"{path}/flags/exports")] == control
+            assert served_by[("POST", f"{path}/flags/exports/kill")] == control
+            assert served_by[("GET", f"{path}/clients")] == control
+            assert served_by[("GET", f"{path}/audit")] == control
+            assert served_by[("GET", f"{path}/snapshot")] == main
+            assert served_by[("POST", f"{path}/clients/web-1")] == main
+            assert served_by[("POST", "/ofrep/v1/evaluate/flags/exports")] == main
+            assert served_by[("POST", "/ui/signin")] == control
     finally:
-        try:
-            if proc is not None:
-                stop_tree(proc, timeout=10)
-        finally:
-            served.stop()
+        served.stop()
 
 
 def _shipped(name: str, tmp_path: Path, replacements: dict[str, str]) -> Path:

@@ -21,8 +21,7 @@ from click.testing import CliRunner
 from flagsvc.cli import main
 
 from .helpers import wait_for
-from .nginx import needs_nginx, nginx_conf, plain_site, start_nginx
-from .processes import stop_tree
+from .nginx import needs_nginx, nginx_conf, plain_site, running_nginx
 from .redis_server import free_port
 from .served import Served
 
@@ -84,22 +83,17 @@ class Tier:
 def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     root = tmp_path_factory.mktemp("read-tier")
     served = Served(root / "data")
-    proc = None
     try:
         port = free_port()
         log = "log_format tier '$msec $status $upstream_cache_status $uri';\n"  # for a post-mortem
         conf = nginx_conf(
             root, plain_site(port, served.port, served.port), f"{log}  access_log {root}/access.log tier;"
         )
-        proc = start_nginx(root, conf, f"http://127.0.0.1:{port}")
-        admin = {"Authorization": f"Bearer {served.admin_token()}"}
-        yield Tier(served, f"http://127.0.0.1:{port}", root / "cache", admin)
+        with running_nginx(root, conf, f"http://127.0.0.1:{port}"):
+            admin = {"Authorization": f"Bearer {served.admin_token()}"}
+            yield Tier(served, f"http://127.0.0.1:{port}", root / "cache", admin)
     finally:
-        try:
-            if proc is not None:
-                stop_tree(proc, timeout=10)
-        finally:
-            served.stop()
+        served.stop()
 
 
 def bearer(secret: str) -> dict[str, str]:
