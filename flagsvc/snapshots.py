@@ -144,10 +144,9 @@ class SnapshotCache:
         """The snapshot the last commit stored (one GET); rebuilt from the flags when there is none,
         or when it is not the ``identity`` Redis' version says (flags written by other means)."""
         body = self._flags.serialized_snapshot(env)
-        if body is None or (identity is not None and Published(env, body).identity != identity):
-            snap = self._flags.rebuild_snapshot(env)
-            body = serialize_snapshot(snap)
-        entry = Published(env, body)
+        entry = Published(env, body) if body is not None else None
+        if entry is None or (identity is not None and entry.identity != identity):
+            entry = Published(env, serialize_snapshot(self._flags.rebuild_snapshot(env)))
         if self._observe is not None:
             self._observe(env, entry.version, entry.history, None)
         with self._changed:
