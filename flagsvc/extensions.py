@@ -24,7 +24,7 @@ from .keys import EnvKeys
 from .playbooks import PlaybookStore
 from .ratelimit import WriteBudget
 from .snapshots import SnapshotCache
-from .streaming import StreamLimiter
+from .streaming import OpenStreams
 from .tokens import TokenStore
 from .webhooks import WebhookStore
 
@@ -40,7 +40,7 @@ class Stores:
     snapshots: SnapshotCache
     clients: ClientRegistry
     playbooks: PlaybookStore
-    streams: StreamLimiter
+    streams: OpenStreams
     writes: WriteBudget
     history: HistoryGuard
     ofrep_usage: OfrepUsage
@@ -80,7 +80,10 @@ def make_stores(
     tokens = TokenStore(client, cache_seconds=token_cache_seconds)
     envs = EnvStore(client)
     history = HistoryGuard(client)
-    snapshots = SnapshotCache(client, flags, list_envs=envs.list, observe=history.observe)
+    streams = OpenStreams(streams_per_token)
+    snapshots = SnapshotCache(
+        client, flags, list_envs=envs.list, observe=history.observe, on_publish=streams.publish
+    )
     ofrep_usage = OfrepUsage(client)
     clients = ClientRegistry(client, limits, on_claim=history.sdk_applied)
     return Stores(
@@ -91,7 +94,7 @@ def make_stores(
         snapshots=snapshots,
         clients=clients,
         playbooks=PlaybookStore(client),
-        streams=StreamLimiter(streams_per_token),
+        streams=streams,
         writes=writes or WriteBudget(20.0, 60),
         history=history,
         ofrep_usage=ofrep_usage,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import threading
 import time
 from collections.abc import Callable
 from functools import cached_property
@@ -58,6 +57,11 @@ class Published:
         flags: dict[str, Any] = json.loads(self.body)["flags"]
         return flags
 
+    @cached_property
+    def event(self) -> bytes:
+        """The Server-Sent Event that delivers this version, built once for every stream."""
+        return b"id: %s\nevent: snapshot\ndata: %s\n\n" % (self.identity.encode(), self.body)
+
     def gzipped(self) -> bytes:
         """``body`` gzip-compressed, once per version and process (for ``Accept-Encoding: gzip``)."""
         return self._gzipped
@@ -86,16 +90,18 @@ class SnapshotCache:
         stale_after: float = 3.0,
         list_envs: Callable[[], list[str]] | None = None,
         observe: Callable[[str, int, str, str | None], None] | None = None,
+        on_publish: Callable[[str], None] | None = None,
     ) -> None:
-        """``observe(env, version, history, audit_head)`` sees what every load and refresh read."""
+        """``observe(env, version, history, audit_head)`` sees what every load and refresh read;
+        ``on_publish(env)`` runs once this process holds a new version of ``env``."""
         self._redis = client
         self._flags = flags
         self._stale_after = stale_after
         self._list_envs = list_envs
         self._observe = observe
+        self._on_publish = on_publish
         self._entries: dict[str, Published] = {}
         self._written: dict[str, int] = {}  # env -> newest version this process committed
-        self._changed = threading.Condition()
         self._last_ok = time.monotonic()
 
     # -- the request path ------------------------------------------------------------------------
@@ -118,18 +124,9 @@ class SnapshotCache:
         """True when Redis has not confirmed the cached versions recently."""
         return time.monotonic() - self._last_ok > self._stale_after
 
-    def wait_for_change(self, env: str, identity: str, timeout: float) -> Published | None:
-        """Block (a greenlet under gevent) until ``env`` moves past ``identity``, at most ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                entry = self._entries.get(env)
-                if entry is not None and entry.identity != identity:
-                    return entry
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._changed.wait(remaining)
+    def held(self, env: str) -> Published | None:
+        """The snapshot of ``env`` this process holds, from memory only (``None``: not loaded)."""
+        return self._entries.get(env)
 
     def reload_after_write(self, env: str, version: int) -> None:
         """Read-your-writes in this process: ``env`` is at ``version`` or later now. The next
@@ -149,11 +146,11 @@ class SnapshotCache:
             entry = Published(env, serialize_snapshot(self._flags.rebuild_snapshot(env)))
         if self._observe is not None:
             self._observe(env, entry.version, entry.history, None)
-        with self._changed:
-            current = self._entries.get(env)
-            if current is None or current.identity != entry.identity:
-                self._entries[env] = entry
-                self._changed.notify_all()
+        current = self._entries.get(env)
+        if current is None or current.identity != entry.identity:
+            self._entries[env] = entry
+            if self._on_publish is not None:
+                self._on_publish(env)
         ENV_VERSION.labels(env).set(entry.version)
         return entry
 
@@ -162,7 +159,6 @@ class SnapshotCache:
     def reset(self) -> None:
         self._entries.clear()
         self._written.clear()
-        self._changed = threading.Condition()
 
     def refresh(self) -> None:
         """Load every environment not held yet (an outage soon after start still finds them here),

@@ -330,7 +330,7 @@ class TokenStore:
 
     def still_valid(self, token: Token) -> bool:
         """Whether ``token`` (authenticated earlier) is still active, from the cache alone: an open
-        stream checks this every second and ends once its token is revoked or expired."""
+        stream's token is checked every second and ends once its token is revoked or expired."""
         cached = self._cache.get(token.id)
         if cached is None:
             return True  # not re-read yet: as valid as when it was authenticated

@@ -73,25 +73,21 @@ class StreamResource(MethodView):
         A ``revoked`` event ends the stream once the token is revoked or expires. 429 when the
         token already holds as many streams as a worker allows (``MAX_STREAMS_PER_TOKEN``)."""
         check_env(env)
-        cache, token, limiter = stores().snapshots, current_token(), stores().streams
+        cache, token, streams, tokens = stores().snapshots, current_token(), stores().streams, stores().tokens
         first = cache.get(env)
-        if not limiter.acquire(token.id):
+        stream = streams.open(env, token.id, _client_socket(), lambda: tokens.still_valid(token))
+        if stream is None:
             raise TooManyRequests(
-                f"token {token.name!r} already holds {limiter.per_token} event streams on this worker; "
+                f"token {token.name!r} already holds {streams.per_token} event streams on this worker; "
                 "poll the snapshot instead",
                 retry_after=30,
             )
-        tokens = stores().tokens
-        stream = events(
-            cache,
-            env,
-            first,
-            request.headers.get("Last-Event-ID"),
-            _client_socket(),
-            still_allowed=lambda: tokens.still_valid(token),
+        body = EventStream(
+            events(cache, stream, first, request.headers.get("Last-Event-ID")),
+            on_close=lambda: streams.close(stream),
         )
         response = Response(
-            EventStream(stream, on_close=lambda: limiter.release(token.id)),
+            body,
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
