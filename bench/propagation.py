@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,24 +117,39 @@ class ClientView:
             self.checks.append((version, bool(json.loads(data)["flags"][KILL_KEY]["enabled"])))
 
     def on_event(self, block: bytes, now: float) -> None:
-        """One complete SSE event (the lines before a blank line); comments are heartbeats."""
+        """One complete SSE event (the lines before a blank line); comments are heartbeats. Only
+        the lines before the first ``data:`` are split: a snapshot's data is one long line."""
+        if block.startswith(b"data:"):
+            head, data = b"", block[5:]
+        else:
+            head, found, data = block.partition(b"\ndata:")
+            data = data if found else b""
+        if b"\n" in data:  # more data lines (a one-byte search: memchr, fast on a long line)
+            data = b"\n".join(line.removeprefix(b" ") for line in data.split(b"\ndata:"))
+        data = data.removeprefix(b" ")
         fields: dict[bytes, bytes] = {}
-        data: list[bytes] = []
-        for line in block.split(b"\n"):
+        for line in head.split(b"\n"):
             if line and not line.startswith(b":"):
                 name, _, value = line.partition(b":")
-                value = value[1:] if value.startswith(b" ") else value
-                if name == b"data":
-                    data.append(value)
-                else:
-                    fields[name] = value
+                fields[name] = value.removeprefix(b" ")
         if fields.get(b"event") == b"snapshot":
-            self.observe(fields.get(b"id", b"-1"), b"\n".join(data), now)
+            self.observe(fields.get(b"id", b"-1"), data, now)
         elif fields.get(b"event") == b"shutdown":
             self.shutdowns += 1
 
     def status(self, code: int) -> None:
         self.statuses[code] = self.statuses.get(code, 0) + 1
+
+
+def blank_lines(buffer: bytearray, pos: int) -> Iterator[int]:
+    """Where each blank line (an SSE event's end) starts in ``buffer``, searching from ``pos`` by
+    newlines: a one-byte search runs at memory speed, a snapshot's long data line in one step."""
+    while (newline := buffer.find(b"\n", pos)) >= 0 and newline + 1 < len(buffer):
+        if buffer[newline + 1] == 0x0A:
+            yield newline
+            pos = newline + 2
+        else:
+            pos = newline + 1
 
 
 class SseProtocol(asyncio.Protocol):
@@ -143,7 +159,8 @@ class SseProtocol(asyncio.Protocol):
     def __init__(self, view: ClientView, request: bytes) -> None:
         self.view, self.request = view, request
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.head = self.raw = self.sse = b""
+        self.head = self.raw = b""
+        self.sse = bytearray()
         self.in_body = self.chunked = self.crlf = False
         self.left = 0  # bytes left in the current chunk
         self.transport: Any = None
@@ -167,10 +184,13 @@ class SseProtocol(asyncio.Protocol):
                 self.transport.close()
                 return
             self.chunked, self.in_body = b"transfer-encoding: chunked" in head.lower(), True
+        scanned = max(0, len(self.sse) - 1)  # the bytes held before had no blank line
         self.sse += self.dechunk(data) if self.chunked else data
-        while (end := self.sse.find(b"\n\n")) >= 0:
-            block, self.sse = self.sse[:end], self.sse[end + 2 :]
-            self.view.on_event(block, now)
+        start = 0
+        for end in blank_lines(self.sse, scanned):
+            self.view.on_event(bytes(self.sse[start:end]), now)
+            start = end + 2
+        del self.sse[:start]
 
     def dechunk(self, data: bytes) -> bytes:
         """Incremental ``Transfer-Encoding: chunked`` decoding: the payload bytes in ``data``."""
