@@ -217,12 +217,18 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
     """Perform due automatic reverts of temporary changes (``for``) and deliver webhooks. Any
     number may run: each revert happens exactly once, each subscription is delivered by one at a
     time. gunicorn workers started by `flagsvc serve` run both too."""
+    from .clients import ClientRegistry, Limits, live_seconds
+    from .config import DEFAULTS
     from .extensions import allowed_hosts
     from .scheduler import Scheduler
     from .webhooks import Deliverer
 
     with redis_for(redis_url, data_dir) as client:
-        scheduler = Scheduler(client, interval=interval)
+        told = os.environ.get("FLAGSVC_HEARTBEAT_INTERVAL_SECONDS") or str(
+            DEFAULTS["HEARTBEAT_INTERVAL_SECONDS"]
+        )
+        clients = ClientRegistry(client, Limits(live_seconds=live_seconds(float(told))))
+        scheduler = Scheduler(client, interval=interval, clients=clients)
         if once:
             click.echo(f"{scheduler.run_once()} due reverts handled")
             return

@@ -39,7 +39,8 @@ from .keys import EnvKeys
 
 log = logging.getLogger(__name__)
 
-#: An instance is live if it reported within this many seconds (SDKs report every 30 s).
+#: An instance is live if it reported within this many seconds: three of the intervals the
+#: service announces (:func:`live_seconds`), and at least this.
 LIVE_SECONDS = 90
 #: Instances silent for longer are forgotten.
 FORGET_SECONDS = 24 * 3600
@@ -72,10 +73,17 @@ class ClientNotFound(ProblemError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one token may do: instances per environment, heartbeats per instance per minute."""
+    """What one token may do: instances per environment, heartbeats per instance per minute; and
+    how long an instance stays live after its last report."""
 
     per_token: int = 10_000
     per_minute: int = 30
+    live_seconds: float = LIVE_SECONDS
+
+
+def live_seconds(interval: float) -> float:
+    """How long an instance told to report every ``interval`` seconds stays live: it may miss two."""
+    return max(float(LIVE_SECONDS), 3 * interval)
 
 
 @dataclass(frozen=True)
@@ -302,7 +310,7 @@ class ClientRegistry:
         plan = {
             "now": now,
             "per_token": self._limits.per_token,
-            "live": LIVE_SECONDS,
+            "live": self._limits.live_seconds,
             "forget": FORGET_SECONDS,
             "counts_ttl": COUNTS_TTL_SECONDS,
             "instances": instances,
@@ -314,7 +322,7 @@ class ClientRegistry:
 
     def forget(self, env: str, instance: str, *, token_id: str) -> bool:
         """An instance said goodbye (its SDK closed): forget it at once, rather than count it as
-        live for :data:`LIVE_SECONDS`. Only the token that registered it may; False if it did not."""
+        live for ``Limits.live_seconds``. Only the token that registered it may; False if it did not."""
         k, key = EnvKeys(env), (env, instance)
         with self._lock:
             pending = self._gathered.heartbeats.pop(key, None)
@@ -338,7 +346,7 @@ class ClientRegistry:
         first, then the most recent; a constant cost whatever the size of the fleet."""
         k, now = EnvKeys(env), time.time()
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zcount(k.clients_seen, now - LIVE_SECONDS, "+inf")
+        pipe.zcount(k.clients_seen, now - self._limits.live_seconds, "+inf")
         pipe.zcard(k.clients_seen)
         pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
         pipe.zrangebyscore(k.clients_applied, "-inf", f"({current_version}", start=0, num=SHOWN_INSTANCES)
@@ -351,7 +359,7 @@ class ClientRegistry:
                 continue  # forgotten in between
             record = json.loads(value)
             age = now - float(record.pop("seen_ts", 0))
-            record["live"] = age <= LIVE_SECONDS
+            record["live"] = age <= self._limits.live_seconds
             record["age_seconds"] = round(age, 1)
             record["lag"] = max(0, current_version - int(record.get("applied_version") or 0))
             instances.append(record)
@@ -371,7 +379,9 @@ class ClientRegistry:
             record = json.loads(value)
             age = now - float(record.pop("seen_ts", 0))
             if age <= FORGET_SECONDS:
-                consumers.append({**record, "live": age <= LIVE_SECONDS, "age_seconds": round(age, 1)})
+                consumers.append(
+                    {**record, "live": age <= self._limits.live_seconds, "age_seconds": round(age, 1)}
+                )
         return sorted(consumers, key=lambda r: (not r["live"], r["consumer"]))
 
     def summary(self, env: str) -> dict[str, int]:
@@ -389,8 +399,8 @@ class ClientRegistry:
         pipe = self._redis.pipeline(transaction=False)
         pipe.zremrangebyscore(k.clients_gone, "-inf", now - GOODBYE_SECONDS)
         for app in self._redis.smembers(k.clients_apps):
-            pipe.zremrangebyscore(k.clients_of_app(app), "-inf", now - LIVE_SECONDS)
-        pipe.zcount(k.clients_seen, now - LIVE_SECONDS, "+inf")
+            pipe.zremrangebyscore(k.clients_of_app(app), "-inf", now - self._limits.live_seconds)
+        pipe.zcount(k.clients_seen, now - self._limits.live_seconds, "+inf")
         pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
         *_, live, lagging = pipe.execute()
         current = live - min(live, lagging)
@@ -412,11 +422,11 @@ class ClientRegistry:
         remembers how far passes went) no longer count among those that applied a version."""
         since = self._redis.hget(k.clients_summary, "silent_to") or "-inf"
         went_silent = self._redis.zrangebyscore(
-            k.clients_seen, since, now - LIVE_SECONDS, start=0, num=PURGE_BATCH, withscores=True
+            k.clients_seen, since, now - self._limits.live_seconds, start=0, num=PURGE_BATCH, withscores=True
         )
         if went_silent:
             self._redis.zrem(k.clients_applied, *[instance for instance, _ in went_silent])
-        reached = went_silent[-1][1] if len(went_silent) == PURGE_BATCH else now - LIVE_SECONDS
+        reached = went_silent[-1][1] if len(went_silent) == PURGE_BATCH else now - self._limits.live_seconds
         self._redis.hset(k.clients_summary, "silent_to", repr(reached))
 
     def _forget_silent_consumers(self, k: EnvKeys, now: float) -> None:
@@ -443,7 +453,7 @@ class ClientRegistry:
         apps = sorted({app for entry in out.values() for app in entry["apps"]})
         pipe = self._redis.pipeline(transaction=False)
         for app in apps:
-            pipe.zcount(k.clients_of_app(app), now - LIVE_SECONDS, "+inf")
+            pipe.zcount(k.clients_of_app(app), now - self._limits.live_seconds, "+inf")
         live = dict(zip(apps, pipe.execute(), strict=True)) if apps else {}
         for entry in out.values():
             entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}

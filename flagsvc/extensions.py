@@ -14,7 +14,7 @@ from flask import Flask, current_app
 
 from .audit import AuditLog
 from .changes import ChangeListener
-from .clients import ClientRegistry, Limits, OfrepUsage
+from .clients import ClientRegistry, Limits, OfrepUsage, live_seconds
 from .connection import connect, durability_of, writable
 from .console.sessions import ConsoleSessions
 from .envs import EnvStore
@@ -123,7 +123,11 @@ def init_app(app: Flask) -> None:
     app.extensions["flagsvc"] = make_stores(
         client,
         token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),
-        limits=Limits(int(app.config["MAX_INSTANCES_PER_TOKEN"]), int(app.config["HEARTBEATS_PER_MINUTE"])),
+        limits=Limits(
+            int(app.config["MAX_INSTANCES_PER_TOKEN"]),
+            int(app.config["HEARTBEATS_PER_MINUTE"]),
+            live_seconds(float(app.config["HEARTBEAT_INTERVAL_SECONDS"])),
+        ),
         streams_per_token=int(app.config["MAX_STREAMS_PER_TOKEN"]),
         webhook_hosts=allowed_hosts(app.config),
         writes=WriteBudget(

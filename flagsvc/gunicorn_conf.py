@@ -133,7 +133,7 @@ def post_worker_init(worker: Any) -> None:
             # Automatic reverts: safe to run in every worker, each revert happens once.
             from flagsvc.scheduler import Scheduler
 
-            Scheduler(stores.redis).start()
+            Scheduler(stores.redis, clients=stores.clients).start()
         if os.environ.get("FLAGSVC_WEBHOOKS", "1") != "0":
             # Webhook deliveries: in every worker too; a lease gives each subscription to one.
             from flagsvc.extensions import allowed_hosts

@@ -48,12 +48,16 @@ Result = str | None
 class Scheduler:
     """Performs due reverts; :meth:`run_once` is one pass over every environment."""
 
-    def __init__(self, client: redis.Redis, *, interval: float = 1.0) -> None:
+    def __init__(
+        self, client: redis.Redis, *, interval: float = 1.0, clients: ClientRegistry | None = None
+    ) -> None:
+        """``clients``: the registry whose silent instances housekeeping purges (its limits say
+        how long an instance stays live); a default one if None."""
         self._redis = client
         self._envs = EnvStore(client)
         self._writer = Writer(client)
         self._playbooks = PlaybookStore(client)
-        self._clients = ClientRegistry(client)
+        self._clients = clients or ClientRegistry(client)
         self._interval = interval
         self._stop = threading.Event()
 

@@ -93,6 +93,39 @@ def test_a_new_instance_takes_the_place_of_one_gone_silent(limited, r, make_toke
     assert not r.hexists(KEYS.clients, "i-0") and r.hexists(KEYS.clients, "i-3")
 
 
+def test_an_instance_told_a_longer_interval_stays_live_between_its_reports(r, redis_url, make_token):
+    app = create_app(
+        {
+            "REDIS_URL": redis_url,
+            "TESTING": True,
+            "MAX_INSTANCES_PER_TOKEN": 3,
+            "HEARTBEAT_INTERVAL_SECONDS": 120,
+        }
+    )
+    EnvStore(r).create(ENV, actor="test-setup")
+    try:
+        client = app.test_client()
+        sdk = {"Authorization": f"Bearer {make_token('sdk', name='shop')}"}
+        for i in range(3):
+            assert beat(client, sdk, f"i-{i}").headers["X-Flagsvc-Report-Interval"] == "120"
+        heartbeats_written(app)
+        token_id = TokenStore(r).list()[-1].id
+        missed_one = time.time() - 200  # one 120 s report late, not two
+        r.zadd(KEYS.clients_of_token(token_id), {"i-0": missed_one})
+        r.zadd(KEYS.clients_seen, {"i-0": missed_one})
+
+        first = beat(client, sdk, "i-3")
+        heartbeats_written(app)
+        assert_429(beat(client, sdk, "i-3") if first.status_code == 204 else first)
+        assert r.hexists(KEYS.clients, "i-0") and not r.hexists(KEYS.clients, "i-3")
+        Scheduler(r, clients=app.extensions["flagsvc"].clients).housekeep()
+        reader = {"Authorization": f"Bearer {make_token('reader')}"}
+        summary = client.get(f"{ENV_URL}/clients", headers=reader).get_json()["summary"]
+        assert summary["live"] == 3 and summary["silent"] == 0, summary
+    finally:
+        app.extensions["flagsvc"].close()
+
+
 def test_an_instance_sends_a_bounded_number_of_heartbeats_a_minute(limited, make_token):
     if time.time() % 60 > 55:
         time.sleep(60 - time.time() % 60 + 0.1)  # all in one minute
