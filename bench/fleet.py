@@ -91,11 +91,14 @@ from harness import (
     redis_for,
 )
 
-from flagsvc.config import DEFAULTS
+from flagsvc.clients import Pace, pace_for
+from flagsvc.config import DEFAULTS, service_config
 from flagsvc.connection import connect
 from flagsvc.embedded import running_socket, url_for_socket
+from flagsvc.extensions import limits_from
 from flagsvc.keys import EnvKeys, SystemKeys
 from flagsvc.tokens import Role, TokenStore
+from flagsvc_client._report import INTERVAL_BOUNDS, JITTER_BOUNDS, _rescheduled
 from flagsvc_client._version import __version__ as SDK_VERSION
 
 TARGET_USAGE_MB = 200.0
@@ -121,7 +124,6 @@ LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 CLOSE_RE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 INTERVAL_RE = re.compile(rb"\r\nx-flagsvc-report-interval:[ \t]*([0-9.eE+-]+)", re.IGNORECASE)
 JITTER_RE = re.compile(rb"\r\nx-flagsvc-report-jitter:[ \t]*([0-9.eE+-]+)", re.IGNORECASE)
-INTERVAL_BOUNDS, JITTER_BOUNDS = (1.0, 3600.0), (0.0, 600.0)  # as the SDK bounds them
 PERIODIC, CHANGE = 0, 1  # what a scheduled report is
 IDLE, QUEUED, QUEUED_CHANGE, IN_FLIGHT = 0, 1, 2, 3  # where an instance's report stands
 RETRY_S = 0.02  # a change report waits this long for the instance's report in flight, again
@@ -264,6 +266,8 @@ class Fleet:
         self.known = bytearray(self.n)  # 1: the server accepted a heartbeat of this instance
         self.state = bytearray(self.n)  # IDLE, QUEUED, QUEUED_CHANGE or IN_FLIGHT
         self.change_due = array("d", [0.0]) * self.n  # when its change report was due
+        self.next_due = array("d", [0.0]) * self.n  # its next periodic report (older heap entries: stale)
+        self.due_by_s: Counter[int] = Counter()  # periodic reports that came due, per second
         self.skipped = 0  # periodic reports due while the instance's previous one was pending
         self.burst_at = math.inf
         self.pending_changes = 0
@@ -306,6 +310,7 @@ class Fleet:
         """Every instance's first report, spread over one interval (a fleet already running)."""
         for index in range(self.n):
             due = start_at + self.rng.uniform(0, self.interval[index])
+            self.next_due[index] = due
             self.heap.append((due, index, PERIODIC))
         heapq.heapify(self.heap)
 
@@ -332,7 +337,11 @@ class Fleet:
             while self.heap and self.heap[0][0] <= now:
                 due, index, kind = heapq.heappop(self.heap)
                 if kind == PERIODIC:
-                    heapq.heappush(self.heap, (due + self.interval[index], index, PERIODIC))
+                    if due != self.next_due[index]:
+                        continue  # rescheduled since: a new interval was adopted
+                    self.next_due[index] = due + self.interval[index]
+                    heapq.heappush(self.heap, (self.next_due[index], index, PERIODIC))
+                    self.due_by_s[int(due - self.spec["start_at"])] += 1
                     self.due_periodic(due, index)
                 else:
                     self.due_change(now, index)
@@ -437,7 +446,14 @@ class Fleet:
     def advised(self, index: int, head: bytes) -> None:
         """Adopt the interval and jitter the answer announces, within the SDK's bounds."""
         if match := INTERVAL_RE.search(head):
+            before = self.interval[index]
             self.interval[index] = min(max(float(match[1]), INTERVAL_BOUNDS[0]), INTERVAL_BOUNDS[1])
+            due = _rescheduled(
+                self.next_due[index], before, self.interval[index], time.monotonic(), self.rng.uniform
+            )
+            if due != self.next_due[index]:
+                self.next_due[index] = due
+                heapq.heappush(self.heap, (due, index, PERIODIC))
         if match := JITTER_RE.search(head):
             self.jitter[index] = min(max(float(match[1]), JITTER_BOUNDS[0]), JITTER_BOUNDS[1])
 
@@ -469,6 +485,7 @@ class Fleet:
         return {
             "tallies": {name: t.export() for name, t in self.tallies.items()},
             "answered_by_s": dict(self.answered_by_s),
+            "due_by_s": dict(self.due_by_s),
             "refused_by_s": dict(self.refused_by_s),
             "last_change_answer": self.last_change_answer,
             "pending_changes": self.pending_changes if self.burst_at < math.inf else None,
@@ -1067,6 +1084,12 @@ def machine_seconds() -> float:
     return float(t.user + t.nice + t.system + t.irq + t.softirq)
 
 
+def expected_pace(instances: int) -> Pace:
+    """What the server tells a fleet of ``instances`` once housekeeping has counted it (the same
+    ``FLAGSVC_*`` settings as the server's)."""
+    return pace_for(limits_from(service_config()), instances)
+
+
 def announced(what: str) -> float:
     """The heartbeat interval or jitter ``flagsvc serve`` announces with this environment."""
     name = f"HEARTBEAT_{what}_SECONDS"
@@ -1242,7 +1265,7 @@ def drive_fleet(
         marks.kill_answered = time.monotonic()
         log(
             f"{tag} burst: kill/restore of {KILL_KEY} in {PROD} (v{version}); every instance reports "
-            f"it within {spec['jitter']:g} s"
+            f"it within the jitter it was told ({expected_pace(spec['instances']).jitter:g} s once counted)"
         )
         loadgen.tell("change", version, marks.kill_answered)
         marks.burst_done, marks.last_change_answer = loadgen.wait_burst(args.burst_timeout)
@@ -1277,11 +1300,13 @@ def run_fleet(
         admin.headers["Authorization"] = f"Bearer {server.token}"
         spec = fleet_spec(server, args, tokens, flags, harness.current_version(server, admin))
     dry_key = Counter(f for chosen in spec["app_flags"] for f in chosen).most_common(1)[0][0]
+    pace = expected_pace(args.instances)
     log(
         f"{tag} fleet: {args.instances:,} instances of {args.apps} apps over {len(tokens.sdk)} SDK "
         f"tokens, {args.flags_per_app} flag counts each; the server announces an interval of "
-        f"{spec['interval']:g} s and a jitter of {spec['jitter']:g} s: "
-        f"{args.instances / spec['interval']:,.0f} heartbeats/s wanted; {args.conns} "
+        f"{spec['interval']:g} s and a jitter of {spec['jitter']:g} s to start, "
+        f"{pace.interval:g} s and {pace.jitter:g} s once it has counted the fleet: "
+        f"{args.instances / pace.interval:,.0f} heartbeats/s wanted; {args.conns} "
         f"{'new connections (Connection: close)' if args.close else 'keep-alive connections'} from "
         f"{args.loadgen_procs} asyncio process(es); dry runs of {dry_key!r}"
     )
@@ -1312,9 +1337,10 @@ def fleet_figures(
     start_at, measure_at = spec["start_at"], spec["measure_at"]
     answered = sum_by_second(parts, "answered_by_s")
     refused = sum_by_second(parts, "refused_by_s")
+    due = sum_by_second(parts, "due_by_s")
     first_s, last_s = int(measure_at - start_at), int(marks.steady_end - start_at)
-    in_window = sum(v for s, v in answered.items() if first_s <= s < last_s)
-    rate = in_window / max(1, last_s - first_s)
+    rate = sum(v for s, v in answered.items() if first_s <= s < last_s) / max(1, last_s - first_s)
+    wanted = sum(v for s, v in due.items() if first_s <= s < last_s) / max(1, last_s - first_s)
     kill_s = int(marks.kill_answered - start_at)
     timeline = [
         (s - kill_s, answered.get(s, 0), refused.get(s, 0))
@@ -1331,7 +1357,7 @@ def fleet_figures(
         jitter=spec["jitter"],
         tallies=merge_tallies(parts),
         steady_s=args.duration,
-        wanted_rate=args.instances / spec["interval"],
+        wanted_rate=wanted,
         achieved_rate=rate,
         burst_drain_s=marks.last_change_answer - marks.kill_answered,
         burst_done=marks.burst_done,
@@ -1960,13 +1986,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "big_flags": 1000,
         "many_tokens": 50_000,
         "settle": 2.0,
-        "burst_timeout": 60.0,
+        "burst_timeout": None,
     }
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.warmup is None:
-        args.warmup = announced("INTERVAL")
+    pace = expected_pace(args.instances)
+    if args.warmup is None:  # the first reports; then one more each, to adopt a stretched pace
+        start = announced("INTERVAL")
+        args.warmup = start if pace.interval <= start else 2 * start + 10
+    if args.burst_timeout is None:
+        args.burst_timeout = max(60.0, pace.jitter + 30)
     if min(args.instances, args.sdk_tokens, args.conns, args.loadgen_procs, args.apps, args.repeat) < 1:
         p.error("--instances, --sdk-tokens, --conns, --loadgen-procs, --apps and --repeat must be >= 1")
     return args

@@ -217,24 +217,20 @@ def worker(interval: float, once: bool, data_dir: Path, redis_url: str | None) -
     """Perform due automatic reverts of temporary changes (``for``) and deliver webhooks. Any
     number may run: each revert happens exactly once, each subscription is delivered by one at a
     time. gunicorn workers started by `flagsvc serve` run both too."""
-    from .clients import ClientRegistry, Limits, live_seconds
-    from .config import DEFAULTS
-    from .extensions import allowed_hosts
+    from .clients import ClientRegistry
+    from .config import service_config
+    from .extensions import allowed_hosts, limits_from
     from .scheduler import Scheduler
     from .webhooks import Deliverer
 
+    config = service_config()
     with redis_for(redis_url, data_dir) as client:
-        told = os.environ.get("FLAGSVC_HEARTBEAT_INTERVAL_SECONDS") or str(
-            DEFAULTS["HEARTBEAT_INTERVAL_SECONDS"]
-        )
-        clients = ClientRegistry(client, Limits(live_seconds=live_seconds(float(told))))
-        scheduler = Scheduler(client, interval=interval, clients=clients)
+        scheduler = Scheduler(client, interval=interval, clients=ClientRegistry(client, limits_from(config)))
         if once:
             click.echo(f"{scheduler.run_once()} due reverts handled")
             return
-        hosts = allowed_hosts({"WEBHOOK_ALLOWED_HOSTS": os.environ.get("FLAGSVC_WEBHOOK_ALLOWED_HOSTS", "")})
         deliverer = Deliverer(
-            client, allowed_hosts=hosts, public_url=os.environ.get("FLAGSVC_PUBLIC_URL", "")
+            client, allowed_hosts=allowed_hosts(config), public_url=str(config.get("PUBLIC_URL") or "")
         )
         deliverer.start()
         click.echo(f"flagsvc worker: reverting temporary changes every {interval:g} s, delivering webhooks")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -73,17 +74,36 @@ class ClientNotFound(ProblemError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one token may do: instances per environment, heartbeats per instance per minute; and
-    how long an instance stays live after its last report."""
+    """What one token may do (instances per environment, heartbeats per instance per minute),
+    and the pace SDKs are told: the report interval and the spread of the reports after a change,
+    stretched so that the whole fleet sends about ``fleet_rate`` heartbeats a second (0: never)."""
 
     per_token: int = 10_000
     per_minute: int = 30
-    live_seconds: float = LIVE_SECONDS
+    interval: float = 30.0
+    jitter: float = 1.0
+    fleet_rate: float = 1_000.0
 
 
-def live_seconds(interval: float) -> float:
-    """How long an instance told to report every ``interval`` seconds stays live: it may miss two."""
-    return max(float(LIVE_SECONDS), 3 * interval)
+@dataclass(frozen=True)
+class Pace:
+    """What a heartbeat's answer tells the SDK (seconds)."""
+
+    interval: float
+    jitter: float
+
+    @property
+    def live_seconds(self) -> float:
+        """How long an instance told this interval stays live: it may miss two reports."""
+        return max(float(LIVE_SECONDS), 3 * self.interval)
+
+
+def pace_for(limits: Limits, live_instances: int) -> Pace:
+    """The pace for a fleet of ``live_instances``: every instance reports once per interval, and
+    all of them once within the spread after a change, so both last at least the fleet's size
+    over ``fleet_rate`` (whole seconds, within what the SDK accepts: 1 h, 600 s)."""
+    stretched = math.ceil(live_instances / limits.fleet_rate) if limits.fleet_rate > 0 else 0
+    return Pace(min(max(limits.interval, stretched), 3600.0), min(max(limits.jitter, stretched), 600.0))
 
 
 @dataclass(frozen=True)
@@ -96,12 +116,15 @@ class PropagationView:
     instances: list[dict[str, Any]]
     #: OFREP consumers: they evaluate on the server, so they hold no version to wait for.
     ofrep: list[dict[str, Any]] = field(default_factory=list)
+    #: what SDK instances are told: every instance reports a change within ``pace.jitter`` seconds
+    pace: Pace = field(default_factory=lambda: Pace(30.0, 1.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "env": self.env,
             "version": self.version,
             "summary": self.summary,
+            "pace": {"interval_seconds": self.pace.interval, "jitter_seconds": self.pace.jitter},
             "instances": self.instances,
             "ofrep": self.ofrep,
         }
@@ -157,6 +180,7 @@ class ClientRegistry:
         claimed beyond this process's snapshot (:meth:`flagsvc.history.HistoryGuard.sdk_applied`)."""
         self._redis = client
         self._limits = limits or Limits()
+        self._fleet: dict[str, int] = {}  # env -> live instances, as housekeeping last counted
         self._on_claim = on_claim
         self._write_script = client.register_script(_HEARTBEATS)
         self._lock = threading.Lock()
@@ -208,6 +232,14 @@ class ClientRegistry:
         """Heartbeats ``instance`` sent this process this minute (what its rate limit counts)."""
         with self._lock:
             return self._sent[(env, instance)] if self._minute == int(time.time() // 60) else 0
+
+    def pace(self, env: str) -> Pace:
+        """What to tell the SDK instances of ``env`` (the fleet size is learnt at every write)."""
+        return pace_for(self._limits, self._fleet.get(env, 0))
+
+    def _stored_pace(self, k: EnvKeys) -> Pace:
+        """The pace for the fleet size the last housekeeping pass stored (any process reads it)."""
+        return pace_for(self._limits, int(self._redis.hget(k.clients_summary, "live") or 0))
 
     def _check_limits(self, key: tuple[str, str], now: float) -> None:
         refused_until = self._refused.get(key, 0.0)
@@ -282,14 +314,18 @@ class ClientRegistry:
     def _write(self, env: str, batch: _Gathered) -> dict[tuple[str, str], float]:
         """One script call; the instances the per-token cap refused, until when."""
         now = time.time()
-        keys, plan = self._plan(EnvKeys(env), batch, now)
-        answer = self._write_script(keys=keys, args=[json.dumps(plan)])
-        return {(env, str(i)): now + int(wait) for i, wait in zip(answer[::2], answer[1::2], strict=True)}
+        keys, plan = self._plan(env, batch, now)
+        live, *refused = self._write_script(keys=keys, args=[json.dumps(plan)])
+        self._fleet[env] = int(live)
+        return {(env, str(i)): now + int(wait) for i, wait in zip(refused[::2], refused[1::2], strict=True)}
 
-    def _plan(self, k: EnvKeys, gathered: _Gathered, now: float) -> tuple[list[str], dict[str, Any]]:
-        """The KEYS and the plan of ``heartbeats.lua`` for environment ``k``."""
+    def _plan(self, env: str, gathered: _Gathered, now: float) -> tuple[list[str], dict[str, Any]]:
+        """The KEYS and the plan of ``heartbeats.lua`` for ``env``."""
+        k = EnvKeys(env)
         fixed = [k.clients, k.clients_seen, k.clients_applied, k.evaluations(int(now // 60))]
-        positions = {key: i + 1 for i, key in enumerate([*fixed, k.clients_gone, k.clients_apps])}
+        positions = {
+            key: i + 1 for i, key in enumerate([*fixed, k.clients_gone, k.clients_apps, k.clients_summary])
+        }
 
         def index(key: str) -> int:
             return positions.setdefault(key, len(positions) + 1)
@@ -310,7 +346,7 @@ class ClientRegistry:
         plan = {
             "now": now,
             "per_token": self._limits.per_token,
-            "live": self._limits.live_seconds,
+            "live": self.pace(env).live_seconds,
             "forget": FORGET_SECONDS,
             "counts_ttl": COUNTS_TTL_SECONDS,
             "instances": instances,
@@ -322,7 +358,7 @@ class ClientRegistry:
 
     def forget(self, env: str, instance: str, *, token_id: str) -> bool:
         """An instance said goodbye (its SDK closed): forget it at once, rather than count it as
-        live for ``Limits.live_seconds``. Only the token that registered it may; False if it did not."""
+        live for three report intervals. Only the token that registered it may; False if it did not."""
         k, key = EnvKeys(env), (env, instance)
         with self._lock:
             pending = self._gathered.heartbeats.pop(key, None)
@@ -345,8 +381,10 @@ class ClientRegistry:
         """Counts over the whole fleet, and the instances most worth a look: the lagging live ones
         first, then the most recent; a constant cost whatever the size of the fleet."""
         k, now = EnvKeys(env), time.time()
+        pace = self._stored_pace(k)
+        live_window = pace.live_seconds
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zcount(k.clients_seen, now - self._limits.live_seconds, "+inf")
+        pipe.zcount(k.clients_seen, now - live_window, "+inf")
         pipe.zcard(k.clients_seen)
         pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
         pipe.zrangebyscore(k.clients_applied, "-inf", f"({current_version}", start=0, num=SHOWN_INSTANCES)
@@ -359,7 +397,7 @@ class ClientRegistry:
                 continue  # forgotten in between
             record = json.loads(value)
             age = now - float(record.pop("seen_ts", 0))
-            record["live"] = age <= self._limits.live_seconds
+            record["live"] = age <= live_window
             record["age_seconds"] = round(age, 1)
             record["lag"] = max(0, current_version - int(record.get("applied_version") or 0))
             instances.append(record)
@@ -371,7 +409,9 @@ class ClientRegistry:
             "lagging": lagging,
             "silent": total - live,
         }
-        return PropagationView(env, current_version, summary, instances, self._ofrep_consumers(env, now))
+        return PropagationView(
+            env, current_version, summary, instances, self._ofrep_consumers(env, now), pace
+        )
 
     def _ofrep_consumers(self, env: str, now: float) -> list[dict[str, Any]]:
         consumers = []
@@ -379,9 +419,7 @@ class ClientRegistry:
             record = json.loads(value)
             age = now - float(record.pop("seen_ts", 0))
             if age <= FORGET_SECONDS:
-                consumers.append(
-                    {**record, "live": age <= self._limits.live_seconds, "age_seconds": round(age, 1)}
-                )
+                consumers.append({**record, "live": age <= LIVE_SECONDS, "age_seconds": round(age, 1)})
         return sorted(consumers, key=lambda r: (not r["live"], r["consumer"]))
 
     def summary(self, env: str) -> dict[str, int]:
@@ -393,14 +431,15 @@ class ClientRegistry:
         """Forget instances silent for a day; take those that went silent since the last pass out
         of the lagging count; count the live and current ones. Batches of :data:`PURGE_BATCH`."""
         k, now = EnvKeys(env), time.time()
+        live_window = self._stored_pace(k).live_seconds
         self._forget_silent(k, now)
-        self._take_silent_out_of_lagging(k, now)
+        self._take_silent_out_of_lagging(k, now - live_window)
         self._forget_silent_consumers(k, now)
         pipe = self._redis.pipeline(transaction=False)
         pipe.zremrangebyscore(k.clients_gone, "-inf", now - GOODBYE_SECONDS)
         for app in self._redis.smembers(k.clients_apps):
-            pipe.zremrangebyscore(k.clients_of_app(app), "-inf", now - self._limits.live_seconds)
-        pipe.zcount(k.clients_seen, now - self._limits.live_seconds, "+inf")
+            pipe.zremrangebyscore(k.clients_of_app(app), "-inf", now - live_window)
+        pipe.zcount(k.clients_seen, now - live_window, "+inf")
         pipe.zcount(k.clients_applied, "-inf", f"({current_version}")
         *_, live, lagging = pipe.execute()
         current = live - min(live, lagging)
@@ -417,16 +456,17 @@ class ClientRegistry:
             pipe.zrem(k.clients_applied, *gone)
             pipe.execute()
 
-    def _take_silent_out_of_lagging(self, k: EnvKeys, now: float) -> None:
-        """The instances whose last report left the live window since the last pass (the summary
-        remembers how far passes went) no longer count among those that applied a version."""
+    def _take_silent_out_of_lagging(self, k: EnvKeys, live_since: float) -> None:
+        """The instances whose last report left the live window (reports since ``live_since``)
+        since the last pass (the summary remembers how far passes went) no longer count among
+        those that applied a version."""
         since = self._redis.hget(k.clients_summary, "silent_to") or "-inf"
         went_silent = self._redis.zrangebyscore(
-            k.clients_seen, since, now - self._limits.live_seconds, start=0, num=PURGE_BATCH, withscores=True
+            k.clients_seen, since, live_since, start=0, num=PURGE_BATCH, withscores=True
         )
         if went_silent:
             self._redis.zrem(k.clients_applied, *[instance for instance, _ in went_silent])
-        reached = went_silent[-1][1] if len(went_silent) == PURGE_BATCH else now - self._limits.live_seconds
+        reached = went_silent[-1][1] if len(went_silent) == PURGE_BATCH else live_since
         self._redis.hset(k.clients_summary, "silent_to", repr(reached))
 
     def _forget_silent_consumers(self, k: EnvKeys, now: float) -> None:
@@ -451,9 +491,10 @@ class ClientRegistry:
                 entry["evaluations"] += int(n)
                 entry["apps"][app] = 0
         apps = sorted({app for entry in out.values() for app in entry["apps"]})
+        live_since = now - self._stored_pace(k).live_seconds if apps else now
         pipe = self._redis.pipeline(transaction=False)
         for app in apps:
-            pipe.zcount(k.clients_of_app(app), now - self._limits.live_seconds, "+inf")
+            pipe.zcount(k.clients_of_app(app), live_since, "+inf")
         live = dict(zip(apps, pipe.execute(), strict=True)) if apps else {}
         for entry in out.values():
             entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}

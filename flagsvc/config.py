@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flask import Config
+
 DEFAULTS: dict[str, object] = {
     # Redis: redis://, rediss://, unix://, redis+sentinel://.../MASTER or redis+cluster://
     # (flagsvc/connection.py). ``flagsvc serve`` sets it to the embedded server when none is given.
@@ -28,6 +30,9 @@ DEFAULTS: dict[str, object] = {
     # release: seconds between heartbeats, and the spread of the reports after a change.
     "HEARTBEAT_INTERVAL_SECONDS": 30,
     "HEARTBEAT_JITTER_SECONDS": 1.0,
+    # ... both stretched for a fleet whose reports would exceed this many heartbeats a second
+    # per environment (0: never): 100,000 instances report every 100 s, and within 100 s of a change.
+    "FLEET_HEARTBEATS_PER_SECOND": 1_000,
     # Writes (POST, PUT, PATCH, DELETE) per operator or admin token, per worker process: a
     # sustained rate and a burst; beyond, 429 after a pause of up to a second.
     "WRITES_PER_SECOND_PER_TOKEN": 20.0,
@@ -48,3 +53,12 @@ DEFAULTS: dict[str, object] = {
     "OPENAPI_URL_PREFIX": "/api/v1",
     "OPENAPI_JSON_PATH": "openapi.json",
 }
+
+
+def service_config() -> Config:
+    """The configuration a process outside the web app (``flagsvc worker``) runs with: the
+    defaults, then ``FLAGSVC_*`` environment variables, as ``create_app`` reads them."""
+    config = Config(".")
+    config.from_mapping(DEFAULTS)
+    config.from_prefixed_env("FLAGSVC")
+    return config

@@ -6,6 +6,7 @@ they create the app (no preload), so no pool crosses a fork.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from flask import Flask, current_app
 
 from .audit import AuditLog
 from .changes import ChangeListener
-from .clients import ClientRegistry, Limits, OfrepUsage, live_seconds
+from .clients import ClientRegistry, Limits, OfrepUsage
 from .connection import connect, durability_of, writable
 from .console.sessions import ConsoleSessions
 from .envs import EnvStore
@@ -123,16 +124,23 @@ def init_app(app: Flask) -> None:
     app.extensions["flagsvc"] = make_stores(
         client,
         token_cache_seconds=float(app.config["TOKEN_CACHE_SECONDS"]),
-        limits=Limits(
-            int(app.config["MAX_INSTANCES_PER_TOKEN"]),
-            int(app.config["HEARTBEATS_PER_MINUTE"]),
-            live_seconds(float(app.config["HEARTBEAT_INTERVAL_SECONDS"])),
-        ),
+        limits=limits_from(app.config),
         streams_per_token=int(app.config["MAX_STREAMS_PER_TOKEN"]),
         webhook_hosts=allowed_hosts(app.config),
         writes=WriteBudget(
             float(app.config["WRITES_PER_SECOND_PER_TOKEN"]), int(app.config["WRITE_BURST_PER_TOKEN"])
         ),
+    )
+
+
+def limits_from(config: Mapping[str, Any]) -> Limits:
+    """The SDK limits and pace the configuration sets (see :class:`flagsvc.clients.Limits`)."""
+    return Limits(
+        per_token=int(config["MAX_INSTANCES_PER_TOKEN"]),
+        per_minute=int(config["HEARTBEATS_PER_MINUTE"]),
+        interval=float(config["HEARTBEAT_INTERVAL_SECONDS"]),
+        jitter=float(config["HEARTBEAT_JITTER_SECONDS"]),
+        fleet_rate=float(config["FLEET_HEARTBEATS_PER_SECOND"]),
     )
 
 

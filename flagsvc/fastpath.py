@@ -150,7 +150,7 @@ class Heartbeats:
             )
         except Exception:  # noqa: BLE001 - a refusal, bad input, Redis trouble...: Flask answers it
             return None
-        headers = report_headers(self._config)
+        headers = report_headers(stores.clients.pace(env))
         headers.append(
             answered(environ, HEARTBEAT_ROUTE, 204, started, token, log_requests=self._log_requests)
         )

@@ -448,6 +448,11 @@ class PropagationSummarySchema(Schema):
     silent = fields.Integer()
 
 
+class PaceSchema(Schema):
+    interval_seconds = fields.Float(metadata={"description": "SDK instances report this often"})
+    jitter_seconds = fields.Float(metadata={"description": "and report a change within this many seconds"})
+
+
 class OfrepConsumerSchema(Schema):
     """An OFREP consumer: a token and an app name (``X-Flagsvc-App``, else the token's name)."""
 
@@ -464,6 +469,7 @@ class PropagationSchema(Schema):
     env = fields.String()
     version = fields.Integer()
     summary = fields.Nested(PropagationSummarySchema)
+    pace = fields.Nested(PaceSchema)
     instances = fields.List(fields.Nested(ClientInstanceSchema))
     ofrep = fields.List(
         fields.Nested(OfrepConsumerSchema),

@@ -61,10 +61,10 @@ def r(redis_url: str) -> Iterator[Any]:
 UNLIMITED_WRITES = {"WRITES_PER_SECOND_PER_TOKEN": 1e6, "WRITE_BURST_PER_TOKEN": 1_000_000}
 
 
-def start_app(r: Any, redis_url: str) -> Any:
-    """The app on ``redis_url``, with the environment ``ENV`` created."""
+def start_app(r: Any, redis_url: str, **config: Any) -> Any:
+    """The app on ``redis_url`` (and ``config``), with the environment ``ENV`` created."""
     # Tests seed flags faster than any operator writes: test_limits.py tests the write budget.
-    app = create_app({"REDIS_URL": redis_url, "TESTING": True, **UNLIMITED_WRITES})
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True, **UNLIMITED_WRITES, **config})
     EnvStore(r).create(ENV, actor="test-setup")
     return app
 
@@ -86,8 +86,10 @@ def bearer(secret: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def app(r: Any, redis_url: str) -> Iterator[Any]:
-    app = start_app(r, redis_url)
+def app(request: pytest.FixtureRequest, r: Any, redis_url: str) -> Iterator[Any]:
+    """The app; a test marked ``@pytest.mark.app_config(KEY=value, ...)`` gets that configuration."""
+    marker = request.node.get_closest_marker("app_config")
+    app = start_app(r, redis_url, **(marker.kwargs if marker else {}))
     yield app
     app.extensions["flagsvc"].close()
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import requests
 
+from flagsvc.scheduler import Scheduler
 from flagsvc_client import FlagClient
 from flagsvc_client.flagctl import main
 
@@ -277,3 +278,16 @@ def test_clients_status_and_dry_run_show_ofrep_consumers(ctl, flags, server, mak
     assert "1 OFREP consumers" in ctl("status", role="reader")[1]
     code, out, _ = ctl("kill", "search.v2", "--reason", "INC-9", "--wait", "--timeout-wait", "5s")
     assert code == 0 and "no live SDK instance reports" in out
+
+
+def test_wait_counts_the_whole_fleet_not_the_instances_the_view_lists(ctl, flags, server, r):
+    registry = server.app.extensions["flagsvc"].clients
+    for i in range(300):  # more than the view lists (100 lagging, 100 recent)
+        body = {"app": "shop", "applied_version": 1}
+        registry.report("production", f"i-{i}", body, source="", token_id="t", flags=())
+    registry.refresh()
+    Scheduler(r, clients=registry).housekeep()
+
+    code, _, err = ctl("kill", "search.v2", "--reason", "INC-9", "--wait", "--timeout-wait", "2s")
+
+    assert code == 8 and "0/300 live SDK instances run version" in err, err

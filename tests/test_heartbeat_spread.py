@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from flagsvc_client import FlagClient
+from flagsvc_client._report import _rescheduled
 
 from .helpers import FLAGS_URL, wait_for
 
@@ -28,8 +29,8 @@ def heartbeats(app, instance: str) -> int:
     return app.extensions["flagsvc"].clients.sent("production", instance)
 
 
+@pytest.mark.app_config(HEARTBEAT_INTERVAL_SECONDS=3, HEARTBEAT_JITTER_SECONDS=0)
 def test_the_service_sets_the_interval_and_a_change_does_not_reset_the_timer(app, server, tokens, auth, r):
-    app.config.update(HEARTBEAT_INTERVAL_SECONDS=3, HEARTBEAT_JITTER_SECONDS=0)
     admin = auth("admin")
     requests.put(
         f"{server.url}{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=admin, timeout=5
@@ -39,24 +40,26 @@ def test_the_service_sets_the_interval_and_a_change_does_not_reset_the_timer(app
     )
     try:
         instance = client._reporter.instance_id
-        wait_for(lambda: heartbeats(app, instance) == 1, 5, "the first heartbeat")
+        wait_for(lambda: heartbeats(app, instance) >= 1, 5, "the first heartbeat")
         started = time.monotonic()
         assert client._reporter.interval == 3.0, "the SDK's default (30 s) gave way to the service's"
         time.sleep(1.0)
+        before = heartbeats(app, instance)  # the first, and the report of the version start-up applied
         requests.post(
             f"{server.url}{FLAGS_URL}/a/kill", json={"reason": "x"}, headers=auth("operator"), timeout=5
         )
-        wait_for(lambda: heartbeats(app, instance) == 2, 3, "the report of the change")
-        # The periodic report comes 3 s after the first, not 3 s after the change's.
+        wait_for(lambda: heartbeats(app, instance) == before + 1, 3, "the report of the change")
+        # The periodic report comes 3 s after the first (the shorter interval at once, not after
+        # the SDK's 30 s), not 3 s after the change's: the change did not reset the timer.
         remaining = 3.5 - (time.monotonic() - started)
         time.sleep(max(0.0, remaining))
-        assert heartbeats(app, instance) == 3
+        assert heartbeats(app, instance) == before + 2
     finally:
         client.close()
 
 
+@pytest.mark.app_config(HEARTBEAT_INTERVAL_SECONDS=60, HEARTBEAT_JITTER_SECONDS=2)
 def test_a_changes_report_is_spread_within_the_jitter(app, server, tokens, auth, r):
-    app.config.update(HEARTBEAT_INTERVAL_SECONDS=60, HEARTBEAT_JITTER_SECONDS=2)
     admin = auth("admin")
     requests.put(
         f"{server.url}{FLAGS_URL}/a", json={"kind": "kill_switch", "enabled": True}, headers=admin, timeout=5
@@ -85,3 +88,16 @@ def test_a_changes_report_is_spread_within_the_jitter(app, server, tokens, auth,
     finally:
         for c in fleet:
             c.close()
+
+
+def test_a_fleet_told_a_longer_interval_spreads_over_it():
+    """Instances that adopt a longer interval together (the service stretched it for a large
+    fleet) each take a random place in it: their reports spread instead of keeping the burst of
+    their old, denser phases. A shorter interval brings the next report closer."""
+    now = time.monotonic()
+    placed = [_rescheduled(now + 30, 30, 100, now) - now for _ in range(400)]
+    assert all(0 <= p <= 100.5 for p in placed)
+    assert min(placed) < 10 and max(placed) > 90, "spread over the whole new interval"
+    assert sum(1 for p in placed if p < 50) in range(140, 261), "uniformly"
+    assert _rescheduled(now + 30, 30, 3, now) == now + 3, "a shorter interval: the next report sooner"
+    assert _rescheduled(now + 30, 30, 30, now) == now + 30, "the same interval: the timer is left alone"

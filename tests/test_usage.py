@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flagsvc.clients import LIVE_SECONDS, SHOWN_INSTANCES, WRITE_BATCH, ClientRegistry, Limits
+from flagsvc import create_app
+from flagsvc.clients import LIVE_SECONDS, SHOWN_INSTANCES, WRITE_BATCH, ClientRegistry, Limits, Pace, pace_for
 from flagsvc.envs import EnvStore
 from flagsvc.keys import EnvKeys
 from flagsvc.scheduler import Scheduler
 
-from .helpers import ENV
+from .conftest import create_token
+from .helpers import ENV, heartbeats_written
 from .test_fanout import commands_of
 
 KEYS = EnvKeys(ENV)
@@ -57,6 +59,7 @@ def test_a_process_writes_its_heartbeats_in_one_call_a_second(r: Any) -> None:
         "zcard",
         "hincrby",
         "expire",
+        "hget",  # the fleet size housekeeping counted, for the pace told to SDKs
     }
     assert r.hlen(KEYS.clients) == 500
     assert counted(r, "flag-0|app-0") == 3 + 100 * 3 * 3
@@ -156,3 +159,51 @@ def test_a_version_claimed_ahead_is_checked_once_written_and_only_for_admitted_i
     registry.report(ENV, "i-2", beyond_cap, source="", token_id="t1", flags=(), known_version=5)
     registry.refresh()
     assert claims == [(ENV, 7)], "an instance the cap refused is evidence of nothing"
+
+
+def test_the_pace_told_to_sdks_stretches_with_the_fleet() -> None:
+    base = Limits(interval=30, jitter=1, fleet_rate=1_000)
+    assert pace_for(base, 800) == Pace(30, 1), "a fleet within the rate keeps the configured pace"
+    assert pace_for(base, 20_000) == Pace(30, 20), "its reports of a change spread over 20 s, not 1"
+    assert pace_for(base, 100_000) == Pace(100, 100), "100,000 instances: 1,000 reports a second"
+    assert pace_for(base, 100_001) == Pace(101, 101)
+    assert pace_for(base, 10**9) == Pace(3600, 600), "within what the SDK accepts"
+    assert pace_for(Limits(fleet_rate=0), 10**6) == Pace(30, 1), "0: never stretched"
+    assert Pace(100, 100).live_seconds == 300 and Pace(10, 1).live_seconds == LIVE_SECONDS
+
+
+def test_a_large_fleet_is_told_a_longer_interval_and_stays_live_between_reports(
+    r: Any, redis_url: str
+) -> None:
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True, "FLEET_HEARTBEATS_PER_SECOND": 10})
+    EnvStore(r).create(ENV, actor="test-setup")
+    try:
+        registry = app.extensions["flagsvc"].clients
+        report_fleet(registry, 1_000)
+        registry.refresh()
+        Scheduler(r, clients=registry).housekeep()  # counts 1,000 live instances
+        client = app.test_client()
+        sdk = {"Authorization": f"Bearer {create_token(r, 'sdk')}"}
+
+        def beat() -> Any:
+            return client.post(
+                f"/api/v1/envs/{ENV}/clients/i-0", json={"app": "shop", "applied_version": 1}, headers=sdk
+            )
+
+        first = beat()
+        assert first.status_code == 204, first.get_data(as_text=True)
+        assert first.headers["X-Flagsvc-Report-Interval"] == "30", "the pace is learnt at the next write"
+        heartbeats_written(app)
+        answer = beat()
+        assert answer.status_code == 204
+        assert (answer.headers["X-Flagsvc-Report-Interval"], answer.headers["X-Flagsvc-Report-Jitter"]) == (
+            "100",
+            "100",
+        ), "1,000 instances at 10 reports a second: every 100 s, and within 100 s of a change"
+
+        r.zadd(KEYS.clients_seen, {"i-1": time.time() - 250})  # on time for a 100 s interval, barely
+        Scheduler(r, clients=registry).housekeep()
+        summary = registry.view(ENV, current_version=1).to_dict()["summary"]
+        assert summary["live"] == 1_000 and summary["silent"] == 0, summary
+    finally:
+        app.extensions["flagsvc"].close()

@@ -125,15 +125,35 @@ class Reporter:
                     self._soon = None
                 if now >= next_periodic:
                     next_periodic = now + self.interval
+                told = self.interval
                 try:
                     self.send()
                 except Exception:
                     log.debug("flagsvc: heartbeat failed", exc_info=True)
+                next_periodic = _rescheduled(next_periodic, told, self.interval, time.monotonic())
                 continue
             until = min(next_periodic, self._soon if self._soon is not None else next_periodic)
             self._wake.wait(max(0.0, until - time.monotonic()))
             self._wake.clear()
         self._session.close()
+
+
+def _rescheduled(
+    next_periodic: float,
+    before: float,
+    interval: float,
+    now: float,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """The next periodic report once the service told a new ``interval`` (``before``: the one
+    ``next_periodic`` was set with): a shorter one brings it closer; a longer one (a large fleet
+    slowed down) puts it at a random moment within the new interval, so that instances told
+    together spread over it instead of keeping their old, denser phases."""
+    if interval < before:
+        return min(next_periodic, now + interval)
+    if interval > before:
+        return now + uniform(0, interval)
+    return next_periodic
 
 
 def _advised(headers: Mapping[str, str], name: str, bounds: tuple[float, float], current: float) -> float:

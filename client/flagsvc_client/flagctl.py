@@ -191,11 +191,20 @@ def _switch_preview(api: Api, args: argparse.Namespace, action: str, body: dict[
     )
 
 
-def _wait_for_version(api: Api, target: int, timeout: float) -> tuple[bool, dict[str, Any]]:
-    """Poll the propagation view until every live instance applied ``target``."""
-    deadline = time.monotonic() + timeout
+#: How long ``--wait`` waits at least; longer when the service tells SDKs to spread the report of
+#: a change over more (a large fleet).
+WAIT_SECONDS = 30.0
+
+
+def _wait_for_version(api: Api, target: int, timeout: float | None) -> tuple[bool, dict[str, Any]]:
+    """Poll the propagation view until every live instance applied ``target``, for ``timeout``
+    seconds (None: 30 s, or the spread the SDKs are told plus 10 s if that is longer)."""
+    started, deadline = time.monotonic(), None if timeout is None else time.monotonic() + timeout
     while True:
         view = api.call("GET", api.env_path("clients")).json()
+        if deadline is None:
+            spread = float((view.get("pace") or {}).get("jitter_seconds") or 0)
+            deadline = started + max(WAIT_SECONDS, spread + 10)
         live = [i for i in view["instances"] if i["live"]]
         if all(i["applied_version"] >= target for i in live):
             return True, view
@@ -205,11 +214,17 @@ def _wait_for_version(api: Api, target: int, timeout: float) -> tuple[bool, dict
 
 
 def _propagation_line(view: dict[str, Any], target: int) -> str:
-    live = [i for i in view["instances"] if i["live"]]
-    done = sum(1 for i in live if i["applied_version"] >= target)
+    """How many live instances run ``target``: fleet-wide counts when the view is at ``target``
+    (it lists at most a few hundred instances), else the instances it lists."""
+    summary = view.get("summary") or {}
+    if view.get("version") == target and "live" in summary:
+        done, live = int(summary["applied_current"]), int(summary["live"])
+    else:
+        listed = [i for i in view["instances"] if i["live"]]
+        done, live = sum(1 for i in listed if i["applied_version"] >= target), len(listed)
     if not live:
         return f"version {target}; no live SDK instance reports to this environment"
-    return f"{done}/{len(live)} live SDK instances run version {target} or later"
+    return f"{done}/{live} live SDK instances run version {target} or later"
 
 
 def _instance_line(inst: dict[str, Any]) -> str:
@@ -652,7 +667,11 @@ def _add_switch_commands(command: _Command) -> None:
         )
         p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
         p.add_argument(
-            "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
+            "--timeout-wait",
+            type=_seconds,
+            default=None,
+            metavar="DURATION",
+            help="for --wait (30s, or longer if the service has SDKs spread their reports over more)",
         )
 
 
@@ -674,7 +693,11 @@ def _add_playbook_commands(command: _Command, common: argparse.ArgumentParser) -
         p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
         p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
         p.add_argument(
-            "--timeout-wait", type=_seconds, default=30.0, metavar="DURATION", help="for --wait (30s)"
+            "--timeout-wait",
+            type=_seconds,
+            default=None,
+            metavar="DURATION",
+            help="for --wait (30s, or longer if the service has SDKs spread their reports over more)",
         )
         if action == "apply":
             p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")

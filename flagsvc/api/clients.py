@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
-from flask import current_app, request
+from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import current_token, require
-from ..clients import ClientNotFound
+from ..clients import ClientNotFound, Pace
 from ..extensions import stores
 from ..schemas import INSTANCE_ID, HeartbeatSchema, PropagationSchema
 from ..tokens import Role
@@ -42,10 +41,11 @@ class ClientInstance(MethodView):
     @blp.arguments(HeartbeatSchema())  # an instance: not built again for every heartbeat
     @blp.response(204)
     def post(self, body: dict[str, Any], env: str, instance: str) -> tuple[None, int, dict[str, str]]:
-        """Heartbeat of one SDK instance: at start, soon after applying a version, every 30 s.
+        """Heartbeat of one SDK instance: at start, soon after applying a version, every interval.
 
         The answer tells the SDK the interval and the spread after a change to use
-        (``X-Flagsvc-Report-Interval``, ``X-Flagsvc-Report-Jitter``, seconds). 429
+        (``X-Flagsvc-Report-Interval``, ``X-Flagsvc-Report-Jitter``, seconds): 30 s and 1 s, both
+        stretched for a fleet larger than ``FLEET_HEARTBEATS_PER_SECOND`` allows. 429
         (``Retry-After``) beyond the limits: instances per token, heartbeats per minute."""
         check_env(env)
         check_instance(instance)
@@ -60,7 +60,7 @@ class ClientInstance(MethodView):
             flags=published.flags,
             known_version=published.version,
         )
-        return None, 204, dict(report_headers(current_app.config))
+        return None, 204, dict(report_headers(stores().clients.pace(env)))
 
     @require(Role.SDK)
     @blp.response(204)
@@ -74,12 +74,9 @@ class ClientInstance(MethodView):
             raise ClientNotFound(f"no SDK instance {instance!r} of this token in {env!r}")
 
 
-def report_headers(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+def report_headers(pace: Pace) -> list[tuple[str, str]]:
     """What a heartbeat's answer tells the SDK: the report interval and the spread after a change."""
-    return [
-        (REPORT_INTERVAL_HEADER, f"{float(config['HEARTBEAT_INTERVAL_SECONDS']):g}"),
-        (REPORT_JITTER_HEADER, f"{float(config['HEARTBEAT_JITTER_SECONDS']):g}"),
-    ]
+    return [(REPORT_INTERVAL_HEADER, f"{pace.interval:g}"), (REPORT_JITTER_HEADER, f"{pace.jitter:g}")]
 
 
 def check_instance(instance: str) -> None:

@@ -4,7 +4,8 @@
 -- KEYS[1] clients hash (instance -> record)     KEYS[2] clients by last report (sorted set)
 -- KEYS[3] instances by applied version (zset)   KEYS[4] the minute's evaluation counts (hash)
 -- KEYS[5] goodbyes: instance -> when (zset)     KEYS[6] app names (set)
--- KEYS[7..] the tokens' instance sets and the apps' instance sets, named by index below
+-- KEYS[7] the summary housekeeping keeps (hash: live, current...)
+-- KEYS[8..] the tokens' instance sets and the apps' instance sets, named by index below
 -- ARGV[1] JSON: now, per_token (instances per token), live (seconds an instance stays live),
 --   forget (seconds after which an instance is forgotten), counts_ttl (seconds counts are kept),
 --   instances: list of {id, record JSON, applied version, seen (epoch s), token set index,
@@ -12,7 +13,8 @@
 --
 -- A new instance of a token at its cap takes the place of the token's longest silent instance if
 -- that one is no longer live; otherwise it is refused. An instance that said goodbye after its
--- report is not recorded again. Returns the refused instances: a flat list of id, seconds to wait.
+-- report is not recorded again. Returns the live instances housekeeping last counted, then the
+-- refused instances: a flat list of id, seconds to wait.
 local plan = cjson.decode(ARGV[1])
 local now = plan.now
 local refused = {}
@@ -65,4 +67,5 @@ if #plan.counts > 0 then
   end
   redis.call('EXPIRE', KEYS[4], plan.counts_ttl)
 end
+table.insert(refused, 1, tonumber(redis.call('HGET', KEYS[7], 'live') or '0'))
 return refused
