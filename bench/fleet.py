@@ -19,9 +19,12 @@ SDK tokens: 10 tokens with the admin one.
     ``--instances`` SDK instances, simulated by ``--loadgen-procs`` asyncio processes on raw
     keep-alive HTTP/1.1 sockets (``--conns`` connections in all; ``--close``: one per heartbeat,
     as the Python SDK does). Each instance reports on a random phase every interval the server
-    announces (``X-Flagsvc-Report-Interval``), with the payload the Python SDK builds (``--apps``
-    app names, counts for the ``--flags-per-app`` flags its app evaluates). After ``--warmup``
-    s (every instance has reported once), a ``--duration`` s steady window, during which an
+    announces (``X-Flagsvc-Report-Interval``; a fleet already running at the pace the server
+    gives a fleet of its size, ``FLAGSVC_FLEET_HEARTBEATS_PER_SECOND``, and adopting what each
+    answer says as the SDK does), with the payload the Python SDK builds (``--apps`` app names,
+    counts for the ``--flags-per-app`` flags its app evaluates). After ``--warmup`` s (every
+    instance has reported once, and those the fresh server told its starting pace adopted the
+    stretched one), a ``--duration`` s steady window, during which an
     operator kills and restores ``bench.kill`` in ``bench`` and asks for dry runs of a kill in
     ``production`` (its blast radius), both through the control listener. Then a kill in
     ``production``: every instance reports the new version within the announced jitter (the
@@ -1200,9 +1203,13 @@ def sum_by_second(parts: list[dict[str, Any]], key: str) -> Counter[int]:
 def fleet_spec(
     server: Server, args: argparse.Namespace, tokens: Tokens, flags: list[str], version: int
 ) -> dict[str, Any]:
-    """What the load-generator processes need: the server, the fleet, its schedule."""
-    interval, jitter = probe_heartbeat(server, tokens.sdk[0], version)
-    return fleet_spec_for(server.port, args, tokens, flags, version, interval, jitter)
+    """What the load-generator processes need: the server, the fleet, its schedule. The fleet is
+    one already running at the pace the server gives a fleet of its size (``expected_pace``); the
+    server, fresh, has not counted it yet and tells the first reports its starting pace."""
+    start_interval, start_jitter = probe_heartbeat(server, tokens.sdk[0], version)
+    pace = expected_pace(args.instances)
+    spec = fleet_spec_for(server.port, args, tokens, flags, version, pace.interval, pace.jitter)
+    return {**spec, "start_interval": start_interval, "start_jitter": start_jitter}
 
 
 def fleet_spec_for(
@@ -1300,13 +1307,12 @@ def run_fleet(
         admin.headers["Authorization"] = f"Bearer {server.token}"
         spec = fleet_spec(server, args, tokens, flags, harness.current_version(server, admin))
     dry_key = Counter(f for chosen in spec["app_flags"] for f in chosen).most_common(1)[0][0]
-    pace = expected_pace(args.instances)
     log(
         f"{tag} fleet: {args.instances:,} instances of {args.apps} apps over {len(tokens.sdk)} SDK "
         f"tokens, {args.flags_per_app} flag counts each; the server announces an interval of "
-        f"{spec['interval']:g} s and a jitter of {spec['jitter']:g} s to start, "
-        f"{pace.interval:g} s and {pace.jitter:g} s once it has counted the fleet: "
-        f"{args.instances / pace.interval:,.0f} heartbeats/s wanted; {args.conns} "
+        f"{spec['start_interval']:g} s and a jitter of {spec['start_jitter']:g} s to start, "
+        f"{spec['interval']:g} s and {spec['jitter']:g} s once it has counted the fleet (the pace the "
+        f"fleet starts with): {args.instances / spec['interval']:,.0f} heartbeats/s wanted; {args.conns} "
         f"{'new connections (Connection: close)' if args.close else 'keep-alive connections'} from "
         f"{args.loadgen_procs} asyncio process(es); dry runs of {dry_key!r}"
     )
@@ -1992,9 +1998,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     pace = expected_pace(args.instances)
-    if args.warmup is None:  # the first reports; then one more each, to adopt a stretched pace
+    if args.warmup is None:  # every instance reports once; and those told the start pace adopt it
         start = announced("INTERVAL")
-        args.warmup = start if pace.interval <= start else 2 * start + 10
+        args.warmup = start if pace.interval <= start else pace.interval + start
     if args.burst_timeout is None:
         args.burst_timeout = max(60.0, pace.jitter + 30)
     if min(args.instances, args.sdk_tokens, args.conns, args.loadgen_procs, args.apps, args.repeat) < 1:
