@@ -1998,9 +1998,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     pace = expected_pace(args.instances)
-    if args.warmup is None:  # every instance reports once; and those told the start pace adopt it
+    if args.warmup is None:
+        # Every instance reports once. A fresh server tells the first reports its starting pace,
+        # and longer ones as it counts the fleet; each instance takes a random place in each
+        # longer interval, so the reports settle to the fleet's rate about two intervals later.
         start = announced("INTERVAL")
-        args.warmup = start if pace.interval <= start else pace.interval + start
+        args.warmup = start if pace.interval <= start else start + 2 * pace.interval
     if args.burst_timeout is None:
         args.burst_timeout = max(60.0, pace.jitter + 30)
     if min(args.instances, args.sdk_tokens, args.conns, args.loadgen_procs, args.apps, args.repeat) < 1:
