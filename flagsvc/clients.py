@@ -41,7 +41,7 @@ from .keys import EnvKeys
 log = logging.getLogger(__name__)
 
 #: An instance is live if it reported within this many seconds: three of the intervals the
-#: service announces (:func:`live_seconds`), and at least this.
+#: service announces (:attr:`Pace.live_seconds`), and at least this.
 LIVE_SECONDS = 90
 #: Instances silent for longer are forgotten.
 FORGET_SECONDS = 24 * 3600
@@ -276,6 +276,7 @@ class ClientRegistry:
             self._sent.clear()
             self._refused.clear()
             self._apps.clear()
+            self._fleet.clear()
 
     def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
         """Nothing: heartbeats do not depend on changes."""

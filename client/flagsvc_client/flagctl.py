@@ -665,14 +665,19 @@ def _add_switch_commands(command: _Command) -> None:
             action="store_true",
             help="show what would change and who evaluates the flag; change nothing",
         )
-        p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
-        p.add_argument(
-            "--timeout-wait",
-            type=_seconds,
-            default=None,
-            metavar="DURATION",
-            help="for --wait (30s, or longer if the service has SDKs spread their reports over more)",
-        )
+        _add_wait_arguments(p)
+
+
+def _add_wait_arguments(p: argparse.ArgumentParser) -> None:
+    """``--wait`` and ``--timeout-wait`` of the commands that change what SDKs serve."""
+    p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
+    p.add_argument(
+        "--timeout-wait",
+        type=_seconds,
+        default=None,
+        metavar="DURATION",
+        help="for --wait (30s, or longer if the service has SDKs spread their reports over more)",
+    )
 
 
 def _add_playbook_commands(command: _Command, common: argparse.ArgumentParser) -> None:
@@ -691,14 +696,7 @@ def _add_playbook_commands(command: _Command, common: argparse.ArgumentParser) -
         p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         p.add_argument("--incident", required=action == "apply", help="incident id (required to apply)")
         p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-        p.add_argument("--wait", action="store_true", help="wait until every live SDK instance applied it")
-        p.add_argument(
-            "--timeout-wait",
-            type=_seconds,
-            default=None,
-            metavar="DURATION",
-            help="for --wait (30s, or longer if the service has SDKs spread their reports over more)",
-        )
+        _add_wait_arguments(p)
         if action == "apply":
             p.add_argument("--for", dest="for_", metavar="DURATION", help="revert by itself after 30m, 2h...")
 
