@@ -476,29 +476,35 @@ class ClientRegistry:
         if gone:
             self._redis.hdel(k.ofrep_consumers, *gone)
 
-    def evaluations(self, env: str, minutes: int) -> dict[str, dict[str, Any]]:
-        """Per flag, over the last ``minutes``: evaluations, and per app that evaluated it its live
-        instances. Reads flags x apps counts, whatever the number of instances."""
+    def blast_radius(self, env: str, flags: Collection[str]) -> dict[str, dict[str, Any]]:
+        """Per flag of ``flags``, over the last :data:`BLAST_RADIUS_MINUTES`: its evaluations, and
+        per app that evaluated it that app's live instances. Reads only the counts of these flags
+        (one per app and minute): the cost grows with the flags asked and the apps, not with the
+        instances nor with the environment's other flags."""
         k, now = EnvKeys(env), time.time()
+        out: dict[str, dict[str, Any]] = {flag: {"evaluations": 0, "apps": {}} for flag in flags}
+        fields = [f"{flag}|{app}" for flag in out for app in sorted(self._redis.smembers(k.clients_apps))]
+        if not fields:
+            return out
         now_minute = int(now // 60)
         pipe = self._redis.pipeline(transaction=False)
-        for m in range(now_minute - minutes + 1, now_minute + 1):
-            pipe.hgetall(k.evaluations(m))
-        out: dict[str, dict[str, Any]] = {}
+        for m in range(now_minute - BLAST_RADIUS_MINUTES + 1, now_minute + 1):
+            pipe.hmget(k.evaluations(m), fields)
         for bucket in pipe.execute():
-            for name, n in bucket.items():
-                flag, app = name.split("|")[:2]  # "flag|app" ("flag|app|instance" before 2026-12)
-                entry = out.setdefault(flag, {"evaluations": 0, "apps": {}})
-                entry["evaluations"] += int(n)
-                entry["apps"][app] = 0
+            for name, n in zip(fields, bucket, strict=True):
+                if n is not None:
+                    flag, app = name.split("|", 1)
+                    out[flag]["evaluations"] += int(n)
+                    out[flag]["apps"][app] = 0
         apps = sorted({app for entry in out.values() for app in entry["apps"]})
-        live_since = now - self._stored_pace(k).live_seconds if apps else now
-        pipe = self._redis.pipeline(transaction=False)
-        for app in apps:
-            pipe.zcount(k.clients_of_app(app), live_since, "+inf")
-        live = dict(zip(apps, pipe.execute(), strict=True)) if apps else {}
-        for entry in out.values():
-            entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}
+        if apps:
+            live_since = now - self._stored_pace(k).live_seconds
+            pipe = self._redis.pipeline(transaction=False)
+            for app in apps:
+                pipe.zcount(k.clients_of_app(app), live_since, "+inf")
+            live = dict(zip(apps, pipe.execute(), strict=True))
+            for entry in out.values():
+                entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}
         return out
 
 

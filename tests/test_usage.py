@@ -79,18 +79,21 @@ def test_usage_data_grows_with_flags_and_apps_not_with_instances(r: Any) -> None
 
 def test_the_blast_radius_and_the_view_cost_the_same_whatever_the_fleet(r: Any) -> None:
     registry = registry_on(r)
-    costs = []
+    costs, reports = [], 0
     for fleet in (20, 3_000):
         report_fleet(registry, fleet, version=1)
+        reports += fleet
         registry.refresh()
-        radius = registry.evaluations(ENV, 15)
+        radius = registry.blast_radius(ENV, ["flag-0", "unknown"])
         assert radius["flag-0"]["apps"] == {f"app-{a}": fleet // 5 for a in range(5)}
+        assert radius["flag-0"]["evaluations"] == 3 * reports, "3 evaluations a report"
+        assert radius["unknown"] == {"evaluations": 0, "apps": {}}
         view = registry.view(ENV, current_version=2).to_dict()
         assert view["summary"] == {"live": fleet, "applied_current": 0, "lagging": fleet, "silent": 0}
         assert len(view["instances"]) <= 2 * SHOWN_INSTANCES
         costs.append(
             (
-                commands_of(r, lambda: registry.evaluations(ENV, 15)),
+                commands_of(r, lambda: registry.blast_radius(ENV, ["flag-0"])),
                 commands_of(r, lambda: registry.view(ENV, current_version=2)),
             )
         )

@@ -11,7 +11,6 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
 from ..auth import current_token, require
-from ..clients import BLAST_RADIUS_MINUTES
 from ..errors import FlagNotFound, InvalidInput, flatten_validation_messages
 from ..extensions import stores
 from ..flags import Flag, Mutation, definition_of, switch
@@ -153,7 +152,7 @@ class FlagResource(MethodView):
 def _preview(env: str, key: str, enabled: bool) -> Response:
     """A dry run of kill or restore: what would change, and who evaluated the flag lately."""
     flag = stores().flags.get(env, key)
-    seen = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES).get(key, {"evaluations": 0, "apps": {}})
+    seen = stores().clients.blast_radius(env, [key])[key]
     return jsonify(
         dry_run=True,
         flag=key,

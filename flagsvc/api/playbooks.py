@@ -8,7 +8,6 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from ..auth import current_token, require
-from ..clients import BLAST_RADIUS_MINUTES
 from ..extensions import stores
 from ..playbooks import Outcome
 from ..schemas import (
@@ -37,10 +36,7 @@ def _answer(env: str, done: Done[Outcome]) -> tuple[dict[str, Any], int, dict[st
     outcome = done.result
     body = outcome.to_dict()
     if outcome.dry_run:
-        seen = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES)
-        body["blast_radius"] = {
-            c["flag"]: seen.get(c["flag"], {"evaluations": 0, "apps": {}}) for c in outcome.changed
-        }
+        body["blast_radius"] = stores().clients.blast_radius(env, [c["flag"] for c in outcome.changed])
     elif outcome.changed and not done.replayed:
         stores().snapshots.reload_after_write(env, outcome.env_version)
     return body, 200, replay_headers(done)

@@ -20,7 +20,6 @@ from flagsvc_client._incident import build_report
 from ..api.audit import CSV, NDJSON, audit_filter, export_lines
 from ..api.common import write_context
 from ..audit import change_summary, decode_entry
-from ..clients import BLAST_RADIUS_MINUTES
 from ..errors import ProblemError, flatten_validation_messages
 from ..extensions import stores
 from ..flags import EVALUATION_FIELDS, Flag, Mutation, definition_of, switch
@@ -241,7 +240,7 @@ def switch_flag(env: str, key: str, action: str) -> Any:
             errors = _form_errors(exc)
         else:
             return _do_switch(env, key, action, body)
-    radius = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES).get(key, {"evaluations": 0, "apps": {}})
+    radius = stores().clients.blast_radius(env, [key])[key]
     status = 422 if errors else 200
     return _page("switch.html", title=f"{action} {key}", env=env, flag=flag, action=action, radius=radius,
                  errors=errors, form=request.form), status  # fmt: skip
@@ -361,10 +360,7 @@ def _preview(env: str, name: str, action: str) -> dict[str, Any] | str:
         outcome = run(env, name, _ctx(), dry_run=True).result.to_dict()
     except ProblemError as exc:
         return exc.detail
-    seen = stores().clients.evaluations(env, BLAST_RADIUS_MINUTES)
-    outcome["blast_radius"] = {
-        c["flag"]: seen.get(c["flag"], {"evaluations": 0, "apps": {}}) for c in outcome["changed"]
-    }
+    outcome["blast_radius"] = stores().clients.blast_radius(env, [c["flag"] for c in outcome["changed"]])
     return outcome
 
 
