@@ -478,33 +478,35 @@ class ClientRegistry:
 
     def blast_radius(self, env: str, flags: Collection[str]) -> dict[str, dict[str, Any]]:
         """Per flag of ``flags``, over the last :data:`BLAST_RADIUS_MINUTES`: its evaluations, and
-        per app that evaluated it that app's live instances. Reads only the counts of these flags
-        (one per app and minute): the cost grows with the flags asked and the apps, not with the
-        instances nor with the environment's other flags."""
+        per app that evaluated it that app's live instances. Two round trips, and only the counts
+        of these flags (one per app and minute): the cost grows with the flags asked and the apps,
+        not with the instances nor with the environment's other flags."""
         k, now = EnvKeys(env), time.time()
         out: dict[str, dict[str, Any]] = {flag: {"evaluations": 0, "apps": {}} for flag in flags}
-        fields = [f"{flag}|{app}" for flag in out for app in sorted(self._redis.smembers(k.clients_apps))]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(k.clients_apps)
+        pipe.hget(k.clients_summary, "live")
+        known_apps, fleet = pipe.execute()
+        apps = sorted(known_apps)
+        fields = [f"{flag}|{app}" for flag in out for app in apps]
         if not fields:
             return out
-        now_minute = int(now // 60)
+        now_minute, live_since = int(now // 60), now - pace_for(self._limits, int(fleet or 0)).live_seconds
         pipe = self._redis.pipeline(transaction=False)
         for m in range(now_minute - BLAST_RADIUS_MINUTES + 1, now_minute + 1):
             pipe.hmget(k.evaluations(m), fields)
-        for bucket in pipe.execute():
+        for app in apps:
+            pipe.zcount(k.clients_of_app(app), live_since, "+inf")
+        answers = pipe.execute()
+        live = dict(zip(apps, answers[BLAST_RADIUS_MINUTES:], strict=True))
+        for bucket in answers[:BLAST_RADIUS_MINUTES]:
             for name, n in zip(fields, bucket, strict=True):
                 if n is not None:
                     flag, app = name.split("|", 1)
                     out[flag]["evaluations"] += int(n)
-                    out[flag]["apps"][app] = 0
-        apps = sorted({app for entry in out.values() for app in entry["apps"]})
-        if apps:
-            live_since = now - self._stored_pace(k).live_seconds
-            pipe = self._redis.pipeline(transaction=False)
-            for app in apps:
-                pipe.zcount(k.clients_of_app(app), live_since, "+inf")
-            live = dict(zip(apps, pipe.execute(), strict=True))
-            for entry in out.values():
-                entry["apps"] = {app: live[app] for app in sorted(entry["apps"])}
+                    out[flag]["apps"][app] = live[app]
+        for entry in out.values():
+            entry["apps"] = dict(sorted(entry["apps"].items()))
         return out
 
 
