@@ -43,13 +43,13 @@ def test_a_process_writes_its_heartbeats_in_one_call_a_second(r: Any) -> None:
     report_fleet(registry, 1)
     registry.refresh()  # (the script's first call loads it)
     for _ in range(3):  # every instance reports three times within the second
-        report_fleet(registry, 500)
+        report_fleet(registry, WRITE_BATCH)
     assert r.hlen(KEYS.clients) == 1, "nothing written on the request path"
 
     written = commands_of(r, registry.refresh)
 
     # commandstats counts the commands a script runs too: one call, and what it did inside
-    assert written.pop("evalsha") == 1 and written["hset"] == 500
+    assert written.pop("evalsha") == 1 and written["hset"] == WRITE_BATCH
     assert set(written) <= {
         "hset",
         "zadd",
@@ -61,8 +61,8 @@ def test_a_process_writes_its_heartbeats_in_one_call_a_second(r: Any) -> None:
         "expire",
         "hget",  # the fleet size housekeeping counted, for the pace told to SDKs
     }
-    assert r.hlen(KEYS.clients) == 500
-    assert counted(r, "flag-0|app-0") == 3 + 100 * 3 * 3
+    assert r.hlen(KEYS.clients) == WRITE_BATCH
+    assert counted(r, "flag-0|app-0") == 3 + WRITE_BATCH // 5 * 3 * 3
 
 
 def test_usage_data_grows_with_flags_and_apps_not_with_instances(r: Any) -> None:
@@ -136,13 +136,13 @@ def test_a_large_second_is_written_in_batches_that_do_not_hold_redis_long(r: Any
     registry = registry_on(r)
     report_fleet(registry, 1)
     registry.refresh()  # (the script's first call loads it)
-    report_fleet(registry, 2 * WRITE_BATCH + 500)
+    report_fleet(registry, 2 * WRITE_BATCH + WRITE_BATCH // 2)
 
     written = commands_of(r, registry.refresh)
 
     assert written["evalsha"] == 3
-    assert r.hlen(KEYS.clients) == 2 * WRITE_BATCH + 500
-    assert counted(r, "flag-0|app-0") == 3 + (2 * WRITE_BATCH + 500) // 5 * 3
+    assert r.hlen(KEYS.clients) == 2 * WRITE_BATCH + WRITE_BATCH // 2
+    assert counted(r, "flag-0|app-0") == 3 + (2 * WRITE_BATCH + WRITE_BATCH // 2) // 5 * 3
 
 
 def test_a_version_claimed_ahead_is_checked_once_written_and_only_for_admitted_instances(r: Any) -> None:
