@@ -65,7 +65,7 @@ class SentinelSet:
         conf.write_text(
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
-            f"sentinel failover-timeout {MASTER_NAME} 2000\n"
+            f"sentinel failover-timeout {MASTER_NAME} 10000\n"  # as ops/redis/sentinel ships it
             f"sentinel parallel-syncs {MASTER_NAME} 2\n"
         )
         return RedisServer(self.root / f"sentinel-{i}", sentinel_conf=conf)

@@ -84,7 +84,9 @@ def cache(r: Any, flags: FlagStore, streams: OpenStreams) -> SnapshotCache:
 
 @pytest.fixture
 def readers() -> Iterator[list[Reader]]:
-    """Every reader a test starts ends with the test, as on a worker's shutdown."""
+    """Every reader a test starts ends with the test, as on a worker's shutdown (and none starts
+    in the shutdown a stopped test server leaves behind)."""
+    streaming.allow_streams()
     started: list[Reader] = []
     yield started
     streaming.end_streams()
