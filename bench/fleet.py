@@ -95,7 +95,7 @@ from harness import (
 )
 
 from flagsvc.clients import Pace, pace_for
-from flagsvc.config import DEFAULTS, service_config
+from flagsvc.config import service_config
 from flagsvc.connection import connect
 from flagsvc.embedded import running_socket, url_for_socket
 from flagsvc.extensions import limits_from
@@ -1095,8 +1095,7 @@ def expected_pace(instances: int) -> Pace:
 
 def announced(what: str) -> float:
     """The heartbeat interval or jitter ``flagsvc serve`` announces with this environment."""
-    name = f"HEARTBEAT_{what}_SECONDS"
-    return float(os.environ.get(f"FLAGSVC_{name}", str(DEFAULTS[name])))
+    return float(service_config()[f"HEARTBEAT_{what}_SECONDS"])
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -1272,7 +1271,7 @@ def drive_fleet(
         marks.kill_answered = time.monotonic()
         log(
             f"{tag} burst: kill/restore of {KILL_KEY} in {PROD} (v{version}); every instance reports "
-            f"it within the jitter it was told ({expected_pace(spec['instances']).jitter:g} s once counted)"
+            f"it within the jitter it was told ({spec['jitter']:g} s once counted)"
         )
         loadgen.tell("change", version, marks.kill_answered)
         marks.burst_done, marks.last_change_answer = loadgen.wait_burst(args.burst_timeout)
@@ -1450,8 +1449,7 @@ def settings_for(args: argparse.Namespace) -> dict[str, str]:
 
 def setting(name: str) -> int:
     """A service setting as ``flagsvc serve`` will see it: ``FLAGSVC_<name>`` or the default."""
-    raw = os.environ.get(f"FLAGSVC_{name}")
-    return int(float(raw)) if raw is not None else int(str(DEFAULTS[name]))
+    return int(float(service_config()[name]))
 
 
 def run_once(args: argparse.Namespace, tag: str) -> RunResult:
