@@ -110,8 +110,7 @@ def test_an_operator_contains_an_incident_and_the_sdk_sees_it(page: Any, stack: 
         row = page.get_by_role("row").filter(has_text="checkout.recs")
         assert "KILLED" in row.inner_text(), "the state is a word, not only a colour"
         wait_for(lambda: sdk.is_enabled("checkout.recs") is False, 10, "the SDK sees the kill")
-        live = page.locator("[data-field=text]")
-        live.filter(has_text=re.compile(r"1 of 1 live SDK instances current")).wait_for(timeout=15_000)
+        _wait_for_the_strip(page, stack, r"1 of 1 live SDK instances current")
 
         page.get_by_role("link", name="Audit").click()
         page.get_by_label("Incident").fill("INC-77")
@@ -127,6 +126,30 @@ def test_an_operator_contains_an_incident_and_the_sdk_sees_it(page: Any, stack: 
         wait_for(lambda: sdk.is_enabled("checkout.recs") is True, 10, "the SDK sees the restore")
     finally:
         sdk.close()
+        _restored(stack, "checkout.recs")  # a failure above must not fail the tests that follow
+
+
+def _wait_for_the_strip(page: Any, stack: dict[str, Any], pattern: str, timeout: float = 15.0) -> None:
+    """Wait for the live propagation strip to match ``pattern``; else fail with what the strip
+    and the API said."""
+    strip = page.locator("[data-field=text]").first
+    try:
+        wait_for(lambda: re.search(pattern, strip.inner_text()), timeout, "the strip")
+    except pytest.fail.Exception:
+        clients = requests.get(
+            f"{stack['url']}{API}/clients", headers=_bearer(stack, "admin"), timeout=5
+        ).json()
+        pytest.fail(
+            f"the strip says {strip.inner_text()!r}, not /{pattern}/; /clients: "
+            f"version {clients.get('version')}, {clients.get('summary')}, {clients.get('instances')}"
+        )
+
+
+def _restored(stack: dict[str, Any], key: str) -> None:
+    flag = f"{stack['url']}{API}/flags/{key}"
+    if not requests.get(flag, headers=_bearer(stack, "admin"), timeout=5).json()["enabled"]:
+        restore = {"reason": "test clean-up after a failure"}
+        assert requests.post(f"{flag}/restore", json=restore, headers=_bearer(stack, "admin"), timeout=5).ok
 
 
 def test_an_admin_edits_a_rule_and_a_stale_edit_is_explained(page: Any, stack: dict[str, Any]) -> None:
