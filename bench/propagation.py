@@ -20,10 +20,15 @@ token may hold ``MAX_STREAMS_PER_TOKEN`` streams per worker), and gunicorn's
 and PSS are read before the clients connect and once they all hold a snapshot: the memory per
 client.
 
+Stream clients ask for patches (``?patches=true``, as the SDK does): a flip reaches them as a
+``patch`` event of the killed flag; ``--full-events`` makes them take the whole snapshot on every
+change instead (what an SDK older than patches gets).
+
 Verification: a client's SSE ``id`` / ETag (``<version>-<history mark>``) must name the
-``version`` in the JSON it got; every ``--sample-every``-th client parses the whole snapshot and
-checks the kill switch's state against the state the flip set for that version; missed and
-skipped versions are counted. Example::
+``version`` in the JSON it got, and a patch's ``base`` the version the client holds; every
+``--sample-every``-th client parses the whole snapshot or patch and checks the kill switch's
+state against the state the flip set for that version; missed and skipped versions are counted.
+Example::
 
     .venv/bin/python bench/propagation.py --streams 100,1000 --pollers 1000 --flips 20
     .venv/bin/python bench/propagation.py --streams 10000 --pollers '' --ceiling '' --flips 20
@@ -69,6 +74,7 @@ STREAMS_PER_TOKEN = 1000  # streams opened with one SDK token (the cap is per to
 TARGET_POLLS_PER_S, TARGET_FLIP_P95_MS = 5000.0, 50.0
 READY_TIMEOUT_S = 60.0
 VERSION_RE = re.compile(rb'"version":(\d+)')
+BASE_RE = re.compile(rb'"base":"([^"]*)"')
 STOPPING = threading.Event()  # set in a client process when its clients must end
 
 
@@ -97,24 +103,33 @@ class ClientView:
     checks: list[tuple[int, bool]] = field(default_factory=list)  # (version, bench.kill enabled)
     last: int = 0
     identity: str = ""  # the newest snapshot's SSE id / ETag: ``<version>-<history mark>``
+    kill_enabled: bool = True  # the kill switch's state in the snapshot held (sampled clients)
     bad: int = 0  # id/ETag differing from the JSON's version, truncated payload, odd status
     reconnects: int = 0
     shutdowns: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def observe(self, identity: bytes, data: bytes, now: float) -> None:
-        """A snapshot named ``identity`` (its SSE id or ETag, ``<version>-<mark>``) arrived at ``now``."""
+    def observe(self, identity: bytes, data: bytes, now: float, *, patch: bool = False) -> None:
+        """A snapshot (or a ``patch`` of the one held) named ``identity`` (its SSE id or ETag,
+        ``<version>-<mark>``) arrived at ``now``."""
         version = version_of(identity)
         match = VERSION_RE.search(data, 0, 256)
+        base = BASE_RE.search(data) if patch else None
         if match is None or int(match[1]) != version or not data.endswith(b"}"):
             self.bad += 1
+            return
+        if patch and (base is None or base[1].decode() != self.identity):
+            self.bad += 1  # a patch of another version than the one held: an SDK would reconnect
             return
         self.seen.setdefault(version, now)
         if version >= self.last:
             self.last, self.identity = version, identity.decode()
         if self.sample:
-            self.checks.append((version, bool(json.loads(data)["flags"][KILL_KEY]["enabled"])))
+            flags = json.loads(data)["flags"]
+            if KILL_KEY in flags:
+                self.kill_enabled = bool(flags[KILL_KEY]["enabled"])
+            self.checks.append((version, self.kill_enabled))
 
     def on_event(self, block: bytes, now: float) -> None:
         """One complete SSE event (the lines before a blank line); comments are heartbeats. Only
@@ -132,8 +147,8 @@ class ClientView:
             if line and not line.startswith(b":"):
                 name, _, value = line.partition(b":")
                 fields[name] = value.removeprefix(b" ")
-        if fields.get(b"event") == b"snapshot":
-            self.observe(fields.get(b"id", b"-1"), data, now)
+        if fields.get(b"event") in (b"snapshot", b"patch"):
+            self.observe(fields.get(b"id", b"-1"), data, now, patch=fields[b"event"] == b"patch")
         elif fields.get(b"event") == b"shutdown":
             self.shutdowns += 1
 
@@ -235,7 +250,10 @@ async def stream_client(view: ClientView, cfg: dict[str, Any], gate: asyncio.Sem
     while not STOPPING.is_set():
         last = f"Last-Event-ID: {view.identity}\r\n" if view.identity else ""
         request = http_get(
-            cfg, f"/api/v1/envs/{PROD}/stream", f"Accept: text/event-stream\r\n{last}", view.index
+            cfg,
+            f"/api/v1/envs/{PROD}/{cfg['stream_path']}",
+            f"Accept: text/event-stream\r\n{last}",
+            view.index,
         )
         try:
             async with gate:
@@ -560,6 +578,7 @@ def run_phase(
         "tokens": sdk_tokens,
         "poll_interval": args.poll_interval,
         "sample_every": args.sample_every,
+        "stream_path": "stream" if args.full_events else "stream?patches=true",
         "ready_s": ready_seconds(n),
         "max_seconds": ready_seconds(n) + args.flips * 2 + args.idle + drain_seconds(args, n) + 60,
     }
@@ -878,6 +897,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--drain", type=float, default=None, help="s after the last flip (default: 1.5, or N/1000 if more)"
     )
     p.add_argument("--flags", type=int, default=50, help="flags besides the kill switch")
+    p.add_argument(
+        "--full-events", action="store_true", help="stream clients take the whole snapshot on every change"
+    )
     p.add_argument("--sample-every", type=int, default=50, help="every k-th client parses the whole JSON")
     p.add_argument("--seed", type=int, default=None, help="random seed (flip gaps, poll phases)")
     args = p.parse_args(argv)
@@ -899,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         f"setup   : flagsvc serve --data-dir <tmp> --host {HOST} --port <free> "
         f"{f'--workers {args.workers}' if args.workers else '(default workers)'}"
         f"{' --control-port <free> (kill/restore sent there)' if args.flip_via == 'control' else ''}; "
-        f"{args.flags + 1} flags; "
+        f"{args.flags + 1} flags; streams take {'whole snapshots' if args.full_events else 'patches'}; "
         f"{args.client_procs} client processes (asyncio); RLIMIT_NOFILE {fd_limit}; wrk {shutil.which('wrk')}"
     )
     root = Path(tempfile.mkdtemp(prefix="flagsvc-prop-"))

@@ -334,6 +334,16 @@ class MomentField(ParsedString[datetime]):
         return moment
 
 
+class StreamQuerySchema(Schema):
+    patches = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "send a change as a `patch` event (the flags that changed) when the "
+            "client holds the version before it; a whole `snapshot` event otherwise"
+        },
+    )
+
+
 class AuditQuerySchema(Schema):
     flag = fields.String(validate=FullMatch(FLAG_KEY))
     actor = fields.String(validate=validate.Length(1, 128))

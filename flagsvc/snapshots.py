@@ -47,6 +47,9 @@ class Published:
         self.env, self.body = env, body
         self.version, self.history = int(match[1]), match[2].decode()
         self.identity = f"{self.version}-{self.history}"  #: see :class:`flagsvc.flags.Snapshot`
+        #: The version this one replaced in this process, while this one is current: what a
+        #: ``patch`` event starts from (cleared when this one is replaced: no chain of versions).
+        self.base: Published | None = None
 
     def __repr__(self) -> str:
         return f"Published({self.env!r}, {self.identity!r})"
@@ -61,6 +64,36 @@ class Published:
     def event(self) -> bytes:
         """The Server-Sent Event that delivers this version, built once for every stream."""
         return b"id: %s\nevent: snapshot\ndata: %s\n\n" % (self.identity.encode(), self.body)
+
+    def event_after(self, held: str | None) -> bytes:
+        """The event that brings a client holding the snapshot named ``held`` (an identity) to
+        this version: a ``patch`` of the flags that changed when ``held`` is the version this one
+        replaced and the patch is the smaller, else the whole ``snapshot``."""
+        if self.base is not None and self.base.identity == held:
+            patch = self._patch_event
+            if patch is not None:
+                return patch
+        return self.event
+
+    @cached_property
+    def _patch_event(self) -> bytes | None:
+        """The ``patch`` event from ``base`` (built once per version), ``None`` if not smaller
+        than the snapshot event: the snapshot's identity, the ``base`` identity it applies to, the
+        flags added or changed (whole) and the keys of those removed."""
+        base = self.base
+        if base is None:
+            return None
+        patch = {
+            "env": self.env,
+            "version": self.version,
+            "history": self.history,
+            "base": base.identity,
+            "flags": {key: flag for key, flag in self.flags.items() if base.flags.get(key) != flag},
+            "removed": sorted(base.flags.keys() - self.flags.keys()),
+        }
+        data = json.dumps(patch, separators=(",", ":")).encode()
+        event = b"id: %s\nevent: patch\ndata: %s\n\n" % (self.identity.encode(), data)
+        return event if len(event) < len(self.event) else None
 
     def gzipped(self) -> bytes:
         """``body`` gzip-compressed, once per version and process (for ``Accept-Encoding: gzip``)."""
@@ -148,6 +181,8 @@ class SnapshotCache:
             self._observe(env, entry.version, entry.history, None)
         current = self._entries.get(env)
         if current is None or current.identity != entry.identity:
+            if current is not None:
+                entry.base, current.base = current, None
             self._entries[env] = entry
             if self._on_publish is not None:
                 self._on_publish(env)

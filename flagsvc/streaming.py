@@ -6,8 +6,10 @@ process's :class:`~flagsvc.snapshots.SnapshotCache` publishes a new version (one
 every stream of a worker), and one sweep a second wakes those whose client hung up or whose token
 was revoked or expired, and all of them when the worker shuts down (gunicorn sets
 ``worker.alive = False``). An idle stream costs no CPU between heartbeats. A woken stream sends
-the new snapshot (its bytes built once per version), or a ``revoked`` or ``shutdown`` event and
-ends; clients reconnect. A token may hold ``per_token`` streams open in one worker process.
+the new snapshot, or to a client that asked for patches and holds the version before, a ``patch``
+of the flags that changed (the bytes of either built once per version); or a ``revoked`` or
+``shutdown`` event and ends; clients reconnect. A token may hold ``per_token`` streams open in
+one worker process.
 """
 
 from __future__ import annotations
@@ -242,24 +244,30 @@ class EventStream:
 
 
 def events(
-    cache: SnapshotCache, stream: Stream, first: Published, last_event_id: str | None
+    cache: SnapshotCache,
+    stream: Stream,
+    first: Published,
+    last_event_id: str | None,
+    *,
+    patches: bool = False,
 ) -> Iterator[bytes]:
     """The event stream of ``stream.env`` for a client that already has ``last_event_id``, until
-    the client hangs up, the token fails its check or the process shuts down."""
+    the client hangs up, the token fails its check or the process shuts down. With ``patches``,
+    a change the client can apply to the version it holds comes as a ``patch`` event."""
     OPEN_STREAMS.inc()
     try:
-        yield from _events(cache, stream, first, last_event_id)
+        yield from _events(cache, stream, first, last_event_id, patches)
     finally:
         OPEN_STREAMS.dec()
 
 
 def _events(
-    cache: SnapshotCache, stream: Stream, first: Published, last_event_id: str | None
+    cache: SnapshotCache, stream: Stream, first: Published, last_event_id: str | None, patches: bool
 ) -> Iterator[bytes]:
     yield b"retry: %d\n\n" % RETRY_MS
     current = first
     if not holds(current, last_event_id):
-        yield current.event
+        yield current.event_after(last_event_id) if patches else current.event
     stream.last_sent = time.monotonic()
     while True:
         stream.wake.clear()  # before looking: a wake from now on is not lost
@@ -273,8 +281,9 @@ def _events(
             return
         latest = cache.held(stream.env)
         if latest is not None and latest.identity != current.identity:
+            event = latest.event_after(current.identity) if patches else latest.event
             current = latest
-            yield current.event
+            yield event
         elif stream.heartbeat_due(time.monotonic()):
             yield b": heartbeat stale\n\n" if cache.stale else b": heartbeat\n\n"
         else:

@@ -420,3 +420,30 @@ def test_a_refused_token_is_one_error_with_the_servers_detail(server, mode, capl
             client.close()
     errors = [r for r in caplog.records if r.name == "flagsvc_client" and r.levelname == "ERROR"]
     assert len(errors) == 1 and detail in errors[0].getMessage()
+
+
+def test_a_patch_applies_only_to_the_snapshot_it_names_as_its_base() -> None:
+    held = Snapshot.from_wire(
+        {
+            "env": "production",
+            "version": 4,
+            "history": "ab12",
+            "flags": {"a": {"enabled": True}, "b": {"enabled": True}},
+        },
+        source="server",
+    )
+    patch = {
+        "env": "production",
+        "version": 5,
+        "history": "ab12",
+        "base": "4-ab12",
+        "flags": {"a": {"enabled": False}, "c": {"enabled": True}},
+        "removed": ["b"],
+    }
+    patched = held.patched(patch)
+    assert (patched.identity, patched.source) == ("5-ab12", "server")
+    assert patched.raw["flags"] == {"a": {"enabled": False}, "c": {"enabled": True}}
+    assert held.raw["flags"]["a"] == {"enabled": True}, "the snapshot held is not changed"
+    for wrong in ({**patch, "base": "3-ab12"}, {**patch, "env": "staging"}, {**patch, "removed": "b"}, []):
+        with pytest.raises(ValueError):
+            held.patched(wrong)  # type: ignore[arg-type]

@@ -131,12 +131,18 @@ def read_events(resp: requests.Response, into: queue.Queue) -> None:
         into.put(exc)
 
 
-def open_stream(stack: Stack, last_event_id: str | None = None) -> tuple[requests.Response, queue.Queue]:
+def open_stream(
+    stack: Stack, last_event_id: str | None = None, *, patches: bool = False
+) -> tuple[requests.Response, queue.Queue]:
     headers = {**stack.headers("sdk"), "Accept": "text/event-stream"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
     resp = requests.get(
-        f"{stack.url}/api/v1/envs/production/stream", headers=headers, stream=True, timeout=30
+        f"{stack.url}/api/v1/envs/production/stream",
+        params={"patches": "true"} if patches else None,
+        headers=headers,
+        stream=True,
+        timeout=30,
     )
     assert resp.status_code == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -182,6 +188,53 @@ def test_stream_sends_the_snapshot_then_changes_and_honours_last_event_id(stack)
     resp, events = open_stream(stack, last_event_id=identity)
     assert next_event(events).id.startswith(f"{version + 1}-")
     close_stream(resp)
+
+
+def test_a_change_streams_as_a_patch_and_the_sdk_holds_exactly_the_servers_snapshot(stack, clients):
+    for i in range(20):
+        stack.put(f"feature.{i}", {"kind": "kill_switch", "enabled": True, "description": "x" * 200})
+    snapshot_url = f"{stack.url}/api/v1/envs/production/snapshot"
+    client = FlagClient(stack.url, stack.tokens["sdk"], "production", mode="stream", poll_interval=60)
+    clients.append(client)
+    wait_for(lambda: client._source.connected)
+    resp, events = open_stream(stack, patches=True)
+    held = next_event(events)
+    assert held.type == "snapshot"
+
+    assert stack.flip("feature.3", "kill").status_code == 200
+    patch = next_event(events)
+    data = json.loads(patch.data)
+    assert (
+        patch.type == "patch"
+        and data["base"] == held.id
+        and patch.id == f"{data['version']}-{data['history']}"
+    )
+    assert list(data["flags"]) == ["feature.3"] and data["flags"]["feature.3"]["enabled"] is False
+    assert len(patch.data) < len(held.data) / 10, "a kill costs its flag, not the environment"
+    close_stream(resp)
+
+    # A client reconnecting with the version before gets the patch at once; further back, the snapshot.
+    resp, events = open_stream(stack, last_event_id=held.id, patches=True)
+    assert next_event(events).data == patch.data
+    close_stream(resp)
+    assert requests.delete(f"{stack.url}{FLAGS_URL}/feature.5", headers=stack.admin, timeout=10).ok
+    resp, events = open_stream(stack, last_event_id=held.id, patches=True)
+    assert next_event(events).type == "snapshot"
+    close_stream(resp)
+
+    stack.put("feature.7", {"kind": "kill_switch", "enabled": False, "description": "changed"})
+    current = requests.get(snapshot_url, headers=stack.headers("sdk"), timeout=5)
+    wait_for(lambda: client.status().version == current.json()["version"], 5, "the SDK has every change")
+    assert client._snapshot.raw == current.json(), "patched, the SDK holds the snapshot the server serves"
+    assert client.is_enabled("feature.3") is False and client.is_enabled("feature.7") is False
+    assert client.is_enabled("feature.5", default=True) is True, "a deleted flag takes the default"
+
+    refused = requests.get(
+        f"{stack.url}/api/v1/envs/production/stream?patches=maybe", headers=stack.headers("sdk"), timeout=5
+    )
+    assert refused.status_code == 422 and "patches" in {e["field"] for e in refused.json()["errors"]}, (
+        refused.text
+    )
 
 
 def test_streams_end_cleanly_on_shutdown_and_clients_reconnect(stack, clients):

@@ -4,6 +4,7 @@ idle stream every second, so thousands of them cost no CPU between heartbeats.""
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import threading
@@ -15,7 +16,7 @@ import pytest
 
 from flagsvc import streaming
 from flagsvc.envs import EnvStore
-from flagsvc.flags import FlagStore, Mutation, switch
+from flagsvc.flags import FlagStore, Mutation, definition_of, switch
 from flagsvc.snapshots import SnapshotCache
 from flagsvc.streaming import REVOKED_EVENT, SHUTDOWN_EVENT, OpenStreams, Stream, events
 from flagsvc.writes import WriteContext
@@ -30,11 +31,12 @@ SWEEP = 0.2
 class Reader:
     """One stream's events, read by a thread into a queue, as a server's greenlet would send them."""
 
-    def __init__(self, cache: SnapshotCache, stream: Stream) -> None:
+    def __init__(self, cache: SnapshotCache, stream: Stream, *, patches: bool = False) -> None:
         self.stream = stream
         self.received: queue.Queue[bytes | None] = queue.Queue()
         first = cache.get(stream.env)
-        self._thread = threading.Thread(target=self._read, args=(events(cache, stream, first, None),))
+        body = events(cache, stream, first, None, patches=patches)
+        self._thread = threading.Thread(target=self._read, args=(body,))
         self._thread.start()
 
     def _read(self, body: Iterator[bytes]) -> None:
@@ -210,3 +212,66 @@ def test_an_idle_stream_gets_its_heartbeat_from_the_sweep(
     assert readers[0].next() == b": heartbeat\n\n"
     assert readers[0].next() == b": heartbeat\n\n"
     assert 2 * 4 * SWEEP <= time.monotonic() - start < 2 * 4 * SWEEP + 2.0, "one heartbeat per quiet period"
+
+
+def event_fields(event: bytes | None) -> tuple[str, str, Any]:
+    """An event's ``id``, ``event`` and parsed ``data``."""
+    assert event is not None
+    fields = dict(line.split(": ", 1) for line in event.decode().strip().split("\n"))
+    return fields["id"], fields["event"], json.loads(fields["data"])
+
+
+def test_a_stream_asking_for_patches_gets_one_only_from_the_version_it_holds(
+    r: Any, flags: FlagStore, streams: OpenStreams, readers: list[Reader]
+) -> None:
+    cache = SnapshotCache(r, flags)  # new versions reach the stream when the test publishes them
+    stream = streams.open(ENV, "tok-a", None, lambda: True)
+    assert stream is not None
+    readers.append(reader := Reader(cache, stream, patches=True))
+    assert reader.next().startswith(b"retry:")
+    held, kind, _ = event_fields(reader.next())
+    assert kind == "snapshot"
+
+    kill(flags, cache, ENV)
+    streams.publish(ENV)
+    _, kind, _ = event_fields(reader.next())
+    assert kind == "snapshot", "one flag: a patch would not be smaller than the snapshot"
+
+    for i in range(10):
+        flags.write(
+            ENV,
+            f"other.{i}",
+            lambda _: Mutation("flag.create", {"kind": "kill_switch", "enabled": True}),
+            CTX,
+        )
+    cache.refresh()  # ten commits, one version loaded: a patch from the one before, ten flags added
+    streams.publish(ENV)
+    held, kind, patch = event_fields(reader.next())
+    assert kind == "patch" and sorted(patch["flags"]) == [f"other.{i}" for i in range(10)]
+
+    flags.write(ENV, "payments.kill", switch(ENV, "payments.kill", "flag.restore", True), CTX)
+    cache.refresh()
+    streams.publish(ENV)
+    identity, kind, patch = event_fields(reader.next())
+    assert kind == "patch" and identity == cache.get(ENV).identity
+    assert patch["base"] == held and f"{patch['version']}-{patch['history']}" == identity
+    assert list(patch["flags"]) == ["payments.kill"] and patch["flags"]["payments.kill"]["enabled"] is True
+    assert patch["removed"] == []
+
+    delete(flags, "other.1")
+    cache.refresh()
+    streams.publish(ENV)
+    _, kind, patch = event_fields(reader.next())
+    assert kind == "patch" and patch["flags"] == {} and patch["removed"] == ["other.1"]
+
+    kill(flags, cache, ENV)  # two versions while the stream sleeps: it holds neither's base
+    delete(flags, "other.0")
+    cache.refresh()
+    streams.publish(ENV)
+    identity, kind, snapshot = event_fields(reader.next())
+    assert kind == "snapshot" and identity == cache.get(ENV).identity
+    assert "other.0" not in snapshot["flags"] and snapshot["flags"]["payments.kill"]["enabled"] is False
+
+
+def delete(flags: FlagStore, key: str) -> None:
+    flags.write(ENV, key, lambda current: Mutation("flag.delete", definition_of(current), archived=True), CTX)

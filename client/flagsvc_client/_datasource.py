@@ -81,6 +81,18 @@ class Sink:
             raise FetchError(f"flagsvc sent environment {snapshot.env!r}, not {self.env!r}", fatal=True)
         self._apply(snapshot)
 
+    def apply_patch(self, patch: Any) -> None:
+        """Apply a ``patch`` event to the snapshot held; ``FetchError`` if it is not a patch of
+        that snapshot (the stream is then reopened from the snapshot held)."""
+        held = self._current()
+        if held.source != "server":
+            raise FetchError("flagsvc sent a patch, but no snapshot of it is held")
+        try:
+            snapshot = held.patched(patch)
+        except ValueError as exc:
+            raise FetchError(f"flagsvc sent a patch this client cannot apply: {exc}") from None
+        self._apply(snapshot)
+
     def succeeded(self) -> None:
         changed = self.failing or self.last_success is None
         self.last_success = time.time()

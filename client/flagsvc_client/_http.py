@@ -35,7 +35,9 @@ class SnapshotFetcher:
     def __init__(self, base_url: str, token: str, env: str, *, timeout: float) -> None:
         self.base = f"{base_url.rstrip('/')}/api/v1/envs/{quote(env, safe='')}"
         self.url = f"{self.base}/snapshot"
-        self.stream_url = f"{self.base}/stream"
+        # Changes as patches of the flags that changed (a server that does not know the
+        # parameter sends whole snapshots, which the stream takes as well).
+        self.stream_url = f"{self.base}/stream?patches=true"
         self._token = token
         self._timeout = timeout
         self.session = self._new_session()

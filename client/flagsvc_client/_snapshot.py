@@ -61,6 +61,24 @@ class Snapshot:
         compiled = {str(k): compile_flag(str(k), v) for k, v in flags.items()}
         return cls(env, version, dict(data), compiled, source)
 
+    def patched(self, patch: Mapping[str, Any]) -> Snapshot:
+        """The snapshot a ``patch`` event makes of this one: its version and history, its flags
+        added or changed, its ``removed`` keys gone. ``ValueError`` if the patch is not one of
+        this snapshot (its ``base`` names another) or is malformed."""
+        if not isinstance(patch, Mapping):
+            raise ValueError("patch is not an object")
+        if patch.get("base") != self.identity or patch.get("env") != self.env:
+            raise ValueError(f"the patch applies to {patch.get('base')!r}, not to {self.identity!r}")
+        changed, removed = patch.get("flags"), patch.get("removed", [])
+        if not isinstance(changed, Mapping) or not isinstance(removed, list):
+            raise ValueError("patch flags must be an object and removed a list")
+        gone = set(removed)
+        flags = {k: v for k, v in self.raw["flags"].items() if k not in gone}
+        flags.update(changed)
+        document = {**self.raw, "flags": flags}
+        document.update(version=patch.get("version"), history=patch.get("history"))
+        return Snapshot.from_wire(document, self.source)
+
     @classmethod
     def empty(cls, env: str) -> Snapshot:
         return cls(env, 0, {"env": env, "version": 0, "flags": {}}, {}, "defaults")

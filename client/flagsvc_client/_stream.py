@@ -1,7 +1,9 @@
 """The streaming data source: holds the Server-Sent Events stream; while it is down, polls.
 
 The server sends the snapshot on connect (unless ``Last-Event-ID`` is current) and on every
-change, and a heartbeat comment between; an event ``shutdown`` when it restarts. A stream that
+change, as a ``patch`` of the flags that changed when it applies to the snapshot held; a
+heartbeat comment between; an event ``shutdown`` when it restarts. A patch for another version
+than the one held ends the stream: the next one starts from a whole snapshot. A stream that
 breaks is reopened with backoff and jitter, with a poll every ``poll_interval`` meanwhile.
 """
 
@@ -85,7 +87,9 @@ class StreamingSource(DataSource):
                     return
                 if event.type == "snapshot":
                     self._sink.apply_document(json.loads(event.data))
-                if event.type in ("snapshot", "comment"):
+                elif event.type == "patch":
+                    self._sink.apply_patch(json.loads(event.data))
+                if event.type in ("snapshot", "patch", "comment"):
                     self._sink.succeeded()
         except FetchError:
             raise

@@ -12,7 +12,7 @@ from flask_smorest import Blueprint
 from ..auth import current_token, require
 from ..errors import TooManyRequests
 from ..extensions import stores
-from ..schemas import SnapshotSchema
+from ..schemas import SnapshotSchema, StreamQuerySchema
 from ..snapshots import poll_answer
 from ..streaming import EventStream, events
 from ..tokens import Role
@@ -22,9 +22,13 @@ from .common import accepts_gzip, check_env, if_none_match_snapshot
 SSE_EVENT = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["snapshot", "shutdown", "revoked"]},
-        "data": {"type": "string", "description": "snapshot: the snapshot's JSON; revoked: {detail}"},
-        "id": {"type": "string", "description": "the environment version"},
+        "event": {"type": "string", "enum": ["snapshot", "patch", "shutdown", "revoked"]},
+        "data": {
+            "type": "string",
+            "description": "snapshot: the snapshot's JSON; patch: {env, version, history, base (the "
+            "identity it applies to), flags (added or changed, whole), removed (keys)}; revoked: {detail}",
+        },
+        "id": {"type": "string", "description": "the snapshot's identity (its ETag): <version>-<history>"},
         "retry": {"type": "integer"},
     },
 }
@@ -61,16 +65,20 @@ class StreamResource(MethodView):
     @blp.doc(
         responses={
             "200": {
-                "description": "text/event-stream: `snapshot` events (id = version, data = the snapshot), "
+                "description": "text/event-stream: `snapshot` events (id = the snapshot's identity, "
+                "data = the snapshot) or, with `patches=true`, `patch` events of the flags that changed, "
                 "`: heartbeat` comments every 15 s, a `shutdown` event before the server closes it",
                 "content": {"text/event-stream": {"schema": SSE_EVENT}},
             }
         }
     )
-    def get(self, env: str) -> Response:
+    @blp.arguments(StreamQuerySchema, location="query", as_kwargs=True)
+    def get(self, env: str, patches: bool) -> Response:
         """Server-Sent Events: the snapshot now (unless ``Last-Event-ID`` is current) and on every change.
 
-        A ``revoked`` event ends the stream once the token is revoked or expires. 429 when the
+        With ``patches=true``, a change to the version the client holds comes as a ``patch`` event
+        (the flags that changed): a kill is a few hundred bytes whatever the number of flags. A
+        ``revoked`` event ends the stream once the token is revoked or expires. 429 when the
         token already holds as many streams as a worker allows (``MAX_STREAMS_PER_TOKEN``)."""
         check_env(env)
         cache, token, streams, tokens = stores().snapshots, current_token(), stores().streams, stores().tokens
@@ -83,7 +91,7 @@ class StreamResource(MethodView):
                 retry_after=30,
             )
         body = EventStream(
-            events(cache, stream, first, request.headers.get("Last-Event-ID")),
+            events(cache, stream, first, request.headers.get("Last-Event-ID"), patches=patches),
             on_close=lambda: streams.close(stream),
         )
         response = Response(
