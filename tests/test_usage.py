@@ -127,6 +127,34 @@ def test_a_goodbye_is_not_undone_by_a_report_another_process_still_holds(r: Any)
     assert registry_view_live(other) == 0
 
 
+def test_an_older_report_written_last_does_not_take_an_instance_back(r: Any) -> None:
+    """Two reports of one instance reach two workers within their write second: the worker
+    holding the newer one may write first. The view must not show the instance lagging then."""
+    one, other = registry_on(r), ClientRegistry(r)
+    one.report(
+        ENV,
+        "i-1",
+        {"app": "shop", "applied_version": 2, "counts": {"f": 1}},
+        source="",
+        token_id="t1",
+        flags=["f"],
+    )
+    other.report(
+        ENV,
+        "i-1",
+        {"app": "shop", "applied_version": 3, "counts": {"f": 1}},
+        source="",
+        token_id="t1",
+        flags=["f"],
+    )
+    other.refresh()
+    one.refresh()  # the older report, written last
+
+    view = one.view(ENV, current_version=3).to_dict()
+    assert view["summary"]["lagging"] == 0 and view["instances"][0]["applied_version"] == 3
+    assert counted(r, "f|shop") == 2, "the older report's evaluations still count"
+
+
 def registry_view_live(registry: ClientRegistry) -> int:
     live: int = registry.view(ENV, current_version=1).summary["live"]
     return live

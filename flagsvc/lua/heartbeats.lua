@@ -13,7 +13,8 @@
 --
 -- A new instance of a token at its cap takes the place of the token's longest silent instance if
 -- that one is no longer live; otherwise it is refused. An instance that said goodbye after its
--- report is not recorded again. Returns the live instances housekeeping last counted, then the
+-- report is not recorded again, nor one whose later report another process wrote first (two
+-- reports in the same second on two workers): its counts still add up. Returns the live instances housekeeping last counted, then the
 -- refused instances: a flat list of id, seconds to wait.
 local plan = cjson.decode(ARGV[1])
 local now = plan.now
@@ -41,12 +42,18 @@ local function admit(id, tokens)
   return true
 end
 
+-- Whether the instance said goodbye, or reported again, at or after ``seen``.
+local function superseded(id, seen)
+  local gone = redis.call('ZSCORE', KEYS[5], id)
+  local written = redis.call('ZSCORE', KEYS[2], id)
+  return (gone and tonumber(gone) >= seen) or (written and tonumber(written) >= seen)
+end
+
 local touched = {}
 for _, hb in ipairs(plan.instances) do
   local id, seen = hb[1], hb[4]
   local tokens, app = KEYS[hb[5]], KEYS[hb[6]]
-  local gone = redis.call('ZSCORE', KEYS[5], id)
-  if not (gone and tonumber(gone) >= seen) and admit(id, tokens) then
+  if not superseded(id, seen) and admit(id, tokens) then
     redis.call('HSET', KEYS[1], id, hb[2])
     redis.call('ZADD', KEYS[2], seen, id)
     redis.call('ZADD', KEYS[3], hb[3], id)
