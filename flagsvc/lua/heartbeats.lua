@@ -14,8 +14,9 @@
 -- A new instance of a token at its cap takes the place of the token's longest silent instance if
 -- that one is no longer live; otherwise it is refused. An instance that said goodbye after its
 -- report is not recorded again, nor one whose later report another process wrote first (two
--- reports in the same second on two workers): its counts still add up. Returns the live instances housekeeping last counted, then the
--- refused instances: a flat list of id, seconds to wait.
+-- reports in the same second on two workers): its counts still add up. Returns the live
+-- instances housekeeping last counted, then the refused instances: a flat list of id, seconds
+-- to wait.
 local plan = cjson.decode(ARGV[1])
 local now = plan.now
 local refused = {}
