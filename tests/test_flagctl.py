@@ -291,3 +291,31 @@ def test_wait_counts_the_whole_fleet_not_the_instances_the_view_lists(ctl, flags
     code, _, err = ctl("kill", "search.v2", "--reason", "INC-9", "--wait", "--timeout-wait", "2s")
 
     assert code == 8 and "0/300 live SDK instances run version" in err, err
+
+
+def test_playbook_show_says_what_an_alert_does_with_it(ctl, flags, server, auth):
+    book = {
+        "description": "shed load \x1b[31mNOW",
+        "changes": {"exports": {"enabled": False}},
+        "triggers": [{"match": {"alertname": "CheckoutLatency", "severity": "page"}}],
+        "auto": True,
+        "cooldown": "30m",
+        "max_auto_applies_per_day": 3,
+        "revert_on_resolve": True,
+    }
+    url = f"{server.url}{ENV_URL}/playbooks/shed-exports"
+    assert requests.put(url, json=book, headers=auth("admin"), timeout=5).ok
+
+    code, out, _ = ctl("playbook", "show", "shed-exports", role="reader")
+    assert code == 0 and "\x1b" not in out and "shed load \\x1b[31mNOW" in out, "the escape shown, not run"
+    assert (
+        "  alerts: {alertname=CheckoutLatency, severity=page}: APPLIED BY THE ALERT "
+        "(cooldown 30m, at most 3 a day, reverted when the alert resolves)"
+    ) in out.splitlines()
+    code, out, _ = ctl("playbook", "list", role="reader")
+    assert out.split()[:3] == ["-", "AUTO", "shed-exports"]
+
+    assert requests.put(url, json={**book, "auto": False}, headers=auth("admin"), timeout=5).ok
+    code, out, _ = ctl("playbook", "show", "shed-exports", role="reader")
+    assert "{alertname=CheckoutLatency, severity=page}: recorded, NOT applied (auto is off)" in out
+    assert ctl("playbook", "list", role="reader")[1].split()[:3] == ["-", "-", "shed-exports"]

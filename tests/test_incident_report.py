@@ -51,7 +51,7 @@ def table(markdown: str, heading: str) -> list[list[str]]:
 
 def test_playbook_commands(incident, ctl):
     listed = ctl("playbook", "list", role="reader")
-    assert listed.split()[:2] == ["-", "shed-load"]
+    assert listed.split()[:3] == ["-", "-", "shed-load"], "not applied, no alert applies it"
     preview = ctl("playbook", "apply", "shed-load", "--reason", "r", "--incident", "INC-50", "--dry-run")
     assert preview.startswith("would apply playbook shed-load")
     assert "exports: " in preview and "already as wanted" not in preview

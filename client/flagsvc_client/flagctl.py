@@ -286,6 +286,28 @@ def cmd_audit(api: Api, args: argparse.Namespace) -> Any:
     return "\n".join(lines) or "(no entries)"
 
 
+def _alerts_line(book: dict[str, Any]) -> str:
+    """What an Alertmanager alert does with ``book``: the alerts that trigger it, whether they
+    apply it, and the guards on it (an on-call must know before an alert fires)."""
+    triggers = book.get("triggers") or []
+    if not triggers:
+        return "  alerts: no trigger (applied by hand only)"
+    matches = (", ".join(f"{k}={printable(str(v))}" for k, v in sorted(t["match"].items())) for t in triggers)
+    which = " or ".join(f"{{{match}}}" for match in matches)
+    if not book.get("auto"):
+        does = "recorded, NOT applied (auto is off)"
+    elif book.get("mode") == "dry_run":
+        does = "recorded as would_apply, NOT applied (mode dry_run)"
+    else:
+        does = "APPLIED BY THE ALERT"
+    guards = [f"cooldown {book['cooldown']}"] if book.get("cooldown") else []
+    if book.get("max_auto_applies_per_day"):
+        guards.append(f"at most {book['max_auto_applies_per_day']} a day")
+    if book.get("revert_on_resolve"):
+        guards.append("reverted when the alert resolves")
+    return f"  alerts: {which}: {does}" + (f" ({', '.join(guards)})" if guards else "")
+
+
 def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
     if args.playbook_command == "list":
         books = api.call("GET", api.env_path("playbooks")).json()["playbooks"]
@@ -294,18 +316,22 @@ def cmd_playbook(api: Api, args: argparse.Namespace) -> Any:
         lines = []
         for b in books:
             state = "APPLIED" if b["applied"] else "-"
-            lines.append(f"{state:<8} {b['name']:<32} {len(b['changes'])} flags  {b['description']}")
+            auto = "AUTO" if b.get("auto") and b.get("triggers") else "-"
+            about = printable(b["description"])
+            lines.append(f"{state:<8} {auto:<5} {b['name']:<32} {len(b['changes'])} flags  {about}")
         return "\n".join(lines) or "(no playbooks)"
     if args.playbook_command == "show":
         book = api.call("GET", api.env_path("playbooks", args.name)).json()
         if args.json:
             return book
-        lines = [f"{book['name']} (version {book['version']}): {book['description']}"]
+        lines = [f"{book['name']} (version {book['version']}): {printable(book['description'])}"]
         lines += [f"  {flag}: {json.dumps(change)}" for flag, change in sorted(book["changes"].items())]
+        lines.append(_alerts_line(book))
         applied = book.get("applied")
         if applied:
+            incident = f" ({printable(str(applied['incident']))})" if applied.get("incident") else ""
             lines.append(
-                f"  APPLIED {applied['applied_at']} by {applied['applied_by']} ({applied.get('incident')})"
+                f"  APPLIED {applied['applied_at']} by {printable(applied['applied_by'])}{incident}"
                 + (f", reverts by itself at {applied['revert_at']}" if applied.get("revert_at") else "")
             )
         return "\n".join(lines)
