@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from .connection import durability_of
+from .connection import ClusterDurability, Durability, durability_of
 from .keys import Namespace
 
 #: Audit fields, in the order they are written to the stream.
@@ -178,32 +178,52 @@ class Committer:
     def replay(self, key: str, ttl: int) -> str | None:
         """The idempotency record at ``key``, renewed for ``ttl`` seconds and, with durability rules,
         confirmed on the replicas like a commit; ``None`` if there is none."""
-        durability = durability_of(self._redis)
-        pipe = self._redis.pipeline(transaction=False)
+        durability = self._durability(key)
+        if durability is not None and not durability.active:
+            durability = None
+        pipe = (durability.client if durability is not None else self._redis).pipeline(transaction=False)
         pipe.get(key)
         pipe.expire(key, ttl)
-        if durability is not None and durability.active:
+        if durability is not None:
             pipe.execute_command("WAIT", durability.wanted(), durability.timeout_ms)
-        record, _, *acked = pipe.execute()
-        if record is not None and durability is not None and durability.active:
+        record, _, *acked = self._execute(pipe)
+        if record is not None and durability is not None:
             durability.confirm(int(acked[0]))
         return _text(record) or None
 
     def _call(self, keys: list[str], plan: dict[str, Any]) -> tuple[str, str]:
         """Run ``commit.lua``; with :class:`~flagsvc.connection.Durability` rules, ``WAIT`` on the
-        same connection in the same round trip, and :class:`~flagsvc.connection.Unconfirmed` if an
-        applied (or replayed) commit is not known to survive a failover."""
-        durability = durability_of(self._redis)
+        same connection in the same round trip (on a cluster, a connection to the master of the
+        commit's slot), and :class:`~flagsvc.connection.Unconfirmed` if an applied (or replayed)
+        commit is not known to survive a failover."""
+        durability = self._durability(keys[0])
         if durability is None or not durability.active:
             status, value = self._script(keys=keys, args=[json.dumps(plan)])
             return _text(status), _text(value)
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = durability.client.pipeline(transaction=False)
         self._script(keys=keys, args=[json.dumps(plan)], client=pipe)
         pipe.execute_command("WAIT", durability.wanted(), durability.timeout_ms)
-        (status, value), acked = pipe.execute()
+        (status, value), acked = self._execute(pipe)
         if _text(status) in ("ok", "replay"):
             durability.confirm(int(acked))
         return _text(status), _text(value)
+
+    def _durability(self, key: str) -> Durability | None:
+        """The rules for a commit on ``key`` (on a cluster: those of the master of its slot)."""
+        rules = durability_of(self._redis)
+        return rules.for_key(key) if rules is not None else None
+
+    def _execute(self, pipe: Any) -> list[Any]:
+        """``pipe.execute()``; a slot that moved (the commands ran nowhere) makes a cluster
+        client learn its slots again, and the write answers 503 to be retried."""
+        try:
+            result: list[Any] = pipe.execute()
+        except redis.exceptions.MovedError:
+            rules = durability_of(self._redis)
+            if isinstance(rules, ClusterDurability):
+                rules.moved()
+            raise
+        return result
 
 
 class _Keys:

@@ -115,12 +115,14 @@ def connect(
     auth = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
         options.pop("retry")  # a cluster client retries per node itself, on redirections too
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             ssl=target.tls,
             **auth,
             **options,
         )
+        _DURABILITY[cluster] = ClusterDurability(cluster, wait_replicas, timeout_ms=wait_timeout_ms)
+        return cluster
     sentinel = Sentinel(
         list(target.nodes),
         sentinel_kwargs={"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout},
@@ -174,6 +176,10 @@ class Durability:
     @property
     def active(self) -> bool:
         return self.sentinel is not None or self.wanted() > 0
+
+    def for_key(self, key: str) -> Durability:
+        """The rules for a commit on ``key`` (one server: these)."""
+        return self
 
     def wanted(self) -> int:
         """How many replicas a commit waits for."""
@@ -234,6 +240,45 @@ class Durability:
             pool.disconnect()  # and those in use: a command in flight there fails (outcome unknown)
 
 
+class ClusterDurability:
+    """:class:`Durability` on a Redis Cluster, node by node: a commit runs with its ``WAIT`` on
+    its own connection to the master of its environment's slot (the cluster client would send a
+    keyless ``WAIT`` to an arbitrary node), and waits for one of that master's replicas when it
+    has some (or ``replicas``)."""
+
+    def __init__(self, cluster: RedisCluster, replicas: int | None = None, *, timeout_ms: int = 1000) -> None:
+        self.cluster = cluster
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self._nodes: dict[str, Durability] = {}
+
+    def for_key(self, key: str) -> Durability:
+        """The rules of the master that holds ``key``, on a client of that master alone."""
+        node = self.cluster.get_node_from_key(key)
+        rules = self._nodes.get(node.name)
+        if rules is None:
+            client = self.cluster.get_redis_connection(node)
+            rules = self._nodes[node.name] = Durability(client, self.replicas, timeout_ms=self.timeout_ms)
+        return rules
+
+    def moved(self) -> None:
+        """A slot moved: learn the cluster's slots again before the next commit."""
+        self.cluster.nodes_manager.initialize()
+
+    # -- the change listener keeps each master's number of replicas current --------------------
+
+    def reset(self) -> None:
+        for rules in list(self._nodes.values()):
+            rules.reset()
+
+    def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
+        """Nothing: replicas are not announced by commits."""
+
+    def refresh(self) -> None:
+        for rules in list(self._nodes.values()):
+            rules.refresh()
+
+
 def writable(client: Any) -> str | None:
     """``None`` if ``client`` reaches a master that takes writes now, else why not."""
     if isinstance(client, RedisCluster):
@@ -252,10 +297,9 @@ def writable(client: Any) -> str | None:
     return f"{good} good replicas, min-replicas-to-write is {wanted}" if int(good) < wanted else None
 
 
-_DURABILITY: weakref.WeakKeyDictionary[Any, Durability] = weakref.WeakKeyDictionary()
+_DURABILITY: weakref.WeakKeyDictionary[Any, Durability | ClusterDurability] = weakref.WeakKeyDictionary()
 
 
-def durability_of(client: Any) -> Durability | None:
-    """The durability rules of a client made by :func:`connect` (``None`` for others, and for a
-    cluster, where ``WAIT`` would go to an arbitrary node)."""
+def durability_of(client: Any) -> Durability | ClusterDurability | None:
+    """The durability rules of a client made by :func:`connect` (``None`` for others)."""
     return _DURABILITY.get(client)

@@ -14,7 +14,7 @@ import redis
 from flask import Flask, current_app
 
 from .audit import AuditLog
-from .changes import ChangeListener
+from .changes import ChangeListener, Subscriber
 from .clients import ClientRegistry, Limits, OfrepUsage
 from .connection import connect, durability_of, writable
 from .console.sessions import ConsoleSessions
@@ -102,9 +102,15 @@ def make_stores(
         console=ConsoleSessions(client, tokens),
         webhooks=WebhookStore(client, webhook_hosts),
         listener=ChangeListener(
-            client, [snapshots, tokens, clients, ofrep_usage, *filter(None, [durability_of(client)])]
+            client, [snapshots, tokens, clients, ofrep_usage, *_durability_subscribers(client)]
         ),
     )
+
+
+def _durability_subscribers(client: Any) -> list[Subscriber]:
+    """The client's durability rules, which the listener keeps current, if it has some."""
+    rules = durability_of(client)
+    return [rules] if rules is not None else []
 
 
 def init_app(app: Flask) -> None:

@@ -115,23 +115,30 @@ class SentinelSet:
 
 
 class Cluster:
-    """A Redis Cluster of ``masters`` masters (no replicas), every slot assigned."""
+    """A Redis Cluster of ``masters`` masters, every slot assigned, each with ``replicas`` replicas."""
 
-    def __init__(self, root: Path, *, masters: int = 3) -> None:
-        self.servers = [
-            RedisServer(
-                root / f"cluster-{i}",
-                extra_args=(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(root / f"nodes-{i}.conf"),
-                ),
-            )
-            for i in range(masters)
-        ]
-        for server in self.servers:
-            server.port = free_port(below=55536)  # its cluster bus listens on port + 10000
+    def __init__(self, root: Path, *, masters: int = 3, replicas: int = 0) -> None:
+        self.servers = [self._node(root, i) for i in range(masters)]
+        #: master index -> its replicas
+        self.replicas = {i: [self._node(root, f"{i}-r{j}") for j in range(replicas)] for i in range(masters)}
+
+    @staticmethod
+    def _node(root: Path, name: object) -> RedisServer:
+        server = RedisServer(
+            root / f"cluster-{name}",
+            extra_args=("--cluster-enabled", "yes", "--cluster-config-file", f"{root}/nodes-{name}.conf"),
+        )
+        server.port = free_port(below=55536)  # its cluster bus listens on port + 10000
+        return server
+
+    def master_of(self, key: str) -> int:
+        """The index of the master that holds ``key`` (``start`` gives master i the i-th range)."""
+        slot = int(self.client(self.servers[0]).execute_command("CLUSTER", "KEYSLOT", key))
+        return min(slot // (16384 // len(self.servers)), len(self.servers) - 1)
+
+    @staticmethod
+    def client(server: RedisServer) -> redis.Redis:
+        return redis.Redis(port=server.port, decode_responses=True)
 
     @property
     def url(self) -> str:
@@ -150,11 +157,26 @@ class Cluster:
                 client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
             wait_until(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in clients), 20,
                        "cluster_state:ok on every node")  # fmt: skip
+            self._attach_replicas()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _attach_replicas(self) -> None:
+        for i, replicas in self.replicas.items():
+            master_id = self.client(self.servers[i]).execute_command("CLUSTER", "MYID")
+            for replica in replicas:
+                replica.start()
+                client = self.client(replica)
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
+                wait_until(lambda c=client, m=master_id: m in c.execute_command("CLUSTER", "NODES"), 10,
+                           "the replica knows its master")  # fmt: skip
+                client.execute_command("CLUSTER", "REPLICATE", master_id)
+            master, wanted = self.client(self.servers[i]), len(replicas)
+            wait_until(lambda m=master, n=wanted: int(m.info("replication")["connected_slaves"]) == n,
+                       10, "replicas attached")  # fmt: skip
+
     def stop(self) -> None:
-        for server in self.servers:
+        for server in [*self.servers, *(r for group in self.replicas.values() for r in group)]:
             server.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import threading
 import time
 import uuid
@@ -31,7 +32,7 @@ from flagsvc_client._snapshot import Snapshot
 
 from .conftest import RestartableServer
 from .helpers import ENV, ENV_URL, FLAGS_URL, heartbeats_written
-from .redis_topology import SentinelSet, wait_until
+from .redis_topology import Cluster, SentinelSet, wait_until
 from .test_propagation import Stack, close_stream, next_event, open_stream
 
 KEYS = EnvKeys(ENV)
@@ -183,6 +184,40 @@ def test_changes_reach_sdks_through_a_redis_cluster(tmp_path, cluster_url):
         if sdk is not None:
             sdk.close()
         stack.close()
+
+
+def test_a_kill_on_a_cluster_is_acknowledged_once_a_replica_of_its_master_has_it(tmp_path):
+    """On a cluster a commit waits for a replica on its own connection to the master of its
+    environment's slot; a replica that does not confirm in time makes the answer 503
+    outcome-unknown (the kill is on the master, not known to survive a failover), never 200."""
+    cluster = Cluster(tmp_path / "cluster", replicas=1).start()
+    stack = None
+    try:
+        stack = Stack(tmp_path, redis_url=cluster.url)
+        index = cluster.master_of(EnvKeys(ENV).flags)
+        master, replica = cluster.client(cluster.servers[index]), cluster.replicas[index][0]
+
+        def waits() -> int:
+            return int(master.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+        stack.put("a", {"kind": "kill_switch", "enabled": True})
+        before = waits()
+        assert stack.flip("a", "kill").status_code == 200
+        assert waits() > before, "the kill waited for the replica on the master that holds it"
+
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGSTOP)
+        try:
+            answer = stack.flip("a", "restore")
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        assert answer.status_code == 503 and answer.json()["type"].endswith("outcome-unknown"), answer.text
+        flag = requests.get(f"{stack.url}{FLAGS_URL}/a", headers=stack.admin, timeout=5).json()
+        assert flag["enabled"] is True, "the restore is on the master: its outcome was unknown, not nothing"
+    finally:
+        if stack is not None:
+            stack.close()
+        cluster.stop()
 
 
 # -- Sentinel failovers ------------------------------------------------------------------------
