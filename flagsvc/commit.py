@@ -179,8 +179,6 @@ class Committer:
         """The idempotency record at ``key``, renewed for ``ttl`` seconds and, with durability rules,
         confirmed on the replicas like a commit; ``None`` if there is none."""
         durability = self._durability(key)
-        if durability is not None and not durability.active:
-            durability = None
         pipe = (durability.client if durability is not None else self._redis).pipeline(transaction=False)
         pipe.get(key)
         pipe.expire(key, ttl)
@@ -197,7 +195,7 @@ class Committer:
         commit's slot), and :class:`~flagsvc.connection.Unconfirmed` if an applied (or replayed)
         commit is not known to survive a failover."""
         durability = self._durability(keys[0])
-        if durability is None or not durability.active:
+        if durability is None:
             status, value = self._script(keys=keys, args=[json.dumps(plan)])
             return _text(status), _text(value)
         pipe = durability.client.pipeline(transaction=False)
@@ -209,9 +207,11 @@ class Committer:
         return _text(status), _text(value)
 
     def _durability(self, key: str) -> Durability | None:
-        """The rules for a commit on ``key`` (on a cluster: those of the master of its slot)."""
+        """The rules a commit on ``key`` waits by (on a cluster: those of the master of its
+        slot); ``None`` when it waits for nothing."""
         rules = durability_of(self._redis)
-        return rules.for_key(key) if rules is not None else None
+        node = rules.for_key(key) if rules is not None else None
+        return node if node is not None and node.active else None
 
     def _execute(self, pipe: Any) -> list[Any]:
         """``pipe.execute()``; a slot that moved (the commands ran nowhere) makes a cluster
