@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 import redis
@@ -21,11 +22,13 @@ pytestmark = pytest.mark.slow  # kills and restarts a redis-server
 
 def test_acknowledged_changes_survive_sigkill(tmp_path):
     server = RedisServer(tmp_path / "redis", durable=True).start()
+    apps: list[Any] = []
     try:
         direct = redis.Redis.from_url(server.url, decode_responses=True)
         EnvStore(direct).create("production", actor="test")
         _, secret = TokenStore(direct).create(name="oncall", role=Role.ADMIN, envs=[], actor="test")
-        client = create_app({"REDIS_URL": server.url}).test_client()
+        apps.append(create_app({"REDIS_URL": server.url}))
+        client = apps[-1].test_client()
         headers = {"Authorization": f"Bearer {secret}"}
         acknowledged: dict[str, bool] = {}
         for i in range(20):
@@ -45,7 +48,8 @@ def test_acknowledged_changes_survive_sigkill(tmp_path):
 
         server.start()
         after = redis.Redis.from_url(server.url, decode_responses=True)
-        client = create_app({"REDIS_URL": server.url}).test_client()
+        apps.append(create_app({"REDIS_URL": server.url}))
+        client = apps[-1].test_client()
         flags = {f["key"]: f["enabled"] for f in client.get(FLAGS_URL, headers=headers).json["flags"]}
         assert flags == acknowledged
         assert after.xlen(EnvKeys("production").audit) == expected_entries == 30
@@ -53,4 +57,6 @@ def test_acknowledged_changes_survive_sigkill(tmp_path):
         result = AuditLog(after, EnvKeys("production")).verify()
         assert result.ok and result.entries == 30
     finally:
+        for app in apps:  # their change listeners stop with the test, not at the interpreter's exit
+            app.extensions["flagsvc"].close()
         server.kill()
