@@ -131,22 +131,9 @@ def test_an_older_report_written_last_does_not_take_an_instance_back(r: Any) -> 
     """Two reports of one instance reach two workers within their write second: the worker
     holding the newer one may write first. The view must not show the instance lagging then."""
     one, other = registry_on(r), ClientRegistry(r)
-    one.report(
-        ENV,
-        "i-1",
-        {"app": "shop", "applied_version": 2, "counts": {"f": 1}},
-        source="",
-        token_id="t1",
-        flags=["f"],
-    )
-    other.report(
-        ENV,
-        "i-1",
-        {"app": "shop", "applied_version": 3, "counts": {"f": 1}},
-        source="",
-        token_id="t1",
-        flags=["f"],
-    )
+    for registry, version in ((one, 2), (other, 3)):
+        body = {"app": "shop", "applied_version": version, "counts": {"f": 1}}
+        registry.report(ENV, "i-1", body, source="", token_id="t1", flags=["f"])
     other.refresh()
     one.refresh()  # the older report, written last
 
