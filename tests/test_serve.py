@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from flagsvc import embedded
 from flagsvc.cli import main
 
+from .helpers import wait_for
 from .redis_server import free_port
 from .served import Served
 
@@ -173,10 +174,18 @@ def test_control_port_serves_the_same_api_from_a_worker_of_its_own(tmp_path):
             time.sleep(0.02)
         assert snap.json()["flags"]["exports"]["enabled"] is False
         # One gunicorn master for both listeners: each worker holds the listening socket of one,
-        # and one worker alone serves the control port.
+        # and one worker alone serves the control port. (The service is ready once one worker of
+        # each listener answers: the last may still be forking.)
         (master,) = gunicorn_masters(served)
-        ports = {w: listening_ports(w) for w in master.children()}
-        assert sorted(map(sorted, ports.values())) == sorted([[control_port], [served.port], [served.port]])
+        wanted_ports = sorted([[control_port], [served.port], [served.port]])
+        ports: dict[psutil.Process, set[int]] = {}
+
+        def every_worker_listens() -> bool:
+            ports.clear()
+            ports.update({w: listening_ports(w) for w in master.children()})
+            return sorted(map(sorted, ports.values())) == wanted_ports
+
+        wait_for(every_worker_listens, what=f"a worker listening on each of {wanted_ports}")
         # The operators' worker wins the CPU over SDK traffic when both want it.
         base = os.nice(0)  # the workers' niceness adds to the one the service was started with
         wanted = {(control_port, base), (served.port, min(19, base + 5))}
