@@ -70,11 +70,12 @@ bind = [os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000"), *([_control_bind] if _
 workers = int(os.environ.get("FLAGSVC_WORKERS", 0)) or max(2, multiprocessing.cpu_count())
 if _control_bind:
     workers += 1
-worker_class = "gevent"
+# gunicorn's gevent worker, which also closes idle kept-alive connections when told to stop and
+# does not miss a stop sent while it boots (flagsvc/gevent_worker.py): a stop takes ~1 s.
+worker_class = "flagsvc.gevent_worker.Worker"
 # Concurrent connections per worker (streams included).
 worker_connections = int(os.environ.get("FLAGSVC_WORKER_CONNECTIONS", 4000))
-# Keep-alive for pollers (SDKs poll every 5 s by default). An idle keep-alive connection holds a
-# stopping worker until it closes, so this also bounds how long a graceful stop can take.
+# Keep-alive for pollers (SDKs poll every 5 s by default); a stopping worker closes the idle ones.
 keepalive = 10
 # A worker silent this long is killed and replaced; on SIGTERM, streams end within ~1 s (they
 # send a `shutdown` event) and requests in flight get graceful_timeout to finish.
@@ -166,7 +167,6 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     sends its next request as soon as it has an answer) finds its next request already buffered,
     and gevent reads it without switching: one connection could otherwise hold the worker for a
     long time while a kill waits behind it."""
-    if worker_class == "gevent":
-        import gevent
+    import gevent
 
-        gevent.sleep(0)
+    gevent.sleep(0)

@@ -196,6 +196,27 @@ def test_control_port_serves_the_same_api_from_a_worker_of_its_own(tmp_path):
         served.stop()
 
 
+def test_a_stop_closes_idle_kept_alive_connections_and_no_worker_is_killed(tmp_path):
+    """SDK pollers and nginx keep connections open between requests. A stopping worker closes
+    the idle ones instead of waiting for their next request until the arbiter kills it (SIGKILL)
+    at the graceful timeout, as gunicorn's gevent worker did."""
+    control_port = free_port()
+    served = Served(tmp_path / "data", control_port=control_port)
+    try:
+        (master,) = gunicorn_masters(served)
+        wait_for(lambda: len(master.children()) == 3, what="three workers")
+        headers = {"Authorization": f"Bearer {served.admin_token()}"}
+        with requests.Session() as poller:
+            for url in (served.url, served.control_url):  # a kept-alive connection to each listener
+                assert poller.get(f"{url}/api/v1/envs", headers=headers, timeout=5).status_code == 200
+            assert served.stop() == 0
+        log = served.output()
+        assert log.count("Worker exiting") == log.count("Booting worker") == 3, log
+        assert "SIGKILL" not in log and "graceful timeout" not in log and "[ERROR]" not in log, log
+    finally:
+        served.stop()
+
+
 def test_cli_help():
     runner = CliRunner()
     for args in (
