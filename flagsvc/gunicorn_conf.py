@@ -99,6 +99,22 @@ def pre_fork(server: Any, worker: Any) -> None:
         worker.flagsvc_control = control_wanted(server.WORKERS.values(), server.num_workers)
 
 
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    """In the arbiter, when an operator changes the number of workers (TTIN, TTOU): with a control
+    listener, a drop stops a main worker and leaves at least one. gunicorn stops its oldest
+    workers, and the control one is usually the oldest: it is made the youngest first."""
+    if not _control_bind or old_value is None or new_value >= old_value:
+        return
+    if new_value < 2:
+        server.log.warning("flagsvc: the control and main listeners need a worker each; kept %s", old_value)
+        server.num_workers = old_value
+        return
+    for worker in server.WORKERS.values():
+        if getattr(worker, "flagsvc_control", False):
+            server.worker_age += 1
+            worker.age = server.worker_age
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """In a new worker: with a control listener, keep the listener of its role and close the
     other; the main workers yield the CPU to the control one."""

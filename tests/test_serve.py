@@ -196,6 +196,36 @@ def test_control_port_serves_the_same_api_from_a_worker_of_its_own(tmp_path):
         served.stop()
 
 
+def test_fewer_workers_on_ttou_stop_a_main_worker_and_never_the_last(tmp_path):
+    """TTOU lowers gunicorn's number of workers by stopping its oldest, which is the control
+    worker: the control listener would be left without one (a kill sent there never answered)."""
+    control_port = free_port()
+    served = Served(tmp_path / "data", control_port=control_port)
+    try:
+        (master,) = gunicorn_masters(served)
+
+        def listening() -> list[list[int]]:
+            return sorted(sorted(listening_ports(w)) for w in master.children())
+
+        def workers_on(*ports: int) -> None:
+            wanted = sorted([port] for port in ports)
+            wait_for(lambda: listening() == wanted, what=f"workers on {wanted}", ignoring=(psutil.Error,))
+
+        workers_on(control_port, served.port, served.port)
+        master.send_signal(signal.SIGTTOU)
+        workers_on(control_port, served.port)
+        master.send_signal(signal.SIGTTOU)
+        wait_for_output(served, "need a worker each; kept 2")
+        workers_on(control_port, served.port)
+        headers = {"Authorization": f"Bearer {served.admin_token()}"}
+        for url in (served.url, served.control_url):
+            assert requests.get(f"{url}/api/v1/envs", headers=headers, timeout=5).status_code == 200
+        master.send_signal(signal.SIGTTIN)
+        workers_on(control_port, served.port, served.port)
+    finally:
+        served.stop()
+
+
 def test_a_stop_closes_idle_kept_alive_connections_and_no_worker_is_killed(tmp_path):
     """SDK pollers and nginx keep connections open between requests. A stopping worker closes
     the idle ones instead of waiting for their next request until the arbiter kills it (SIGKILL)
