@@ -77,6 +77,13 @@ from harness import (
 TARGET_FLIP_P95_MS = 10.0
 TARGET_POLLS_PER_S = 3000.0
 
+#: The flips go back to back from one token to time the write path: the per-token write budget
+#: (20 a second in bursts of 60 by default) would answer most of them 429 after holding them.
+SERVER_SETTINGS = {
+    "FLAGSVC_WRITES_PER_SECOND_PER_TOKEN": "1000000",
+    "FLAGSVC_WRITE_BURST_PER_TOKEN": "1000000",
+}
+
 PY_LOAD_SPAWN_S = 2.0  # head start for the Python load processes to spawn and connect
 
 
@@ -413,7 +420,7 @@ def run_once(
 ) -> RunResult:
     root = Path(tempfile.mkdtemp(prefix="flagsvc-bench-", dir=args.tmp_dir))
     try:
-        with Server(root, workers, control=args.control) as server:
+        with Server(root, workers, control=args.control, settings=SERVER_SETTINGS) as server:
             admin = requests.Session()
             admin.headers["Authorization"] = f"Bearer {server.token}"
             snapshot_bytes, _ = setup_flags(server, admin, args.flags)
@@ -693,6 +700,7 @@ def print_header(args: argparse.Namespace, tool: str, wrk: str | None) -> None:
     server = [*flagsvc_command(), "serve", "--data-dir", f"{tmp}/flagsvc-bench-XXXX/data"]
     server += ["--host", HOST, "--port", "<free port>", "[--workers N]"]
     log(f"server  : {' '.join(server)}  (fresh data dir per run, {filesystem_of(tmp)}; AOF fsync always)")
+    log(f"          {' '.join(f'{k}={v}' for k, v in SERVER_SETTINGS.items())} (flips back to back)")
     control = "; --control-port <free port> (flips of phase 3 go there)" if args.control else ""
     log(f"          workers: {args.workers or 'service default'}{control}")
     if tool == "wrk":

@@ -30,6 +30,8 @@ import psutil
 import redis
 import requests
 
+from flagsvc.control_worker import main_workers
+
 
 def flagsvc_command() -> list[str]:
     """The ``flagsvc`` console script of this interpreter's environment.
@@ -294,16 +296,21 @@ class Server:
         self.redis = self._embedded_redis()
 
     def _wait_ready(self) -> None:
+        """Until every listener answers ``/readyz`` and gunicorn has forked all its workers (it is
+        ready once one worker answers: under load the last ones may not be forked yet)."""
         assert self.proc is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
+        urls = [self.base] + ([f"http://{HOST}:{self.control_port}"] if self.control_port else [])
+        workers = main_workers(str(self.workers or "")) + (1 if self.control_port else 0)
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"flagsvc serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.base}/readyz", timeout=1).status_code == 200:
+                ready = all(requests.get(f"{url}/readyz", timeout=1).status_code == 200 for url in urls)
+                if ready and len(self.gunicorn_workers()) == workers:
                     return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"/readyz not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+                raise RuntimeError(f"not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
             time.sleep(0.1)
 
     def _embedded_redis(self) -> psutil.Process | None:

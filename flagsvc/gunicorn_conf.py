@@ -29,9 +29,10 @@ monkey.patch_all()
 
 import gc  # noqa: E402 - after the monkey patching
 import importlib  # noqa: E402
-import multiprocessing  # noqa: E402
 import os  # noqa: E402
 from typing import Any  # noqa: E402
+
+from flagsvc.control_worker import control_wanted, main_workers, own_listeners  # noqa: E402
 
 #: Modules the workers use, imported by the arbiter with ``FLAGSVC_PRELOAD=1``: the app's, and
 #: those the hooks below and the first requests would import.
@@ -63,13 +64,8 @@ if os.environ.get("FLAGSVC_PRELOAD", "0") == "1":
 
 _control_bind = os.environ.get("FLAGSVC_CONTROL_BIND") or None
 bind = [os.environ.get("FLAGSVC_BIND", "127.0.0.1:8000"), *([_control_bind] if _control_bind else [])]
-# One gevent worker per core: a worker already multiplexes its connections, more workers only
-# add processes competing for the cores (and one more snapshot reload per change). Measured on
-# 2 cores: 2 workers serve more polls, and flips wait less, than 4 (bench/api.py --workers 2,4).
-# A control listener adds a worker of its own.
-workers = int(os.environ.get("FLAGSVC_WORKERS", 0)) or max(2, multiprocessing.cpu_count())
-if _control_bind:
-    workers += 1
+# One gevent worker per core, at least 2; a control listener adds a worker of its own.
+workers = main_workers(os.environ.get("FLAGSVC_WORKERS")) + (1 if _control_bind else 0)
 # gunicorn's gevent worker, which also closes idle kept-alive connections when told to stop and
 # does not miss a stop sent while it boots (flagsvc/gevent_worker.py): a stop takes ~1 s.
 worker_class = "flagsvc.gevent_worker.Worker"
@@ -94,8 +90,6 @@ control_socket_disable = True  # no shared $HOME/.gunicorn/gunicorn.ctl between 
 def pre_fork(server: Any, worker: Any) -> None:
     """In the arbiter, before a worker is forked: with a control listener, is it the control worker?"""
     if _control_bind:
-        from flagsvc.control_worker import control_wanted
-
         worker.flagsvc_control = control_wanted(server.WORKERS.values(), server.num_workers)
 
 
@@ -121,8 +115,6 @@ def post_fork(server: Any, worker: Any) -> None:
     if not _control_bind:
         return
     from gunicorn.util import parse_address  # type: ignore[import-untyped]
-
-    from flagsvc.control_worker import own_listeners
 
     control = bool(getattr(worker, "flagsvc_control", False))
     mine = own_listeners(server.LISTENERS, parse_address(_control_bind), control)
