@@ -6,6 +6,7 @@ they create the app (no preload), so no pool crosses a fork.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from .snapshots import SnapshotCache
 from .streaming import OpenStreams
 from .tokens import TokenStore
 from .webhooks import WebhookStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,8 +67,16 @@ class Stores:
         return self
 
     def close(self) -> None:
-        """Stop the change listener (an app embedded in tests, say)."""
+        """Stop the change listener (a stopping worker, an app embedded in tests), then write what
+        the process gathered since the listener's last second: heartbeats and OFREP counts. An
+        instance that has just reported the version it applied is otherwise shown behind until
+        its next report, 30 s or more later."""
         self.listener.stop()
+        for gathered in (self.clients, self.ofrep_usage):
+            try:
+                gathered.refresh()
+            except redis.RedisError as exc:
+                log.warning("stopping: could not write the heartbeats and counts gathered (%s)", exc)
 
 
 def make_stores(

@@ -162,6 +162,14 @@ def pre_request(worker: Any, req: Any) -> None:
         req.must_close = True
 
 
+def worker_exit(server: Any, worker: Any) -> None:
+    """In a worker that stops: stop its change listener and write the heartbeats and counts it
+    gathered since its last second (``Stores.close``)."""
+    stores = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("flagsvc")
+    if stores is not None:
+        stores.close()
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """A worker's metrics samples stop counting once it is gone (prometheus multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

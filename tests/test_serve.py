@@ -19,7 +19,9 @@ from click.testing import CliRunner
 
 from flagsvc import embedded
 from flagsvc.cli import main
+from flagsvc.keys import EnvKeys
 
+from .conftest import create_token
 from .helpers import wait_for
 from .redis_server import free_port
 from .served import Served
@@ -139,6 +141,17 @@ def test_serve_with_external_redis(tmp_path, redis_url, r):
             f"{served.url}/api/v1/envs", headers={"Authorization": f"Bearer {token}"}, timeout=5
         )
         assert resp.json() == {"envs": ["production"]}
+        # A heartbeat taken just before a stop is written by the stopping worker.
+        sdk = {"Authorization": f"Bearer {create_token(r, 'sdk')}"}
+        reported = requests.post(
+            f"{served.url}/api/v1/envs/production/clients/i-1",
+            json={"app": "web", "applied_version": 1},
+            headers=sdk,
+            timeout=5,
+        )
+        assert reported.status_code == 204, reported.text
+        assert served.stop() == 0
+        assert r.hexists(EnvKeys("production").clients, "i-1")
     finally:
         served.stop()
 

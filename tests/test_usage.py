@@ -10,6 +10,7 @@ from typing import Any
 from flagsvc import create_app
 from flagsvc.clients import LIVE_SECONDS, SHOWN_INSTANCES, WRITE_BATCH, ClientRegistry, Limits, Pace, pace_for
 from flagsvc.envs import EnvStore
+from flagsvc.extensions import make_stores
 from flagsvc.keys import EnvKeys
 from flagsvc.scheduler import Scheduler
 
@@ -63,6 +64,23 @@ def test_a_process_writes_its_heartbeats_in_one_call_a_second(r: Any) -> None:
     }
     assert r.hlen(KEYS.clients) == WRITE_BATCH
     assert counted(r, "flag-0|app-0") == 3 + WRITE_BATCH // 5 * 3 * 3
+
+
+def test_a_process_that_stops_writes_what_it_gathered_since_its_last_second(r: Any) -> None:
+    """A stopping worker (a deploy, say) writes its gathered heartbeats and OFREP counts: an
+    instance that has just reported the version it applied is not shown behind until its next
+    report."""
+    EnvStore(r).create(ENV, actor="test-setup")
+    stores = make_stores(r)  # its change listener, which writes once a second, never runs here
+    body = {"app": "web", "applied_version": 1, "counts": {"flag-0": 2}}
+    stores.clients.report(ENV, "i-1", body, source="10.0.0.1", token_id="t1", flags=FLAGS)
+    stores.ofrep_usage.count(ENV, "reader", "php", ["flag-0"], "10.0.0.2")
+    assert r.hlen(KEYS.clients) == 0
+
+    stores.close()
+
+    assert r.hexists(KEYS.clients, "i-1")
+    assert counted(r, "flag-0|web") == 2 and counted(r, "flag-0|php") == 1
 
 
 def test_usage_data_grows_with_flags_and_apps_not_with_instances(r: Any) -> None:
