@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from functools import cached_property
@@ -136,6 +137,11 @@ class SnapshotCache:
         self._entries: dict[str, Published] = {}
         self._written: dict[str, int] = {}  # env -> newest version this process committed
         self._last_ok = time.monotonic()
+        # One read of Redis, with what it observes and publishes, at a time. The change listener's
+        # loads and a request's (after a write of this process) interleave at their round trips
+        # under gevent: a read from before a commit published after a newer one took the process
+        # back a version, and the history guard took that for Redis losing acknowledged changes.
+        self._reading = threading.RLock()
 
     # -- the request path ------------------------------------------------------------------------
 
@@ -173,6 +179,10 @@ class SnapshotCache:
     def _load(self, env: str, identity: str | None = None) -> Published:
         """The snapshot the last commit stored (one GET); rebuilt from the flags when there is none,
         or when it is not the ``identity`` Redis' version says (flags written by other means)."""
+        with self._reading:
+            return self._read_and_publish(env, identity)
+
+    def _read_and_publish(self, env: str, identity: str | None) -> Published:
         body = self._flags.serialized_snapshot(env)
         entry = Published(env, body) if body is not None else None
         if entry is None or (identity is not None and entry.identity != identity):
@@ -201,25 +211,29 @@ class SnapshotCache:
         for env in self._list_envs() if self._list_envs is not None else []:
             if env not in self._entries:
                 self._load(env)
-        envs = list(self._entries)
-        if envs:
-            pipe = self._redis.pipeline(transaction=False)
-            for env in envs:  # not MGET: a cluster's pipelines refuse it
-                k = EnvKeys(env)
-                pipe.get(k.version)
-                pipe.get(k.version_mark)
-                pipe.get(k.audit_head)
-            stored = pipe.execute()
-            for i, env in enumerate(envs):
-                version, mark, head = int(stored[3 * i] or 0), stored[3 * i + 1] or "", stored[3 * i + 2]
-                if self._observe is not None:
-                    self._observe(env, version, history_of(mark), head)
-                identity = f"{version}-{history_of(mark)}"
-                if identity != self._entries[env].identity:
-                    self._load(env, identity)
-        else:
-            self._redis.ping()
+        with self._reading:
+            self._reload_moved()
         self._last_ok = time.monotonic()
+
+    def _reload_moved(self) -> None:
+        envs = list(self._entries)
+        if not envs:
+            self._redis.ping()
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for env in envs:  # not MGET: a cluster's pipelines refuse it
+            k = EnvKeys(env)
+            pipe.get(k.version)
+            pipe.get(k.version_mark)
+            pipe.get(k.audit_head)
+        stored = pipe.execute()
+        for i, env in enumerate(envs):
+            version, mark, head = int(stored[3 * i] or 0), stored[3 * i + 1] or "", stored[3 * i + 2]
+            if self._observe is not None:
+                self._observe(env, version, history_of(mark), head)
+            identity = f"{version}-{history_of(mark)}"
+            if identity != self._entries[env].identity:
+                self._load(env, identity)
 
     def on_change(self, namespace: str, notice: dict[str, Any]) -> None:
         cached = self._entries.get(namespace)

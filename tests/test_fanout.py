@@ -5,6 +5,7 @@ changes in the system log instead of reading every token each second."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from flagsvc.envs import EnvStore
 from flagsvc.flags import FlagStore, Mutation, switch
+from flagsvc.history import HistoryGuard
 from flagsvc.keys import EnvKeys, SystemKeys
 from flagsvc.snapshots import SnapshotCache
 from flagsvc.tokens import Role, TokenStore
@@ -94,6 +96,44 @@ def test_a_worker_reloads_a_changed_environment_with_one_get(r: Any, flags: Flag
     published = cache.get(ENV)
     assert published.version == version and published.flags["payments.kill"]["enabled"] is False
     assert len(published.flags) == 301
+
+
+def test_a_read_from_before_a_commit_does_not_take_the_process_back_a_version(
+    r: Any, flags: FlagStore
+) -> None:
+    """The change listener's loads and a request's (after a write of this process) interleave at
+    their Redis round trips under gevent. A load that read the snapshot before a commit and
+    published after a newer one took the process back a version, and the history guard took
+    that for Redis losing acknowledged changes: an ERROR, /readyz, and a version committed."""
+    put(flags, "payments.kill", {"kind": "kill_switch"})
+    guard = HistoryGuard(r)
+    cache = SnapshotCache(r, flags, observe=guard.observe)
+    before = cache.get(ENV).version
+    read, resume = threading.Event(), threading.Event()
+    real_read = flags.serialized_snapshot
+
+    def read_then_wait(env: str) -> Any:
+        body = real_read(env)
+        if not read.is_set():  # the first load has its answer, and waits for its turn to run
+            read.set()
+            resume.wait(10)
+        return body
+
+    flags.serialized_snapshot = read_then_wait  # type: ignore[method-assign]
+    first = threading.Thread(target=cache.on_change, args=(ENV, {"env": ENV}))
+    first.start()
+    assert read.wait(10)
+    version = kill(flags, "payments.kill")
+    second = threading.Thread(target=cache.refresh)  # the commit's notice
+    second.start()
+    second.join(0.5)  # it waits for the first load, or (before) took the new version
+    resume.set()
+    first.join(10)
+    second.join(10)
+
+    assert cache.get(ENV).version == version > before
+    assert guard.rollbacks() == {}
+    assert int(r.get(KEYS.version)) == version, "no version committed past a rollback that did not happen"
 
 
 def test_flags_from_before_stored_snapshots_are_rebuilt_once_then_committed_whole(
