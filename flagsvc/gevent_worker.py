@@ -9,38 +9,54 @@ gunicorn's own gevent worker lets two things hold a stopping worker until the ar
   handlers goes to the handler it inherited from the arbiter, which queues it on the arbiter's
   queue (this process's copy of it) and nothing else: the worker never hears it.
 
-This worker closes its kept-alive connections that wait for a next request when it is told to
-stop, and any that finishes a request afterwards (as nginx does on a graceful stop); a connection
-whose next request has begun to arrive is served first. It also reads a stop the inherited
-handler queued. A stop then takes about a second (the worker's loop checks once a second), and
-the arbiter no longer kills workers that are still serving.
+This worker ends a kept-alive connection when it stops, as long as nothing of a next request has
+arrived: the greenlet serving it waits for the first byte of the next request apart from reading
+it, and a stop ends that wait (not a read: no byte of the client's is ever dropped). A request
+already buffered or arriving is served, and the connection closed after it. The worker also
+reads a stop the inherited handler queued. A stop then takes about a second (the worker's loop
+checks once a second), and the arbiter no longer kills workers that are still serving.
 """
 
 from __future__ import annotations
 
 import array
 import fcntl
-import queue
 import signal
 import socket
 import termios
+from dataclasses import dataclass
+from queue import Empty
+from types import TracebackType
 from typing import Any
 
 import gevent
+from gevent.socket import wait_read
 from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
 
 #: The signals after which a worker must stop (gracefully for SIGTERM, at once for the others).
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 
+class _Stopping(Exception):
+    """Thrown into a greenlet waiting for a next request: the worker stops."""
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    #: gunicorn's reader of the connection, with what it read ahead of the request it parsed last
+    #: (``None``: no request served on this connection yet).
+    reader: Any = None
+
+
 class Worker(GeventWorker):
-    """gunicorn's gevent worker, which also closes its idle kept-alive connections on a stop and
+    """gunicorn's gevent worker, which also ends its idle kept-alive connections on a stop and
     does not lose a stop sent while it boots (``worker_class`` in ``flagsvc/gunicorn_conf.py``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Connections that served a request and wait for the next one.
-        self._kept_alive: set[socket.socket] = set()
+        self._connections: dict[Any, _Connection] = {}  # serving greenlet -> its connection
+        self._waiting: set[Any] = set()  # greenlets waiting for the first byte of a next request
 
     def init_signals(self) -> None:
         inherited = signal.getsignal(signal.SIGTERM)
@@ -51,26 +67,80 @@ class Worker(GeventWorker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         # Out of the signal handler, as gunicorn does for its own blocking work.
-        gevent.spawn(self._close_kept_alive)
+        gevent.spawn(self._end_waits)
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
+        serving = gevent.getcurrent()
+        self._connections[serving] = _Connection(client)
         try:
             super().handle(listener, client, addr)
         finally:
-            self._kept_alive.discard(client)
+            del self._connections[serving]
 
     def handle_request(self, listener_name: Any, req: Any, sock: socket.socket, addr: Any) -> None:
-        self._kept_alive.discard(sock)
         super().handle_request(listener_name, req, sock, addr)
-        # Reached when the connection stays open for another request.
-        if self.alive:
-            self._kept_alive.add(sock)
-        else:
-            close_if_quiet(sock)
+        connection = self._connections.get(gevent.getcurrent())
+        if connection is not None:
+            connection.reader = req.unreader
 
-    def _close_kept_alive(self) -> None:
-        for sock in list(self._kept_alive):
-            close_if_quiet(sock)
+    def timeout_ctx(self) -> _NextRequest:
+        """What gunicorn's keep-alive loop reads each request under (gevent's worker: a timeout of
+        ``keepalive`` seconds)."""
+        return _NextRequest(self, self._connections.get(gevent.getcurrent()))
+
+    def _end_waits(self) -> None:
+        for waiting in list(self._waiting):
+            connection = self._connections.get(waiting)
+            if connection is not None and _bytes_waiting(connection.sock) == 0:
+                waiting.kill(_Stopping, block=False)
+
+
+class _NextRequest:
+    """Reading a request on a kept-alive connection: first wait for its first byte, unless the
+    worker stops first (the connection then ends, with nothing of the client's read); then read it
+    within the keep-alive timeout, as gunicorn's gevent worker does."""
+
+    def __init__(self, worker: Worker, connection: _Connection | None) -> None:
+        self._worker = worker
+        self._connection = connection
+        self._timeout = gevent.Timeout(worker.cfg.keepalive, False)
+
+    def __enter__(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.reader is not None and not _holds_bytes(connection):
+            self._wait_for_first_byte(connection.sock)
+        self._timeout.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool | None:
+        return self._timeout.__exit__(kind, error, trace)
+
+    def _wait_for_first_byte(self, sock: socket.socket) -> None:
+        """Return once a byte of the next request has arrived. ``StopIteration`` (gunicorn's "close
+        this connection") if the keep-alive timeout passes, or if the worker stops, first."""
+        if not self._worker.alive:
+            raise StopIteration
+        serving = gevent.getcurrent()
+        self._worker._waiting.add(serving)
+        try:
+            wait_read(sock.fileno(), timeout=self._worker.cfg.keepalive, timeout_exc=_Stopping)
+        except _Stopping:
+            raise StopIteration from None
+        finally:
+            self._worker._waiting.discard(serving)
+
+
+def _holds_bytes(connection: _Connection) -> bool:
+    """Does the connection hold bytes of a next request: read ahead by gunicorn, or in the kernel?
+    (A reader unlike gunicorn's counts as holding some: the request is then read as gunicorn does.)"""
+    read_ahead = getattr(connection.reader, "buf", None)
+    if read_ahead is None:
+        return True
+    with read_ahead.getbuffer() as view:
+        if view.nbytes:
+            return True
+    return _bytes_waiting(connection.sock) > 0
 
 
 def stop_queued_by(handler: Any) -> bool:
@@ -84,27 +154,15 @@ def stop_queued_by(handler: Any) -> bool:
     while True:
         try:
             received.add(signals.get_nowait())
-        except queue.Empty:
+        except Empty:
             return bool(received & _STOP_SIGNALS)
 
 
-def close_if_quiet(sock: socket.socket) -> None:
-    """Shut down a kept-alive connection unless its next request has begun to arrive (that one is
-    served, and the connection closed after it): the greenlet reading it sees the end of the
-    stream and ends. A request whose first bytes are still on the way is the race every server
-    has with a keep-alive connection it closes (as at its keep-alive timeout); checking for
-    waiting bytes narrows it to the moment they cross."""
-    try:
-        if _bytes_waiting(sock) == 0:
-            # Through a duplicate of its descriptor: gevent's shutdown of the socket itself would
-            # interrupt the greenlet reading it with an error, which gunicorn logs as one.
-            with socket.fromfd(sock.fileno(), sock.family, sock.type) as twin:
-                twin.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed by its client or by the worker
-        pass
-
-
 def _bytes_waiting(sock: socket.socket) -> int:
+    """Bytes received on ``sock`` and not read yet (0 once it is closed)."""
     waiting = array.array("i", [0])
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+    except OSError:
+        return 0
     return waiting[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
@@ -256,6 +258,42 @@ def test_a_stop_closes_idle_kept_alive_connections_and_no_worker_is_killed(tmp_p
         log = served.output()
         assert log.count("Worker exiting") == log.count("Booting worker") == 3, log
         assert "SIGKILL" not in log and "graceful timeout" not in log and "[ERROR]" not in log, log
+    finally:
+        served.stop()
+
+
+def test_a_request_that_has_begun_to_arrive_when_the_service_stops_is_served(tmp_path):
+    """A stopping worker ends the kept-alive connections that wait for a next request, not one
+    whose next request has begun to arrive: that one is answered (and the connection closed)."""
+    served = Served(tmp_path / "data")
+    try:
+        token = served.admin_token()
+        base = "/api/v1/envs/production/flags/exports"
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        try:
+            body = json.dumps({"kind": "kill_switch", "enabled": True})
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            connection.request("PUT", base, body, headers)
+            created = connection.getresponse()
+            assert created.status == 201, created.read()
+            created.read()
+            assert connection.sock is not None, "a kept-alive connection"
+            kill = json.dumps({"reason": "INC-7"}).encode()
+            head = f"POST {base}/kill HTTP/1.1\r\nHost: flagsvc\r\nAuthorization: Bearer {token}\r\n"
+            connection.sock.sendall(head.encode())  # the kill has begun to arrive
+            time.sleep(0.3)  # and the worker has read it
+            served.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            rest = b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(kill), kill)
+            connection.sock.sendall(rest)
+            answer = http.client.HTTPResponse(connection.sock, method="POST")
+            answer.begin()
+            assert answer.status == 200, answer.read()
+            assert json.loads(answer.read())["enabled"] is False
+            answer.close()
+        finally:
+            connection.close()
+        assert served.stop() == 0
     finally:
         served.stop()
 
