@@ -337,6 +337,8 @@ class MomentField(ParsedString[datetime]):
 class StreamQuerySchema(Schema):
     patches = fields.Boolean(
         load_default=False,
+        truthy={"true"},  # as documented: not marshmallow's "1", "yes", "on"...
+        falsy={"false"},
         metadata={
             "description": "send a change as a `patch` event (the flags that changed) when the "
             "client holds the version before it; a whole `snapshot` event otherwise"

@@ -447,3 +447,108 @@ def test_a_patch_applies_only_to_the_snapshot_it_names_as_its_base() -> None:
     for wrong in ({**patch, "base": "3-ab12"}, {**patch, "env": "staging"}, {**patch, "removed": "b"}, []):
         with pytest.raises(ValueError):
             held.patched(wrong)  # type: ignore[arg-type]
+
+
+class ScriptedStreamServer:
+    """Serves the event stream from a script: the events of each stream request in turn, after
+    which the stream stays open (``hold``) or is cut without a ``shutdown`` event. Anything else
+    (a fallback poll) is a 503."""
+
+    def __init__(self, streams: list[list[tuple[str, dict]]], *, hold: bool = True) -> None:
+        self.streams = streams
+        self.hold = hold
+        self.opened: list[float] = []  # when each stream request arrived
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            if b"/stream?" not in head.split(b"\r\n", 1)[0] or len(self.opened) >= len(self.streams):
+                conn.sendall(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            self.opened.append(time.monotonic())
+            events = self.streams[len(self.opened) - 1]
+            body = b"".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode() for kind, data in events)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            conn.sendall(head + b"%x\r\n%s\r\n" % (len(body), body))
+            if not self.hold:
+                conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def snapshot_event(version: int, flags: dict) -> tuple[str, dict]:
+    return "snapshot", {"env": "production", "version": version, "history": "h", "flags": flags}
+
+
+def patch_event(version: int, base: str, flags: dict) -> tuple[str, dict]:
+    document = {"env": "production", "version": version, "history": "h", "base": base}
+    return "patch", {**document, "flags": flags, "removed": []}
+
+
+def test_a_patch_to_a_version_held_is_ignored_and_one_of_another_snapshot_reopens_the_stream(
+    make_client, caplog
+):
+    """Neither is a failure: behind a load balancer the stream's worker can lag behind the one,
+    or the poll, that brought the version held, and a new stream starts from a whole snapshot."""
+    off, on = {"enabled": False}, {"enabled": True}
+    script = ScriptedStreamServer(
+        [
+            [
+                snapshot_event(5, {"a": on}),
+                patch_event(6, "5-h", {"a": off}),  # applied
+                patch_event(6, "4-h", {"a": on}),  # to the version held, from another: ignored
+                patch_event(8, "7-h", {"a": on}),  # newer, of a snapshot not held: a new stream
+            ],
+            [snapshot_event(8, {"a": off, "b": on})],
+        ]
+    )
+    try:
+        with caplog.at_level("INFO", logger="flagsvc_client"):
+            client = make_client(url=script.url, mode="stream", poll_interval=5)
+            wait_for(lambda: client.status().version == 8, timeout=5)
+            status = client.status()
+        assert (client.is_enabled("a"), client.is_enabled("b")) == (False, True)
+        assert len(script.opened) == 2
+        assert status.last_error is None and not status.stale
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        script.close()
+
+
+def test_a_stream_that_breaks_after_serving_reconnects_as_after_a_first_failure(make_client):
+    """A stream that delivered events and then broke counts as the first failure of a series:
+    backoff grew with every break of a healthy stream, and after a few the SDK waited 10 to 20 s
+    (polling every 5 s) before it streamed kills again."""
+    script = ScriptedStreamServer(
+        [[snapshot_event(v, {"a": {"enabled": True}})] for v in range(1, 7)], hold=False
+    )
+    try:
+        client = make_client(url=script.url, mode="stream", poll_interval=5)
+        wait_for(
+            lambda: len(script.opened) == 6, timeout=10, what="six streams, each broken after its snapshot"
+        )
+        gaps = [later - earlier for earlier, later in zip(script.opened, script.opened[1:], strict=False)]
+        assert max(gaps) < 2.5, gaps  # the first failure's pause is 0.5 to 1 s; the fifth's 4 to 8 s
+        assert client.status().version == 6
+    finally:
+        script.close()

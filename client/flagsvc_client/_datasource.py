@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._http import FetchError, SnapshotFetcher
@@ -44,6 +44,12 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def _newer(patch: Mapping[str, Any], held: Snapshot) -> bool:
+    """Does ``patch`` make a snapshot that would replace ``held`` (``Snapshot.supersedes``)?"""
+    version = patch["version"]
+    return bool(version > held.version or (version == held.version and patch.get("history") != held.history))
 
 
 class Sink:
@@ -81,17 +87,27 @@ class Sink:
             raise FetchError(f"flagsvc sent environment {snapshot.env!r}, not {self.env!r}", fatal=True)
         self._apply(snapshot)
 
-    def apply_patch(self, patch: Any) -> None:
-        """Apply a ``patch`` event to the snapshot held; ``FetchError`` if it is not a patch of
-        that snapshot (the stream is then reopened from the snapshot held)."""
+    def apply_patch(self, patch: Any) -> bool:
+        """Apply a ``patch`` event to the snapshot held. ``False`` when it patches another snapshot
+        into a newer one: the stream is to be reopened, which sends the whole snapshot (nothing
+        failed). A patch to a version no newer than the one held is ignored: the worker that
+        sent it lags behind the one, or the poll, that brought the version held. ``FetchError``
+        if it is not a patch."""
+        if not isinstance(patch, Mapping) or not isinstance(patch.get("version"), int):
+            raise FetchError("flagsvc sent an invalid patch")
         held = self._current()
         if held.source != "server":
-            raise FetchError("flagsvc sent a patch, but no snapshot of it is held")
+            return False
+        if not _newer(patch, held):
+            return True
+        if patch.get("base") != held.identity:
+            return False
         try:
             snapshot = held.patched(patch)
         except ValueError as exc:
             raise FetchError(f"flagsvc sent a patch this client cannot apply: {exc}") from None
         self._apply(snapshot)
+        return True
 
     def succeeded(self) -> None:
         changed = self.failing or self.last_success is None

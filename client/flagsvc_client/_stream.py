@@ -2,9 +2,11 @@
 
 The server sends the snapshot on connect (unless ``Last-Event-ID`` is current) and on every
 change, as a ``patch`` of the flags that changed when it applies to the snapshot held; a
-heartbeat comment between; an event ``shutdown`` when it restarts. A patch for another version
-than the one held ends the stream: the next one starts from a whole snapshot. A stream that
-breaks is reopened with backoff and jitter, with a poll every ``poll_interval`` meanwhile.
+heartbeat comment between; an event ``shutdown`` when it restarts. A patch of another snapshot
+than the one held, into a newer one, ends the stream and a new one starts at once from a whole
+snapshot; a patch into a version no newer than the one held is ignored. A stream that breaks is
+reopened with backoff and jitter (counted from its last event), with a poll every
+``poll_interval`` meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class StreamingSource(DataSource):
         self._read_timeout = read_timeout
         self._lock = threading.Lock()  # orders stop() against a stream that is being opened
         self._response: requests.Response | None = None
+        self._reopen = False  # the stream ended to start again from a whole snapshot
 
     @property
     def connected(self) -> bool:
@@ -48,9 +51,12 @@ class StreamingSource(DataSource):
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._reopen = False
             if self._guarded(self._consume, "in the event stream"):
                 self._backoff.reset()
-                delay = random.uniform(0.1, 1.0)  # the server ended it (a restart): spread reconnects
+                # A patch of another snapshot: again now. The server ended it (a restart): spread
+                # the reconnects of its clients.
+                delay = random.uniform(0.0, 0.1) if self._reopen else random.uniform(0.1, 1.0)
             else:
                 delay = self._backoff.next_delay()
             self._poll_until(time.monotonic() + delay)
@@ -87,10 +93,12 @@ class StreamingSource(DataSource):
                     return
                 if event.type == "snapshot":
                     self._sink.apply_document(json.loads(event.data))
-                elif event.type == "patch":
-                    self._sink.apply_patch(json.loads(event.data))
+                elif event.type == "patch" and not self._sink.apply_patch(json.loads(event.data)):
+                    self._reopen = True
+                    return
                 if event.type in ("snapshot", "patch", "comment"):
                     self._sink.succeeded()
+                    self._backoff.reset()  # a stream that breaks later is a first failure again
         except FetchError:
             raise
         except Exception as exc:  # noqa: BLE001 - requests and urllib3 raise various errors on a cut stream
