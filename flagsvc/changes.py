@@ -121,8 +121,15 @@ class ChangeListener:
                 next_refresh = time.monotonic() + self._interval
 
     def _refresh(self) -> None:
+        """Refresh every subscriber, even after one failed; then raise the first failure."""
+        failures: list[redis.RedisError] = []
         for subscriber in self._subscribers:
-            subscriber.refresh()
+            try:
+                subscriber.refresh()
+            except redis.RedisError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         namespace = namespace_of(str(message.get("channel", "")))

@@ -182,11 +182,13 @@ class Durability:
         return self
 
     def wanted(self) -> int:
-        """How many replicas a commit waits for."""
+        """How many replicas a commit waits for. A master known to have none is counted again
+        first (one ``INFO`` per commit, on such masters only): a replica may have joined since the
+        last count, a second ago, and a replica just promoted was counted as having none."""
         if self.replicas is not None:
             return self.replicas
-        if self._known_replicas is None:
-            self.refresh()
+        if not self._known_replicas:
+            self._count_replicas()
         return 1 if self._known_replicas else 0
 
     def confirm(self, acked: int) -> None:
@@ -227,6 +229,9 @@ class Durability:
         """Follow the master the sentinels name, and count its replicas."""
         if self.sentinel is not None:
             self._follow_master()
+        self._count_replicas()
+
+    def _count_replicas(self) -> None:
         self._known_replicas = int(self.client.info("replication").get("connected_slaves", 0))
 
     def _follow_master(self) -> None:
@@ -262,8 +267,10 @@ class ClusterDurability:
         return rules
 
     def moved(self) -> None:
-        """A slot moved: learn the cluster's slots again before the next commit."""
+        """A slot moved: learn the cluster's slots again, and count the replicas again, before
+        the next commit."""
         self.cluster.nodes_manager.initialize()
+        self.reset()
 
     # -- the change listener keeps each master's number of replicas current --------------------
 
@@ -275,8 +282,19 @@ class ClusterDurability:
         """Nothing: replicas are not announced by commits."""
 
     def refresh(self) -> None:
-        for rules in list(self._nodes.values()):
-            rules.refresh()
+        """Count each master's replicas. A node that is no longer a master is forgotten (after a
+        failover, the old master's count would fail every time, or describe a replica); one that
+        cannot be counted now is counted again at its next commit."""
+        masters = {node.name for node in self.cluster.get_primaries()}
+        for name, rules in list(self._nodes.items()):
+            if name not in masters:
+                del self._nodes[name]
+                continue
+            try:
+                rules.refresh()
+            except redis.RedisError as exc:
+                log.warning("Redis Cluster: could not count the replicas of %s (%s)", name, exc)
+                rules.reset()
 
 
 def writable(client: Any) -> str | None:

@@ -24,14 +24,19 @@ import requests
 from prometheus_client import REGISTRY
 
 from flagsvc.audit import AuditLog
-from flagsvc.connection import connect
+from flagsvc.connection import ClusterDurability, connect, durability_of
+from flagsvc.envs import EnvStore
+from flagsvc.errors import OutcomeUnknown
+from flagsvc.flags import FlagStore, Mutation
 from flagsvc.history import MAX_VERSIONS_LOST
 from flagsvc.keys import EnvKeys
+from flagsvc.writes import WriteContext
 from flagsvc_client import FlagClient
 from flagsvc_client._snapshot import Snapshot
 
 from .conftest import RestartableServer
 from .helpers import ENV, ENV_URL, FLAGS_URL, heartbeats_written
+from .redis_server import RedisServer
 from .redis_topology import Cluster, SentinelSet, wait_until
 from .test_propagation import Stack, close_stream, next_event, open_stream
 
@@ -39,6 +44,9 @@ KEYS = EnvKeys(ENV)
 
 
 # -- rollbacks --------------------------------------------------------------------------------
+
+
+WRITE = WriteContext(actor="test", reason="a commit with a replica stopped")
 
 
 def env_keys(redis_url: str) -> dict[bytes, bytes]:
@@ -217,6 +225,69 @@ def test_a_kill_on_a_cluster_is_acknowledged_once_a_replica_of_its_master_has_it
     finally:
         if stack is not None:
             stack.close()
+        cluster.stop()
+
+
+def test_a_master_counted_without_replicas_is_counted_again_before_a_commit(tmp_path):
+    """The replicas are counted once a second; a master counted with none (a replica just
+    promoted, say) is counted again before each commit, so a commit made once a replica has
+    joined waits for it: a replica that does not confirm makes the outcome unknown, not done."""
+    master, replica = (RedisServer(tmp_path / name).start() for name in ("master", "replica"))
+    try:
+        client = connect(master.url, wait_timeout_ms=300)
+        EnvStore(client).create(ENV, actor="test-setup")
+        rules = durability_of(client)
+        assert rules is not None
+        rules.refresh()  # the change listener's count: no replica yet
+        assert not rules.active or rules.wanted() == 0
+        follower = redis.Redis.from_url(replica.url, decode_responses=True)
+        follower.replicaof("127.0.0.1", master.port)
+        wait_until(
+            lambda: follower.info("replication")["master_link_status"] == "up", 10, "the replica synced"
+        )
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGSTOP)
+        try:
+            create = Mutation("flag.create", {"kind": "kill_switch", "enabled": True})
+            with pytest.raises(OutcomeUnknown):
+                FlagStore(client).write(ENV, "a", lambda _: create, WRITE)
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        assert client.hexists(EnvKeys(ENV).flags, "a"), "the commit is on the master: unknown, not undone"
+    finally:
+        replica.kill()
+        master.kill()
+
+
+def test_a_cluster_master_failed_over_and_gone_is_forgotten_by_the_replica_counts(tmp_path):
+    """After a failover the old master's count failed every second (it is dead) and came before
+    the new master's, which then stayed at the none it had as a replica."""
+    cluster = Cluster(tmp_path / "cluster", replicas=1).start()
+    try:
+        client = connect(cluster.url)
+        rules = durability_of(client)
+        assert isinstance(rules, ClusterDurability)
+        key = EnvKeys(ENV).flags
+        index = cluster.master_of(key)
+        old, promoted = cluster.servers[index], cluster.replicas[index][0]
+        assert rules.for_key(key).wanted() == 1
+        cluster.client(promoted).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        wait_until(
+            lambda: cluster.client(promoted).info("replication")["role"] == "master", 20, "the failover"
+        )
+        old.kill()
+
+        def learnt() -> bool:  # the client learns the new master, as on a MOVED
+            client.nodes_manager.initialize()
+            return client.get_node_from_key(key).port == promoted.port
+
+        wait_until(learnt, 20, "the cluster names the promoted master")
+
+        rules.refresh()  # the change listener's, once a second: no error from the dead node
+
+        assert rules.for_key(key).client.connection_pool.connection_kwargs["port"] == promoted.port
+        assert rules.for_key(key).wanted() == 0, "the promoted master has no replica: its old master is dead"
+    finally:
         cluster.stop()
 
 
