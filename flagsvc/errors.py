@@ -8,6 +8,7 @@ fields at fault, domain errors carry their own status, and a Redis failure surfa
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -213,11 +214,17 @@ REDIS_UNAVAILABLE = (
 UNAVAILABLE_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING", "READONLY", "CLUSTERDOWN", "TRYAGAIN")
 
 
+#: Such a reply at the start of a ``ResponseError``, after the prefix redis-py gives an error of
+#: a pipeline ("Command # 1 (…) of pipeline caused error: "), or inside the error of a script
+#: whose write Redis refused ("Error running script (…): @user_script:134: -NOREPLICAS …").
+_UNAVAILABLE_REPLY = re.compile(rf"(?:^|of pipeline caused error: |: -)(?:{'|'.join(UNAVAILABLE_REPLIES)})\b")
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether ``error`` means Redis cannot take the request now, rather than a bug."""
     if isinstance(error, REDIS_UNAVAILABLE):
         return True
-    return isinstance(error, redis.ResponseError) and str(error).startswith(UNAVAILABLE_REPLIES)
+    return isinstance(error, redis.ResponseError) and _UNAVAILABLE_REPLY.search(str(error)) is not None
 
 
 def handle_redis_error(error: Exception) -> Response:

@@ -22,7 +22,7 @@ from flagsvc.scheduler import Scheduler
 from flagsvc.tokens import Role, TokenStore
 
 from .conftest import RestartableServer
-from .helpers import ENV, ENV_URL
+from .helpers import ENV, ENV_URL, wait_for
 from .redis_proxy import SlowReplies
 from .redis_server import RedisServer
 
@@ -174,3 +174,34 @@ def test_a_redis_failure_never_discloses_where_redis_is(tmp_path):
             assert "hidden-redis" not in text and str(tmp_path) not in text, text
     finally:
         app.extensions["flagsvc"].close()
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_master_that_refuses_writes_is_a_503_and_nothing_is_written(tmp_path, own_redis, replicas):
+    """``NOREPLICAS`` (min-replicas-to-write not met) or ``READONLY`` (a demoted master) comes
+    back inside the error of the commit script, and of the pipeline that carries its ``WAIT``
+    when the master has replicas: it was taken for a bug, a 500."""
+    followers = [RedisServer(tmp_path / f"replica-{i}").start() for i in range(replicas)]
+    direct = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    app = create_app({"REDIS_URL": own_redis.url, "TESTING": True})
+    try:
+        for follower in followers:
+            replica = redis.Redis.from_url(follower.url, decode_responses=True)
+            replica.replicaof("127.0.0.1", own_redis.port)
+            synced = lambda r=replica: r.info("replication")["master_link_status"] == "up"  # noqa: E731
+            wait_for(synced, 10, "the replica synced")
+        EnvStore(direct).create(ENV, actor="test")
+        _, secret = TokenStore(direct).create(name="admin", role=Role.ADMIN, envs=[], actor="test")
+        direct.config_set("min-replicas-to-write", replicas + 1)
+        answer = app.test_client().put(
+            f"{ENV_URL}/flags/recs",
+            json={"kind": "kill_switch", "enabled": True},
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        assert answer.status_code == 503 and answer.json["type"].endswith("store-unavailable"), answer.json
+        assert not direct.hexists(EnvKeys(ENV).flags, "recs")
+    finally:
+        app.extensions["flagsvc"].close()
+        direct.close()
+        for follower in followers:
+            follower.stop()
