@@ -88,6 +88,21 @@ class Worker(GeventWorker):
         ``keepalive`` seconds)."""
         return _NextRequest(self, self._connections.get(gevent.getcurrent()))
 
+    def wait_for_first_byte(self, sock: socket.socket) -> None:
+        """Return once a byte of the next request on ``sock`` has arrived. ``StopIteration``
+        (gunicorn's "close this connection") if the keep-alive timeout passes, or the worker
+        stops, first."""
+        if not self.alive:
+            raise StopIteration
+        serving = gevent.getcurrent()
+        self._waiting.add(serving)
+        try:
+            wait_read(sock.fileno(), timeout=self.cfg.keepalive, timeout_exc=_Stopping)
+        except _Stopping:
+            raise StopIteration from None
+        finally:
+            self._waiting.discard(serving)
+
     def _end_waits(self) -> None:
         for waiting in list(self._waiting):
             connection = self._connections.get(waiting)
@@ -108,27 +123,13 @@ class _NextRequest:
     def __enter__(self) -> None:
         connection = self._connection
         if connection is not None and connection.reader is not None and not _holds_bytes(connection):
-            self._wait_for_first_byte(connection.sock)
+            self._worker.wait_for_first_byte(connection.sock)
         self._timeout.__enter__()
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> bool | None:
         return self._timeout.__exit__(kind, error, trace)
-
-    def _wait_for_first_byte(self, sock: socket.socket) -> None:
-        """Return once a byte of the next request has arrived. ``StopIteration`` (gunicorn's "close
-        this connection") if the keep-alive timeout passes, or if the worker stops, first."""
-        if not self._worker.alive:
-            raise StopIteration
-        serving = gevent.getcurrent()
-        self._worker._waiting.add(serving)
-        try:
-            wait_read(sock.fileno(), timeout=self._worker.cfg.keepalive, timeout_exc=_Stopping)
-        except _Stopping:
-            raise StopIteration from None
-        finally:
-            self._worker._waiting.discard(serving)
 
 
 def _holds_bytes(connection: _Connection) -> bool:
