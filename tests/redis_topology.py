@@ -173,9 +173,19 @@ class Cluster:
                 wait_until(lambda c=client, m=master_id: m in c.execute_command("CLUSTER", "NODES"), 10,
                            "the replica knows its master")  # fmt: skip
                 client.execute_command("CLUSTER", "REPLICATE", master_id)
+                # A failover of a replica that does not know its master's slots yet takes none.
+                wait_until(lambda c=client, m=master_id: self._knows_slots_of(c, m), 10,
+                           "the replica knows its master's slots")  # fmt: skip
             master, wanted = self.client(self.servers[i]), len(replicas)
             wait_until(lambda m=master, n=wanted: int(m.info("replication")["connected_slaves"]) == n,
                        10, "replicas attached")  # fmt: skip
+
+    @staticmethod
+    def _knows_slots_of(client: redis.Redis, node_id: str) -> bool:
+        """Whether ``client``'s node sees ``node_id`` serving slots (``CLUSTER NODES``: fields
+        after the 8th are its slot ranges)."""
+        nodes = str(client.execute_command("CLUSTER", "NODES"))
+        return any(line.split()[0] == node_id and len(line.split()) > 8 for line in nodes.splitlines())
 
     def stop(self) -> None:
         for server in [*self.servers, *(r for group in self.replicas.values() for r in group)]:

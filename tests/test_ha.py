@@ -275,13 +275,13 @@ def test_a_cluster_master_failed_over_and_gone_is_forgotten_by_the_replica_count
         wait_until(
             lambda: cluster.client(promoted).info("replication")["role"] == "master", 20, "the failover"
         )
-        old.kill()
 
         def learnt() -> bool:  # the client learns the new master, as on a MOVED
             client.nodes_manager.initialize()
             return client.get_node_from_key(key).port == promoted.port
 
         wait_until(learnt, 20, "the cluster names the promoted master")
+        old.kill()  # the old master, a replica now, is gone
 
         rules.refresh()  # the change listener's, once a second: no error from the dead node
 
