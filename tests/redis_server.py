@@ -27,14 +27,11 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port(below: int = 65536) -> int:
-    """A free loopback port under ``below`` (a cluster node also listens on its port + 10000)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port < below:
-            return port
+def free_port() -> int:
+    """A free loopback port (a cluster node's: ``redis_topology.free_cluster_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RedisServer:

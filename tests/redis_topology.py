@@ -6,14 +6,16 @@ loopback port; :meth:`stop` stops them all, also those a test killed or restarte
 
 from __future__ import annotations
 
+import random
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from .helpers import wait_for
-from .redis_server import RedisServer, free_port
+from .redis_server import RedisServer
 
 MASTER_NAME = "flagsvc"
 
@@ -114,6 +116,26 @@ class SentinelSet:
             server.kill()
 
 
+def free_cluster_port() -> int:
+    """A port for a cluster node: it and its cluster bus port (port + 10000) both free, and below
+    the range the kernel picks outgoing connections' ports from, so that no client connection
+    takes the bus port before the node binds it (that failed a run in CI)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, max(10001, low - 10000))
+        if all(_bindable(p) for p in (port, port + 10000)):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Cluster:
     """A Redis Cluster of ``masters`` masters, every slot assigned, each with ``replicas`` replicas."""
 
@@ -128,7 +150,7 @@ class Cluster:
             root / f"cluster-{name}",
             extra_args=("--cluster-enabled", "yes", "--cluster-config-file", f"{root}/nodes-{name}.conf"),
         )
-        server.port = free_port(below=55536)  # its cluster bus listens on port + 10000
+        server.port = free_cluster_port()
         return server
 
     def master_of(self, key: str) -> int:
