@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import requests
 
 from .processes import stop_tree
@@ -15,6 +17,8 @@ from .redis_server import free_port
 
 #: How long `flagsvc serve` gets to answer /readyz (the CI machine has 2 shared cores).
 READY_TIMEOUT_S = 30.0
+#: The workers of the main listener (one more with a control listener).
+WORKERS = 2
 
 
 class Served:
@@ -44,7 +48,7 @@ class Served:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FLAGSVC_")}
         environ.update(env or {})
         command = [sys.executable, "-m", "flagsvc.cli", "serve", "--data-dir", str(data_dir)]
-        command += ["--port", str(self.port), "--workers", "2", *extra]
+        command += ["--port", str(self.port), "--workers", str(WORKERS), *extra]
         try:
             self.proc = subprocess.Popen(
                 command, stdout=self._log_file, stderr=subprocess.STDOUT, env=environ
@@ -59,16 +63,33 @@ class Served:
             raise
 
     def _wait_ready(self, deadline: float) -> None:
+        """Until every listener answers ``/readyz`` and gunicorn has forked all its workers (it is
+        ready once one worker answers: under load the last ones may not be forked yet)."""
         for url in filter(None, (self.url, self.control_url)):
-            while True:
-                try:
-                    if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except requests.RequestException:  # not listening yet, or slow under load
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
-                time.sleep(0.1)
+            self._wait(deadline, lambda url=url: self._ready(url))
+        workers = WORKERS + (1 if self.control_url else 0)
+        self._wait(deadline, lambda: len(self.workers()) == workers)
+
+    def _wait(self, deadline: float, condition: Callable[[], bool]) -> None:
+        while not condition():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flagsvc serve did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _ready(url: str) -> bool:
+        try:
+            return requests.get(f"{url}/readyz", timeout=1).status_code == 200
+        except requests.RequestException:  # not listening yet, or slow under load
+            return False
+
+    def workers(self) -> list[psutil.Process]:
+        """The gunicorn workers (children of the gunicorn master under ``flagsvc serve``)."""
+        try:
+            masters = [p for p in psutil.Process(self.proc.pid).children() if "gunicorn" in p.cmdline()]
+            return [worker for master in masters for worker in master.children()]
+        except psutil.Error:
+            return []
 
     def output(self) -> str:
         return self.log.read_text()
