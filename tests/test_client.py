@@ -337,12 +337,11 @@ def test_close_returns_at_once_while_the_stream_is_open(server, rest, make_clien
     assert not updater_alive()
 
 
-class SlowStreamServer:
-    """Answers the event stream's request after ``delay`` seconds with headers and no event;
-    anything else with a 503."""
+class StreamServer:
+    """A raw HTTP server for the SDK's event stream: each stream request is answered by
+    :meth:`_stream`, anything else (a fallback poll) with a 503."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections: list[socket.socket] = []
@@ -362,20 +361,36 @@ class SlowStreamServer:
             head = b""
             while b"\r\n\r\n" not in head:
                 head += conn.recv(4096)
-            if b"/stream " not in head.split(b"\r\n", 1)[0]:
+            path = head.split(b"\r\n", 1)[0].split(b" ")[1]
+            if not (path.split(b"?")[0].endswith(b"/stream") and self._stream(conn)):
                 conn.sendall(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                return
-            time.sleep(self.delay)
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )
         except OSError:
             pass
+
+    def _stream(self, conn: socket.socket) -> bool:
+        """Answer a stream request; ``False`` to answer it 503 instead."""
+        raise NotImplementedError
 
     def close(self) -> None:
         self.listener.close()
         for conn in self.connections:
             conn.close()
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class SlowStreamServer(StreamServer):
+    """Answers the event stream's request after ``delay`` seconds with headers and no event."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        super().__init__()
+
+    def _stream(self, conn: socket.socket) -> bool:
+        time.sleep(self.delay)
+        conn.sendall(STREAM_HEAD)
+        return True
 
 
 def test_close_while_the_stream_opens_returns_once_it_answers(make_client):
@@ -449,51 +464,27 @@ def test_a_patch_applies_only_to_the_snapshot_it_names_as_its_base() -> None:
             held.patched(wrong)  # type: ignore[arg-type]
 
 
-class ScriptedStreamServer:
+class ScriptedStreamServer(StreamServer):
     """Serves the event stream from a script: the events of each stream request in turn, after
-    which the stream stays open (``hold``) or is cut without a ``shutdown`` event. Anything else
-    (a fallback poll) is a 503."""
+    which the stream stays open (``hold``) or is cut without a ``shutdown`` event. A stream request
+    beyond the script is a 503."""
 
     def __init__(self, streams: list[list[tuple[str, dict]]], *, hold: bool = True) -> None:
         self.streams = streams
         self.hold = hold
         self.opened: list[float] = []  # when each stream request arrived
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        try:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
-            if b"/stream?" not in head.split(b"\r\n", 1)[0] or len(self.opened) >= len(self.streams):
-                conn.sendall(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                return
-            self.opened.append(time.monotonic())
-            events = self.streams[len(self.opened) - 1]
-            body = b"".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode() for kind, data in events)
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-            conn.sendall(head + b"%x\r\n%s\r\n" % (len(body), body))
-            if not self.hold:
-                conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.connections:
-            conn.close()
+    def _stream(self, conn: socket.socket) -> bool:
+        if len(self.opened) >= len(self.streams):
+            return False
+        self.opened.append(time.monotonic())
+        events = self.streams[len(self.opened) - 1]
+        body = b"".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode() for kind, data in events)
+        conn.sendall(STREAM_HEAD + b"%x\r\n%s\r\n" % (len(body), body))
+        if not self.hold:
+            conn.shutdown(socket.SHUT_RDWR)
+        return True
 
 
 def snapshot_event(version: int, flags: dict) -> tuple[str, dict]:
